@@ -1,0 +1,136 @@
+"""Facts: the unit of editing, and the JSONL format that carries them.
+
+One JSON object a line: `question`, `answer`, `context` required; optional `id`, `subject`,
+`significance` (one number per whitespace word of the answer), `paraphrases` (questions) and
+`neighbors` (`{question, answer}` pairs the edit must not change).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+
+
+class FactError(ValueError):
+    """A fact that cannot be used, naming where it came from and which field is wrong."""
+
+    def __init__(self, where: str, field: str, reason: str) -> None:
+        self.where = where
+        self.field = field
+        self.reason = reason
+        super().__init__(f"{where}: field {field!r}: {reason}")
+
+
+class Neighbor(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    question: str
+    answer: str
+
+
+class Fact(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    question: str
+    answer: str
+    context: str
+    id: str | None = None
+    subject: str | None = None
+    significance: tuple[float, ...] | None = None
+    paraphrases: tuple[str, ...] = ()
+    neighbors: tuple[Neighbor, ...] = ()
+
+    @field_validator("question", "answer", "context")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value
+
+    @field_validator("significance")
+    @classmethod
+    def _finite_non_negative(cls, value: tuple[float, ...] | None) -> tuple[float, ...] | None:
+        if value is not None and any(not math.isfinite(s) or s < 0 for s in value):
+            raise ValueError("every significance must be a finite number >= 0")
+        return value
+
+    @model_validator(mode="after")
+    def _significance_per_word(self) -> Fact:
+        words = self.answer.split()
+        if self.significance is not None and len(self.significance) != len(words):
+            raise ValueError(
+                f"significance has {len(self.significance)} values but the answer has {len(words)} words"
+            )
+        return self
+
+    @property
+    def answer_words(self) -> list[str]:
+        return self.answer.split()
+
+    def word_significance(self) -> tuple[float, ...]:
+        return self.significance if self.significance is not None else (1.0,) * len(self.answer_words)
+
+    def content_hash(self) -> str:
+        """sha256 of what the edit learns (context, question, answer, significance); stable across ids."""
+        payload = json.dumps(
+            [self.context, self.question, self.answer, list(self.word_significance())],
+            ensure_ascii=False,
+            separators=(",", ":"),
+        )
+        return hashlib.sha256(payload.encode()).hexdigest()
+
+    def to_json(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude_none=True, exclude_defaults=True)
+
+
+def _error_from_validation(where: str, err: ValidationError) -> FactError:
+    first = err.errors()[0]
+    field = ".".join(str(p) for p in first["loc"]) or "(record)"
+    reason = first["msg"].removeprefix("Value error, ")
+    return FactError(where, field, reason)
+
+
+def parse_fact(record: Any, where: str) -> Fact:
+    """Validate one decoded record; errors name `where` (e.g. "facts.jsonl line 3") and the field."""
+    if not isinstance(record, dict):
+        raise FactError(where, "(record)", f"expected a JSON object, got {type(record).__name__}")
+    try:
+        return Fact.model_validate(record)
+    except ValidationError as err:
+        raise _error_from_validation(where, err) from None
+
+
+def iter_jsonl(path: Path) -> Iterator[tuple[int, Fact]]:
+    """Stream `(line_number, fact)` from a JSONL file; blank lines are skipped; the first bad line raises."""
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            where = f"{path.name} line {number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise FactError(where, "(json)", f"not valid JSON: {err.msg}") from None
+            yield number, parse_fact(record, where)
+
+
+def read_jsonl(path: Path) -> list[Fact]:
+    return [fact for _, fact in iter_jsonl(path)]
+
+
+def write_jsonl(facts: Iterable[Fact], path: Path) -> None:
+    with path.open("w", encoding="utf-8") as handle:
+        for fact in facts:
+            handle.write(json.dumps(fact.to_json(), ensure_ascii=False) + "\n")
+
+
+def fact_set_digest(facts: Iterable[Fact]) -> str:
+    """Order-independent digest of a set of facts (sha256 over sorted content hashes)."""
+    hashes = sorted(fact.content_hash() for fact in facts)
+    return hashlib.sha256("\n".join(hashes).encode()).hexdigest()
