@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
 
 
 class FactError(ValueError):
@@ -55,19 +55,19 @@ class Fact(BaseModel):
 
     @field_validator("significance")
     @classmethod
-    def _finite_non_negative(cls, value: tuple[float, ...] | None) -> tuple[float, ...] | None:
-        if value is not None and any(not math.isfinite(s) or s < 0 for s in value):
+    def _one_finite_weight_per_word(
+        cls, value: tuple[float, ...] | None, info: ValidationInfo
+    ) -> tuple[float, ...] | None:
+        if value is None:
+            return value
+        if any(not math.isfinite(s) or s < 0 for s in value):
             raise ValueError("every significance must be a finite number >= 0")
-        return value
-
-    @model_validator(mode="after")
-    def _significance_per_word(self) -> Fact:
-        words = self.answer.split()
-        if self.significance is not None and len(self.significance) != len(words):
+        answer = info.data.get("answer")
+        if answer is not None and len(value) != len(answer.split()):
             raise ValueError(
-                f"significance has {len(self.significance)} values but the answer has {len(words)} words"
+                f"significance has {len(value)} values but the answer has {len(answer.split())} words"
             )
-        return self
+        return value
 
     @property
     def answer_words(self) -> list[str]:

@@ -1,0 +1,105 @@
+"""Deltas: the changed tensors of a version, as weight differences under their parameter names.
+
+A delta file is safetensors (never pickle) holding `dW` in float32, in the stored parameter's
+layout, e.g. `model.layers.23.mlp.down_proj.weight`, with metadata naming the base weights it
+was solved for. Applying keeps the original tensors, so reverting restores them bitwise.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from qfedit.modeling import LoadedModel
+
+FORMAT = "qfedit.delta/1"
+
+
+class DeltaMismatchError(ValueError):
+    """A delta that does not belong to the loaded base model."""
+
+
+@dataclass(frozen=True)
+class Delta:
+    tensors: Mapping[str, torch.Tensor]
+    base_fingerprint: str
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+    """Layer, rule, hyper-parameters, fact-set digest, norms: JSON-serialisable values."""
+
+    def save(self, path: Path) -> None:
+        header = {"format": FORMAT, "base_fingerprint": self.base_fingerprint}
+        header.update({key: json.dumps(value) for key, value in self.metadata.items()})
+        tensors = {name: t.detach().to(torch.float32).contiguous().cpu() for name, t in self.tensors.items()}
+        save_file(tensors, str(path), metadata=header)
+
+    @staticmethod
+    def load(path: Path) -> Delta:
+        with safe_open(str(path), framework="pt") as handle:
+            header = dict(handle.metadata() or {})
+            if header.get("format") != FORMAT:
+                raise ValueError(f"{path}: not a qfedit delta (format {header.get('format')!r})")
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+        fingerprint = header.pop("base_fingerprint")
+        header.pop("format")
+        return Delta(tensors, fingerprint, {key: json.loads(value) for key, value in header.items()})
+
+    def check_base(self, loaded: LoadedModel) -> None:
+        if self.base_fingerprint != loaded.fingerprint:
+            raise DeltaMismatchError(
+                f"delta was made for base weights {self.base_fingerprint}, the loaded model is {loaded.fingerprint}"
+            )
+        parameters = dict(loaded.model.named_parameters())
+        for name, tensor in self.tensors.items():
+            if name not in parameters:
+                raise DeltaMismatchError(f"delta changes {name!r}, which the loaded model does not have")
+            if tuple(parameters[name].shape) != tuple(tensor.shape):
+                raise DeltaMismatchError(
+                    f"delta for {name!r} is {tuple(tensor.shape)}, the parameter is {tuple(parameters[name].shape)}"
+                )
+
+
+class AppliedDelta:
+    """A delta applied in place; `revert()` puts the original tensors back bit for bit."""
+
+    def __init__(self, loaded: LoadedModel, delta: Delta) -> None:
+        delta.check_base(loaded)
+        parameters = dict(loaded.model.named_parameters())
+        self._originals: dict[str, torch.Tensor] = {}
+        self._parameters = parameters
+        with torch.no_grad():
+            for name, change in delta.tensors.items():
+                parameter = parameters[name]
+                self._originals[name] = parameter.detach().clone()
+                # Add in float32 at least, then round once to the model's dtype.
+                work = torch.promote_types(parameter.dtype, torch.float32)
+                parameter.copy_(
+                    (parameter.to(work) + change.to(device=parameter.device, dtype=work)).to(parameter.dtype)
+                )
+        self.delta = delta
+
+    def revert(self) -> None:
+        with torch.no_grad():
+            for name, original in self._originals.items():
+                self._parameters[name].copy_(original)
+        self._originals.clear()
+
+
+@contextmanager
+def applied(loaded: LoadedModel, delta: Delta | None) -> Iterator[LoadedModel]:
+    """`with applied(loaded, delta):` the model has the delta; afterwards it is the base again."""
+    if delta is None:
+        yield loaded
+        return
+    handle = AppliedDelta(loaded, delta)
+    try:
+        yield loaded
+    finally:
+        handle.revert()

@@ -1,0 +1,56 @@
+"""Greedy answers in the chat template, batched, for spot checks and evaluation."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from qfedit.capture import chat_prompt
+from qfedit.modeling import LoadedModel
+
+
+def answer_batch(
+    loaded: LoadedModel,
+    questions: Sequence[str],
+    contexts: Sequence[str | None] | None = None,
+    *,
+    max_new_tokens: int = 24,
+    batch_size: int = 32,
+) -> list[str]:
+    """The greedy answer to each question, with its context as the system message when given."""
+    tokenizer = loaded.tokenizer
+    contexts = list(contexts) if contexts is not None else [None] * len(questions)
+    if len(contexts) != len(questions):
+        raise ValueError(f"{len(contexts)} contexts for {len(questions)} questions")
+    prompts = [chat_prompt(tokenizer, q, c) for q, c in zip(questions, contexts, strict=True)]
+    answers: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = [
+            tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts[start : start + batch_size]
+        ]
+        width = max(len(ids) for ids in chunk)
+        # Left padding, so every row's next token follows its own last prompt token.
+        ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, seq in enumerate(chunk):
+            ids[row, width - len(seq) :] = torch.tensor(seq)
+            mask[row, width - len(seq) :] = 1
+        with torch.inference_mode():
+            output = loaded.model.generate(  # type: ignore[operator]
+                input_ids=ids.to(loaded.device),
+                attention_mask=mask.to(loaded.device),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+        for row in output[:, width:]:
+            answers.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+    return answers
+
+
+def answer(
+    loaded: LoadedModel, question: str, context: str | None = None, *, max_new_tokens: int = 24
+) -> str:
+    return answer_batch(loaded, [question], [context], max_new_tokens=max_new_tokens)[0]

@@ -1,0 +1,194 @@
+"""The closed-form update of one `down_proj` weight: pure functions of float64 tensors.
+
+Rows are positions: `keys` Y is (n, m), `errors` E is (n, d), weights s is (n,). With
+`Ys = S^1/2 Y`, `Es = S^1/2 E`, `A = Ys^T Ys` and `M = Es^T Ys`:
+
+- seed rule (QF as published), minimum-norm exact fit of `dW y_i = e_i`:
+  primal `dW = M A^+`, dual `dW = Es^T (Ys Ys^T)^+ Ys`;
+- preserving rule, `min sum s_i |dW y_i - e_i|^2 + lam |dW C^1/2|^2`:
+  primal `dW = M (A + lam C)^-1`, dual (push-through identity)
+  `dW = Es^T (I + Ys (lam C)^-1 Ys^T)^-1 Ys (lam C)^-1`.
+
+The dual forms cost `n x n` solves and need the per-position observations; the primal forms need
+only the statistics and cost `m x m` solves. Both agree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from qfedit.hparams import SolveConfig, SolveForm
+from qfedit.statistics import Observations, Statistics
+
+_F64 = torch.float64
+
+
+class IllConditionedError(ValueError):
+    """The system is too ill-conditioned to trust; solving would give a huge, meaningless update."""
+
+    def __init__(self, what: str, condition: float, limit: float) -> None:
+        self.condition = condition
+        self.limit = limit
+        super().__init__(
+            f"{what} has condition number {condition:.3g} (limit {limit:.3g}): the keys are nearly collinear; "
+            "use the preserving rule, a larger ridge, or fewer, more distinct facts"
+        )
+
+
+def seed_rule_formula(
+    weight: torch.Tensor, x: torch.Tensor, y: torch.Tensor, b: torch.Tensor
+) -> torch.Tensor:
+    """The published QF formula, literally: `W' = W - [W(Y - X) - B](Y^T Y)^+ Y^T`.
+
+    Columns are positions: `X`, `Y` are (m, n), `B = V - V'` is (d, n). Kept as the reference
+    that `solve_seed` is tested against.
+    """
+    w, x, y, b = (t.to(_F64) for t in (weight, x, y, b))
+    return w - (w @ (y - x) - b) @ torch.linalg.pinv(y.T @ y, hermitian=True) @ y.T
+
+
+def _pinv_with_condition(gram: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Pseudo-inverse of a symmetric PSD matrix, and the condition number of its non-null part."""
+    values, vectors = torch.linalg.eigh(gram)
+    top = float(values.max().clamp(min=0))
+    if top == 0:
+        return torch.zeros_like(gram), float("inf")
+    # The same cut-off as torch.linalg.pinv: directions below it are the null space (n < m, or
+    # repeated keys), not ill-conditioning.
+    cutoff = top * max(gram.shape) * torch.finfo(_F64).eps
+    kept = values > cutoff
+    inverse = torch.where(kept, 1.0 / values.clamp(min=cutoff), torch.zeros_like(values))
+    condition = top / float(values[kept].min())
+    return (vectors * inverse) @ vectors.T, condition
+
+
+def _cholesky_with_condition(matrix: torch.Tensor, what: str, limit: float) -> torch.Tensor:
+    factor, info = torch.linalg.cholesky_ex(matrix)
+    if int(info) != 0:
+        raise IllConditionedError(what + " (not positive definite)", float("inf"), limit)
+    diagonal = factor.diagonal()
+    # (max L_ii / min L_ii)^2 is a cheap lower bound of the condition number: an m x m eigen
+    # decomposition would cost more than the solve itself.
+    condition = float((diagonal.max() / diagonal.min()) ** 2)
+    if condition > limit:
+        raise IllConditionedError(what, condition, limit)
+    return factor
+
+
+@dataclass
+class Preservation:
+    """The preservation covariance `C = E[k k^T]` at a layer, with its regularised Cholesky factor."""
+
+    covariance: torch.Tensor  # (m, m) float64
+    ridge: float
+    _factor: torch.Tensor | None = field(default=None, repr=False)
+
+    def regularised(self) -> torch.Tensor:
+        c = self.covariance.to(_F64)
+        scale = float(c.diagonal().mean()) if c.numel() else 0.0
+        return c + (self.ridge * scale) * torch.eye(c.shape[0], dtype=_F64, device=c.device)
+
+    def factor(self, limit: float) -> torch.Tensor:
+        if self._factor is None:
+            self._factor = _cholesky_with_condition(self.regularised(), "the preservation covariance", limit)
+        return self._factor
+
+
+@dataclass(frozen=True)
+class SolveResult:
+    delta: torch.Tensor  # (d, m) float64
+    rule: str
+    form: str
+    condition_number: float
+    relative_norm: float
+    """`|dW| / |W|`, Frobenius."""
+    positions: int
+
+
+def _pick_form(form: SolveForm, source: Observations | Statistics, m: int) -> str:
+    if form == "dual" and isinstance(source, Statistics):
+        raise ValueError("the dual form needs per-position observations, not statistics")
+    if form != "auto":
+        return form
+    if isinstance(source, Observations) and source.keys.shape[0] < m:
+        return "dual"
+    return "primal"
+
+
+def solve_seed(source: Observations | Statistics, config: SolveConfig) -> tuple[torch.Tensor, float, str]:
+    """Minimum-norm exact fit; returns `(dW, condition number, form)`."""
+    m = source.keys.shape[1] if isinstance(source, Observations) else source.keys_gram.shape[0]
+    form = _pick_form(config.form, source, m)
+    if form == "dual":
+        assert isinstance(source, Observations)
+        ys, es = source.scaled
+        inverse, condition = _pinv_with_condition(ys @ ys.T)  # (n, n)
+        delta = es.T @ inverse @ ys
+    else:
+        stats = source if isinstance(source, Statistics) else Statistics.from_observations(source, -1, "")
+        inverse, condition = _pinv_with_condition(stats.keys_gram)  # (m, m)
+        delta = stats.cross @ inverse
+    if condition > config.max_condition:
+        raise IllConditionedError("the keys' Gram matrix", condition, config.max_condition)
+    return delta, condition, form
+
+
+def solve_preserve(
+    source: Observations | Statistics, preservation: Preservation, config: SolveConfig
+) -> tuple[torch.Tensor, float, str]:
+    """Least-squares fit regularised towards the base behaviour on the preservation corpus."""
+    c = preservation.covariance
+    m = c.shape[0]
+    form = _pick_form(config.form, source, m)
+    if form == "dual":
+        assert isinstance(source, Observations)
+        ys, es = source.scaled
+        if ys.shape[1] != m:
+            raise ValueError(f"keys have {ys.shape[1]} features, the covariance is {tuple(c.shape)}")
+        factor = preservation.factor(config.max_condition)
+        z = torch.cholesky_solve(ys.T, factor).T / config.lam  # (n, m) = Ys (lam C)^-1
+        inner = torch.eye(ys.shape[0], dtype=_F64, device=ys.device) + z @ ys.T  # (n, n)
+        inner_factor = _cholesky_with_condition(inner, "the dual system", config.max_condition)
+        delta = torch.cholesky_solve(es, inner_factor).T @ z
+        condition = float(torch.linalg.cond(inner)) if ys.shape[0] <= 4096 else float("nan")
+    else:
+        stats = source if isinstance(source, Statistics) else Statistics.from_observations(source, -1, "")
+        if stats.keys_gram.shape != c.shape:
+            raise ValueError(f"A is {tuple(stats.keys_gram.shape)}, the covariance is {tuple(c.shape)}")
+        system = stats.keys_gram + config.lam * preservation.regularised()  # (m, m)
+        factor = _cholesky_with_condition(system, "A + lambda C", config.max_condition)
+        delta = torch.cholesky_solve(stats.cross.T, factor).T  # M (A + lam C)^-1, symmetric system
+        diagonal = factor.diagonal()
+        condition = float((diagonal.max() / diagonal.min()) ** 2)
+    return delta, condition, form
+
+
+def solve(
+    weight: torch.Tensor,
+    source: Observations | Statistics,
+    config: SolveConfig,
+    preservation: Preservation | None = None,
+) -> SolveResult:
+    """Solve `dW` for the base `weight` (d x m) with the configured rule."""
+    d, m = weight.shape
+    cross_shape = source.errors.shape[1] if isinstance(source, Observations) else source.cross.shape[0]
+    key_width = source.keys.shape[1] if isinstance(source, Observations) else source.keys_gram.shape[0]
+    if (cross_shape, key_width) != (d, m):
+        raise ValueError(
+            f"statistics are for a ({cross_shape}, {key_width}) weight, the weight is ({d}, {m})"
+        )
+    positions = source.keys.shape[0] if isinstance(source, Observations) else source.positions
+    if positions == 0:
+        raise ValueError("no captured positions to solve for")
+    if config.rule == "seed":
+        delta, condition, form = solve_seed(source, config)
+    else:
+        if preservation is None:
+            raise ValueError("the preserving rule needs a preservation covariance")
+        delta, condition, form = solve_preserve(source, preservation, config)
+    if not torch.isfinite(delta).all():
+        raise IllConditionedError("the solve", float("inf"), config.max_condition)
+    relative = float(delta.norm() / weight.to(_F64).norm().clamp(min=torch.finfo(_F64).tiny))
+    return SolveResult(delta, config.rule, form, condition, relative, int(positions))
