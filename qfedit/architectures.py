@@ -59,21 +59,21 @@ class Architecture:
         return delta.T.contiguous() if self.transposed else delta
 
 
-_LLAMA_LIKE = {
-    "layers": "model.layers",
-    "residual_norm": "post_attention_layernorm",
-    "down_proj": "mlp.down_proj",
-}
+def _llama_like(family: str) -> Architecture:
+    return Architecture(
+        family, layers="model.layers", residual_norm="post_attention_layernorm", down_proj="mlp.down_proj"
+    )
+
 
 ARCHITECTURES: dict[str, Architecture] = {
-    "qwen2": Architecture("qwen2", **_LLAMA_LIKE),
-    "qwen3": Architecture("qwen3", **_LLAMA_LIKE),
-    "llama": Architecture("llama", **_LLAMA_LIKE),
-    "mistral": Architecture("mistral", **_LLAMA_LIKE),
+    "qwen2": _llama_like("qwen2"),
+    "qwen3": _llama_like("qwen3"),
+    "llama": _llama_like("llama"),
+    "mistral": _llama_like("mistral"),
     # Gemma 1 only: Gemma 2/3 normalise the MLP output before adding it to the residual, which
     # breaks the linear relation `out = h + W k` that the solve relies on.
-    "gemma": Architecture("gemma", **_LLAMA_LIKE),
-    "phi3": Architecture("phi3", **_LLAMA_LIKE),
+    "gemma": _llama_like("gemma"),
+    "phi3": _llama_like("phi3"),
     "gpt2": Architecture(
         "gpt2", layers="transformer.h", residual_norm="ln_2", down_proj="mlp.c_proj", transposed=True
     ),

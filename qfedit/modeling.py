@@ -108,7 +108,7 @@ def load_model(
         path, dtype=torch_dtype, device_map=device_map, local_files_only=True
     )
     if device_map is None:
-        model.to(device)
+        model.to(device)  # type: ignore[arg-type]  # transformers types `to` loosely
     model.eval()
     model.requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)

@@ -7,8 +7,23 @@ import typer
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Closed-form fact editing of LLM weights.")
 
 
-def main() -> None:
-    # Imported here, not at module import, so `import qfedit.cli` stays cheap.
-    from qfedit.cli import engine  # noqa: F401
+@app.callback()
+def _options(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what the engine does."),
+) -> None:
+    import logging
 
-    app()
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+
+
+def get_app() -> typer.Typer:
+    """The app with every command registered; the submodules are imported here, not at import."""
+    from qfedit.cli import engine, state  # noqa: F401
+
+    return app
+
+
+def main() -> None:
+    get_app()()
