@@ -1,0 +1,655 @@
+"""CLI commands over durable state: database, models, import, versions, aliases, audit log, gc."""
+
+from __future__ import annotations
+
+import getpass
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+from sqlalchemy import Engine, inspect
+from sqlalchemy.orm import Session
+
+from qfedit.cli import app
+from qfedit.config import get_settings
+from qfedit.db import migrate
+from qfedit.db.engine import engine_from_settings, session_factory
+from qfedit.db.guards import ImmutableRowError
+from qfedit.db.models import AuditEntry, FactStatus
+from qfedit.facts import FactError
+from qfedit.store import CheckpointStore, StoreError
+
+logger = logging.getLogger(__name__)
+console = Console()
+errors = Console(stderr=True)
+
+db_app = typer.Typer(no_args_is_help=True, help="Database schema: migrations.")
+model_app = typer.Typer(no_args_is_help=True, help="Register and list base models.")
+alias_app = typer.Typer(no_args_is_help=True, help="Movable names for versions, with their history.")
+app.add_typer(db_app, name="db")
+app.add_typer(model_app, name="model")
+app.add_typer(alias_app, name="alias")
+
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+ModelOption = Annotated[str | None, typer.Option("--model", "-m", help="Model name.")]
+
+T = TypeVar("T")
+
+
+def _actor() -> str:
+    return os.environ.get("QFEDIT_ACTOR") or getpass.getuser()
+
+
+def _emit_json(value: Any) -> None:
+    sys.stdout.write(json.dumps(value, indent=2, ensure_ascii=False, default=str) + "\n")
+
+
+@contextmanager
+def _user_errors() -> Iterator[None]:
+    """Expected failures become one red line and exit status 1, not a traceback."""
+    from alembic.util.exc import CommandError
+
+    from qfedit.importing import ImportFileError
+    from qfedit.repository import AliasConflictError, InvalidTransitionError, NotFoundError
+
+    try:
+        yield
+    except (
+        NotFoundError,
+        AliasConflictError,
+        InvalidTransitionError,
+        ImportFileError,
+        FactError,
+        StoreError,
+        ImmutableRowError,
+        CommandError,
+        ValueError,
+        FileNotFoundError,
+    ) as err:
+        errors.print(f"[red]error:[/red] {err}", markup=True, highlight=False)
+        raise typer.Exit(1) from None
+
+
+def _engine() -> Engine:
+    return engine_from_settings(get_settings())
+
+
+def _ready_engine() -> Engine:
+    """An engine on a database at the latest schema; an empty embedded SQLite is created on the spot."""
+    engine = _engine()
+    current = migrate.current(engine)
+    head = migrate.head()
+    if current == head:
+        return engine
+    if current is None and engine.dialect.name == "sqlite" and not inspect(engine).get_table_names():
+        logger.info("creating the embedded database at %s", engine.url)
+        migrate.upgrade(engine)
+        return engine
+    raise typer.BadParameter(
+        f"the database is at schema {current or 'none'}, not {head}; run `qfedit db upgrade`",
+        param_hint="database",
+    )
+
+
+def _in_session(work: Callable[[Session], T]) -> T:
+    engine = _ready_engine()
+    try:
+        with session_factory(engine)() as session, _user_errors():
+            return work(session)
+    finally:
+        engine.dispose()
+
+
+# -- db -------------------------------------------------------------------------------------
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: Annotated[str, typer.Argument(help="Target revision.")] = "head") -> None:
+    """Apply migrations up to REVISION (default: the latest)."""
+    engine = _engine()
+    try:
+        with _user_errors():
+            migrate.upgrade(engine, revision)
+        console.print(
+            f"database at {migrate.current(engine)} ({engine.url.render_as_string(hide_password=True)})"
+        )
+    finally:
+        engine.dispose()
+
+
+@db_app.command("downgrade")
+def db_downgrade(revision: Annotated[str, typer.Argument(help="Target revision, e.g. base.")]) -> None:
+    """Revert migrations down to REVISION (`base` drops every table)."""
+    engine = _engine()
+    try:
+        with _user_errors():
+            migrate.downgrade(engine, revision)
+        console.print(f"database at {migrate.current(engine) or 'base'}")
+    finally:
+        engine.dispose()
+
+
+@db_app.command("current")
+def db_current() -> None:
+    """Print the schema revision the database is at."""
+    engine = _engine()
+    try:
+        console.print(migrate.current(engine) or "base (empty)")
+    finally:
+        engine.dispose()
+
+
+# -- models ---------------------------------------------------------------------------------
+
+
+@model_app.command("add")
+def model_add(
+    name: str,
+    model_dir: Annotated[Path, typer.Argument(help="Directory holding the model's *.safetensors weights.")],
+    layer: Annotated[int | None, typer.Option("--layer", help="Default layer to edit.")] = None,
+    revision: Annotated[str | None, typer.Option("--revision", help="Hub revision or commit.")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Register a base model; its fingerprint is computed from the weights."""
+    from qfedit import repository
+
+    def work(session: Session) -> None:
+        if not model_dir.is_dir():
+            raise FileNotFoundError(f"{model_dir}: not a directory")
+        # Imported here: it pulls in torch, which only this command needs.
+        from qfedit.modeling import weights_fingerprint
+
+        fingerprint = weights_fingerprint(model_dir)
+        model = repository.add_model(
+            session,
+            name=name,
+            source=str(model_dir.resolve()),
+            fingerprint=fingerprint,
+            revision=revision,
+            default_layer=layer,
+            actor=_actor(),
+        )
+        session.commit()
+        if as_json:
+            _emit_json(_describe_model(model))
+        else:
+            console.print(
+                f"registered {model.name} (fingerprint {fingerprint[:16]}…), version {model.name}@0"
+            )
+
+    _in_session(work)
+
+
+def _describe_model(model: Any) -> dict[str, Any]:
+    return {
+        "id": model.id,
+        "name": model.name,
+        "source": model.source,
+        "revision": model.revision,
+        "fingerprint": model.fingerprint,
+        "default_layer": model.default_layer,
+        "created_at": model.created_at.isoformat(),
+        "created_by": model.created_by,
+    }
+
+
+@model_app.command("list")
+def model_list(as_json: JsonOption = False) -> None:
+    """List registered base models."""
+    from qfedit import repository
+
+    def work(session: Session) -> None:
+        models = repository.list_models(session)
+        if as_json:
+            _emit_json([_describe_model(m) for m in models])
+            return
+        table = Table("name", "source", "layer", "fingerprint", "added")
+        for m in models:
+            table.add_row(m.name, m.source, _cell(m.default_layer), m.fingerprint[:16], _when(m.created_at))
+        console.print(table)
+
+    _in_session(work)
+
+
+# -- import ---------------------------------------------------------------------------------
+
+
+@app.command("import")
+def import_command(
+    file: Annotated[Path, typer.Argument(help="Corpus file to import.")],
+    model_name: Annotated[str, typer.Option("--model", "-m", help="Model the facts are for.")],
+    fmt: Annotated[
+        str | None,
+        typer.Option("--format", help="jsonl, csv, counterfact, zsre or rejects (default: from the name)."),
+    ] = None,
+    chunk_size: Annotated[int, typer.Option("--chunk-size", help="Records per commit.")] = 2000,
+    rejects: Annotated[
+        Path | None, typer.Option("--rejects", help="Where to write rejected records.")
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Import facts; re-importing skips what is already there. Bad records go to a rejects file."""
+    from qfedit import importing, repository
+
+    def work(session: Session) -> None:
+        fmt_value = importing.Format(fmt) if fmt else importing.detect_format(file)
+        model = repository.get_model(session, model_name)
+        size = file.stat().st_size
+        with Progress(
+            TextColumn("importing {task.description}"),
+            BarColumn(),
+            DownloadColumn(),
+            TimeRemainingColumn(),
+            console=errors,
+            transient=True,
+            disable=as_json or not errors.is_terminal,
+        ) as bar:
+            task = bar.add_task(file.name, total=size)
+            summary = importing.import_facts(
+                session,
+                file,
+                model,
+                fmt=fmt_value,
+                actor=_actor(),
+                chunk_size=chunk_size,
+                rejects_path=rejects,
+                progress=lambda done: bar.update(task, completed=done),
+            )
+        if as_json:
+            _emit_json(summary.as_dict())
+        else:
+            table = Table(
+                "read", "imported", "duplicates skipped", "rejected", title=f"{file.name} → {model.name}"
+            )
+            table.add_row(
+                *(str(n) for n in (summary.read, summary.imported, summary.duplicates, summary.rejected))
+            )
+            console.print(table)
+            for sample in summary.reject_samples:
+                console.print(f"  rejected: {sample}", highlight=False)
+            if summary.rejects_path:
+                console.print(f"rejected records (fix and re-import): {summary.rejects_path}")
+        if summary.stopped:
+            errors.print(f"[red]stopped early:[/red] {summary.stopped}")
+            raise typer.Exit(1)
+
+    _in_session(work)
+
+
+# -- versions -------------------------------------------------------------------------------
+
+
+def _when(moment: datetime) -> str:
+    return moment.astimezone().strftime("%Y-%m-%d %H:%M")
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value)
+
+
+def _metrics(metrics: dict[str, Any]) -> str:
+    return " ".join(f"{k}={_cell(v)}" for k, v in sorted(metrics.items()))
+
+
+def _model_or_none(session: Session, name: str | None) -> Any:
+    from qfedit import repository
+
+    return repository.get_model(session, name) if name else None
+
+
+@app.command("versions")
+def versions_command(model_name: ModelOption = None, as_json: JsonOption = False) -> None:
+    """The versions of every model (or one): parent, who, why, fact changes, |dW|/|W|, metrics, aliases."""
+    from qfedit import repository
+
+    def work(session: Session) -> None:
+        model = _model_or_none(session, model_name)
+        versions = repository.list_versions(session, model=model)
+        aliases = repository.aliases_by_version(session, model)
+        fact_sets = {v.id: repository.version_fact_ids(session, v) for v in versions}
+        rows = []
+        for v in versions:
+            parent_facts = fact_sets.get(v.parent_id, set()) if v.parent_id is not None else set()
+            row = repository.describe_version(v, aliases.get(v.id, []))
+            row["facts_added"] = len(fact_sets[v.id] - parent_facts)
+            row["facts_removed"] = len(parent_facts - fact_sets[v.id])
+            rows.append(row)
+        if as_json:
+            _emit_json(rows)
+            return
+        table = Table(
+            "version", "parent", "when", "who", "reason", "+facts", "-facts", "|dW|/|W|", "metrics", "aliases"
+        )
+        for row, v in zip(rows, versions, strict=True):
+            table.add_row(
+                row["label"],
+                _cell(row["parent"]),
+                _when(v.created_at),
+                v.created_by,
+                v.reason,
+                str(row["facts_added"]),
+                str(row["facts_removed"]),
+                _cell(v.relative_update_norm),
+                _metrics(v.metrics),
+                ", ".join(row["aliases"]),
+            )
+        console.print(table)
+
+    _in_session(work)
+
+
+@app.command("show")
+def show_command(
+    version_ref: Annotated[str, typer.Argument(metavar="VERSION", help="MODEL@N, MODEL@ALIAS, or N.")],
+    model_name: ModelOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """One version in full, with its facts."""
+    from qfedit import repository
+
+    def work(session: Session) -> None:
+        version = repository.get_version(session, version_ref, model=_model_or_none(session, model_name))
+        aliases = repository.aliases_by_version(session, version.model).get(version.id, [])
+        facts = repository._load_facts(session, repository.version_fact_ids(session, version))
+        described = repository.describe_version(version, aliases)
+        if as_json:
+            _emit_json({**described, "facts": [repository.describe_fact(f) for f in facts]})
+            return
+        table = Table(show_header=False, title=version.label)
+        for key, value in described.items():
+            table.add_row(key, json.dumps(value) if isinstance(value, dict | list) else _cell(value))
+        console.print(table)
+        facts_table = Table("fact", "question", "answer", "status", title=f"{len(facts)} facts")
+        for fact in facts:
+            facts_table.add_row(str(fact.id), fact.question, fact.answer, fact.status.value)
+        console.print(facts_table)
+
+    _in_session(work)
+
+
+@app.command("diff")
+def diff_command(
+    old_ref: Annotated[str, typer.Argument(metavar="V1")],
+    new_ref: Annotated[str, typer.Argument(metavar="V2")],
+    model_name: ModelOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """What changed from V1 to V2: facts added and removed, metrics, and the norm of the weight difference."""
+    from qfedit import repository
+
+    def work(session: Session) -> None:
+        model = _model_or_none(session, model_name)
+        old = repository.get_version(session, old_ref, model=model)
+        new = repository.get_version(session, new_ref, model=model)
+        diff = repository.diff_versions(session, old, new, store=CheckpointStore(get_settings().store_dir))
+        if as_json:
+            _emit_json(
+                {
+                    "old": old.label,
+                    "new": new.label,
+                    "facts_added": [repository.describe_fact(f) for f in diff.added],
+                    "facts_removed": [repository.describe_fact(f) for f in diff.removed],
+                    "metric_changes": {k: {"old": a, "new": b} for k, (a, b) in diff.metric_changes.items()},
+                    "weight_difference_norm": diff.weight_difference_norm,
+                }
+            )
+            return
+        console.print(f"{old.label} → {new.label}: |ΔW|_F = {_cell(diff.weight_difference_norm)}")
+        facts = Table("", "fact", "question", "answer")
+        for sign, group in (("+", diff.added), ("-", diff.removed)):
+            for fact in group:
+                facts.add_row(sign, str(fact.id), fact.question, fact.answer)
+        console.print(facts)
+        if diff.metric_changes:
+            metrics = Table("metric", old.label, new.label)
+            for key, (a, b) in diff.metric_changes.items():
+                metrics.add_row(key, _cell(a), _cell(b))
+            console.print(metrics)
+
+    _in_session(work)
+
+
+# -- audit log ------------------------------------------------------------------------------
+
+
+def _describe_audit(entry: AuditEntry) -> dict[str, Any]:
+    return {
+        "id": entry.id,
+        "at": entry.at.isoformat(),
+        "actor": entry.actor,
+        "action": entry.action,
+        "object_type": entry.object_type,
+        "object_id": entry.object_id,
+        "details": entry.details,
+    }
+
+
+@app.command("log")
+def log_command(
+    actor: Annotated[str | None, typer.Option(help="Only this actor.")] = None,
+    action: Annotated[str | None, typer.Option(help="Only actions starting with this, e.g. alias.")] = None,
+    object_type: Annotated[str | None, typer.Option("--object", help="Only this kind of object.")] = None,
+    since: Annotated[
+        datetime | None, typer.Option(help="Only entries at or after this time (UTC if no zone).")
+    ] = None,
+    limit: Annotated[int, typer.Option(help="At most this many entries, newest first.")] = 50,
+    as_json: JsonOption = False,
+) -> None:
+    """The audit log: who did what, when, and why."""
+    from datetime import timezone
+
+    from qfedit import repository
+
+    if since is not None and since.tzinfo is None:
+        since = since.replace(tzinfo=timezone.utc)
+
+    def work(session: Session) -> None:
+        entries = repository.list_audit(
+            session, actor=actor, action=action, object_type=object_type, since=since, limit=limit
+        )
+        if as_json:
+            _emit_json([_describe_audit(e) for e in entries])
+            return
+        table = Table("#", "when", "who", "action", "object", "details")
+        for e in entries:
+            table.add_row(
+                str(e.id),
+                _when(e.at),
+                e.actor,
+                e.action,
+                f"{e.object_type} {e.object_id}",
+                " ".join(
+                    f"{k}={json.dumps(v, ensure_ascii=False)}" for k, v in e.details.items() if v is not None
+                ),
+            )
+        console.print(table)
+
+    _in_session(work)
+
+
+# -- aliases --------------------------------------------------------------------------------
+
+
+@alias_app.command("set")
+def alias_set(
+    name: str,
+    version_ref: Annotated[str, typer.Argument(metavar="VERSION", help="MODEL@N or N.")],
+    reason: Annotated[str, typer.Option("--reason", help="Why (kept in the alias history).")],
+    model_name: ModelOption = None,
+    expect_revision: Annotated[
+        int | None, typer.Option("--expect-revision", help="Move only if the alias is at this revision.")
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Point alias NAME at VERSION (rolling back is pointing it at an older one)."""
+    from qfedit import repository
+
+    def work(session: Session) -> None:
+        version = repository.get_version(session, version_ref, model=_model_or_none(session, model_name))
+        alias = repository.set_alias(
+            session,
+            name=name,
+            version=version,
+            reason=reason,
+            actor=_actor(),
+            expect_revision=repository.UNSET if expect_revision is None else expect_revision,
+        )
+        session.commit()
+        if as_json:
+            _emit_json({"alias": alias.name, "version": version.label, "revision": alias.revision})
+        else:
+            console.print(f"{alias.name} → {version.label} (revision {alias.revision})")
+
+    _in_session(work)
+
+
+@alias_app.command("history")
+def alias_history_command(name: str, model_name: ModelOption = None, as_json: JsonOption = False) -> None:
+    """Every move of alias NAME, oldest first."""
+    from qfedit import repository
+
+    def work(session: Session) -> None:
+        model = _single_model(session, model_name)
+        moves = repository.alias_history(session, model, name)
+        rows = [
+            {
+                "moved_at": m.moved_at.isoformat(),
+                "moved_by": m.moved_by,
+                "from": m.from_version.number if m.from_version is not None else None,
+                "to": m.to_version.number,
+                "reason": m.reason,
+            }
+            for m in moves
+        ]
+        if as_json:
+            _emit_json(rows)
+            return
+        table = Table("when", "who", "from", "to", "reason", title=f"{model.name} alias {name}")
+        for row, m in zip(rows, moves, strict=True):
+            table.add_row(_when(m.moved_at), m.moved_by, _cell(row["from"]), str(row["to"]), m.reason)
+        console.print(table)
+
+    _in_session(work)
+
+
+@alias_app.command("list")
+def alias_list(model_name: ModelOption = None, as_json: JsonOption = False) -> None:
+    """Every alias and the version it points at."""
+    from qfedit import repository
+
+    def work(session: Session) -> None:
+        aliases = repository.list_aliases(session, model=_model_or_none(session, model_name))
+        rows = [
+            {"model": a.model.name, "alias": a.name, "version": a.version.number, "revision": a.revision}
+            for a in aliases
+        ]
+        if as_json:
+            _emit_json(rows)
+            return
+        table = Table("model", "alias", "version", "revision")
+        for row in rows:
+            table.add_row(*(str(v) for v in row.values()))
+        console.print(table)
+
+    _in_session(work)
+
+
+def _single_model(session: Session, name: str | None) -> Any:
+    from qfedit import repository
+
+    if name:
+        return repository.get_model(session, name)
+    models = repository.list_models(session)
+    if len(models) != 1:
+        names = ", ".join(m.name for m in models) or "none"
+        raise repository.NotFoundError(f"pass --model (registered: {names})")
+    return models[0]
+
+
+# -- facts and gc ---------------------------------------------------------------------------
+
+
+@app.command("facts")
+def facts_command(
+    model_name: ModelOption = None,
+    status: Annotated[FactStatus | None, typer.Option(help="Only facts with this status.")] = None,
+    limit: Annotated[int | None, typer.Option(help="At most this many.")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """List facts."""
+    from qfedit import repository
+
+    def work(session: Session) -> None:
+        facts = repository.list_facts(
+            session, model=_model_or_none(session, model_name), status=status, limit=limit
+        )
+        if as_json:
+            _emit_json([repository.describe_fact(f) for f in facts])
+            return
+        table = Table("id", "model", "status", "question", "answer", "source")
+        for f in facts:
+            table.add_row(
+                str(f.id),
+                f.model.name,
+                f.status.value,
+                f.question,
+                f.answer,
+                f"{f.source}:{_cell(f.source_line)}",
+            )
+        console.print(table)
+
+    _in_session(work)
+
+
+@app.command("gc")
+def gc_command(
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="List what would be removed; remove nothing.")
+    ] = False,
+    min_age: Annotated[
+        float,
+        typer.Option("--min-age", help="Leave files younger than this many seconds (in-flight writes)."),
+    ] = 3600.0,
+    as_json: JsonOption = False,
+) -> None:
+    """Remove checkpoint files no version references (left by a crash between write and record)."""
+    from qfedit import repository
+
+    def work(session: Session) -> None:
+        store = CheckpointStore(get_settings().store_dir)
+        garbage = store.garbage(repository.referenced_checkpoints(session), min_age_s=min_age)
+        if not dry_run:
+            store.remove(garbage)
+            if garbage:
+                repository.record_audit(
+                    session,
+                    actor=_actor(),
+                    action="store.gc",
+                    object_type="store",
+                    object_id="checkpoints",
+                    details={"removed": garbage},
+                )
+                session.commit()
+        if as_json:
+            _emit_json({"dry_run": dry_run, "files": garbage})
+            return
+        verb = "would remove" if dry_run else "removed"
+        for path in garbage:
+            console.print(f"{verb} {path}", highlight=False)
+        console.print(f"{len(garbage)} unreferenced file(s) {verb}")
+
+    _in_session(work)

@@ -1,0 +1,281 @@
+"""Tables of everything qfedit knows: base models, facts, edit batches, weight versions, aliases, audit.
+
+Versions, the facts each version holds, alias moves and audit entries are written once and never
+changed: `qfedit.db.guards` refuses updates and deletes of them in the ORM, and database triggers
+(installed by the migration and by `create_all`) refuse them in SQL.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime, timezone
+from typing import Any, ClassVar
+
+from sqlalchemy import (
+    JSON,
+    CheckConstraint,
+    DateTime,
+    Enum,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import TypeDecorator
+
+# Constraint names must be deterministic so that migrations can drop and alter them by name
+# (SQLite batch mode rebuilds tables and needs every constraint named).
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timezone-aware UTC timestamp on every backend (SQLite drops the zone; this restores it)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"timestamp {value!r} has no timezone; qfedit stores UTC")
+        return value.astimezone(timezone.utc)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+
+
+class FactStatus(str, enum.Enum):
+    PENDING = "pending"
+    APPLIED = "applied"
+    RETRACTED = "retracted"
+
+
+class BatchStatus(str, enum.Enum):
+    QUEUED = "queued"
+    CAPTURING = "capturing"
+    SOLVING = "solving"
+    EVALUATING = "evaluating"
+    PUBLISHED = "published"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+def _enum(cls: type[enum.Enum], name: str) -> Enum:
+    # Stored as plain strings with a CHECK constraint: portable, and adding a value later is a
+    # constraint change rather than a PostgreSQL `ALTER TYPE` that cannot run in a transaction.
+    return Enum(
+        cls,
+        name=name,
+        native_enum=False,
+        create_constraint=True,
+        length=16,
+        values_callable=lambda members: [member.value for member in members],
+        validate_strings=True,
+    )
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map: ClassVar[dict[Any, Any]] = {
+        datetime: UTCDateTime(),
+        dict[str, Any]: JSON(),
+        list[Any]: JSON(),
+    }
+
+
+class Model(Base):
+    """A registered base model: the weights every version of it is a delta against."""
+
+    __tablename__ = "models"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    source: Mapped[str] = mapped_column(String(1000))  # local directory or hub id
+    revision: Mapped[str | None] = mapped_column(String(200))
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    default_layer: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    created_by: Mapped[str] = mapped_column(String(200))
+
+
+class Fact(Base):
+    """One fact to teach a model; its content hash is unique per model, so imports never duplicate."""
+
+    __tablename__ = "facts"
+    __table_args__ = (
+        UniqueConstraint("model_id", "content_hash"),
+        Index("ix_facts_model_id_status", "model_id", "status"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id"))
+    content_hash: Mapped[str] = mapped_column(String(64))
+    external_id: Mapped[str | None] = mapped_column(String(200))
+    question: Mapped[str] = mapped_column(Text)
+    answer: Mapped[str] = mapped_column(Text)
+    context: Mapped[str] = mapped_column(Text)
+    subject: Mapped[str | None] = mapped_column(Text)
+    significance: Mapped[list[Any] | None] = mapped_column(JSON)
+    paraphrases: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    neighbors: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    source: Mapped[str] = mapped_column(String(500))  # corpus file the fact first came from
+    source_line: Mapped[int | None] = mapped_column(Integer)
+    status: Mapped[FactStatus] = mapped_column(_enum(FactStatus, "fact_status"), default=FactStatus.PENDING)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    model: Mapped[Model] = relationship()
+
+
+class Batch(Base):
+    """An edit job: a set of facts to capture, solve and publish as a new version."""
+
+    __tablename__ = "batches"
+    __table_args__ = (CheckConstraint("progress >= 0 AND progress <= 1", name="progress_range"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id"), index=True)
+    status: Mapped[BatchStatus] = mapped_column(
+        _enum(BatchStatus, "batch_status"), default=BatchStatus.QUEUED, index=True
+    )
+    hyperparameters: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # A client retrying a request with the same key gets the same batch instead of a second job.
+    idempotency_key: Mapped[str | None] = mapped_column(String(200), unique=True)
+    requested_by: Mapped[str] = mapped_column(String(200))
+    attempts: Mapped[int] = mapped_column(default=0)
+    error: Mapped[str | None] = mapped_column(Text)
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column()
+    finished_at: Mapped[datetime | None] = mapped_column()
+
+    model: Mapped[Model] = relationship()
+
+
+class BatchFact(Base):
+    __tablename__ = "batch_facts"
+
+    batch_id: Mapped[int] = mapped_column(ForeignKey("batches.id"), primary_key=True)
+    fact_id: Mapped[int] = mapped_column(ForeignKey("facts.id"), primary_key=True, index=True)
+
+
+class Version(Base):
+    """An immutable weight version: base weights plus the delta solved from its fact set.
+
+    Number 0 of each model is the base model itself (no checkpoint), so an alias can be moved
+    back to the unedited weights.
+    """
+
+    __tablename__ = "versions"
+    __table_args__ = (
+        UniqueConstraint("model_id", "number"),
+        CheckConstraint(
+            "(checkpoint_path IS NULL) = (checkpoint_sha256 IS NULL)", name="checkpoint_path_with_sha256"
+        ),
+        CheckConstraint("number >= 0", name="number_non_negative"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id"))
+    number: Mapped[int] = mapped_column(Integer)
+    parent_id: Mapped[int | None] = mapped_column(ForeignKey("versions.id"))
+    batch_id: Mapped[int | None] = mapped_column(ForeignKey("batches.id"), index=True)
+    checkpoint_path: Mapped[str | None] = mapped_column(String(500))  # relative to the store
+    checkpoint_sha256: Mapped[str | None] = mapped_column(String(64))
+    layer: Mapped[int | None] = mapped_column(Integer)
+    rule: Mapped[str | None] = mapped_column(String(32))
+    hyperparameters: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    relative_update_norm: Mapped[float | None] = mapped_column(Float)  # |dW| / |W|
+    metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    fact_set_digest: Mapped[str] = mapped_column(String(64))
+    fact_count: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    created_by: Mapped[str] = mapped_column(String(200))
+    reason: Mapped[str] = mapped_column(Text)
+
+    model: Mapped[Model] = relationship()
+    parent: Mapped[Version | None] = relationship(remote_side=[id])
+
+    @property
+    def label(self) -> str:
+        return f"{self.model.name}@{self.number}"
+
+
+class VersionFact(Base):
+    """The full fact set of a version (not the change from its parent): a version is a pure function of it."""
+
+    __tablename__ = "version_facts"
+
+    version_id: Mapped[int] = mapped_column(ForeignKey("versions.id"), primary_key=True)
+    fact_id: Mapped[int] = mapped_column(ForeignKey("facts.id"), primary_key=True, index=True)
+
+
+class Alias(Base):
+    """A movable name (e.g. `production`) for one version of a model; every move is in `alias_moves`."""
+
+    __tablename__ = "aliases"
+    __table_args__ = (UniqueConstraint("model_id", "name"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id"))
+    name: Mapped[str] = mapped_column(String(100))
+    version_id: Mapped[int] = mapped_column(ForeignKey("versions.id"), index=True)
+    # Bumped on every move, so a compare-and-set can name the state it expects.
+    revision: Mapped[int] = mapped_column(Integer, default=1)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    model: Mapped[Model] = relationship()
+    version: Mapped[Version] = relationship()
+
+
+class AliasMove(Base):
+    __tablename__ = "alias_moves"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    alias_id: Mapped[int] = mapped_column(ForeignKey("aliases.id"), index=True)
+    from_version_id: Mapped[int | None] = mapped_column(ForeignKey("versions.id"))
+    to_version_id: Mapped[int] = mapped_column(ForeignKey("versions.id"))
+    moved_at: Mapped[datetime] = mapped_column(default=utcnow)
+    moved_by: Mapped[str] = mapped_column(String(200))
+    reason: Mapped[str] = mapped_column(Text)
+
+    from_version: Mapped[Version | None] = relationship(foreign_keys=[from_version_id])
+    to_version: Mapped[Version] = relationship(foreign_keys=[to_version_id])
+
+
+class AuditEntry(Base):
+    """Who did what, when, to which object, and why; append-only."""
+
+    __tablename__ = "audit_log"
+    __table_args__ = (Index("ix_audit_log_object", "object_type", "object_id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    actor: Mapped[str] = mapped_column(String(200))
+    action: Mapped[str] = mapped_column(String(64), index=True)
+    object_type: Mapped[str] = mapped_column(String(32))
+    object_id: Mapped[str] = mapped_column(String(64))
+    details: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
+# Rows of these tables are written once; see `qfedit.db.guards`.
+IMMUTABLE_MODELS: tuple[type[Base], ...] = (Version, VersionFact, AliasMove, AuditEntry)
