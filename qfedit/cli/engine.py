@@ -14,6 +14,7 @@ from rich.console import Console
 from qfedit.cli import app
 
 if TYPE_CHECKING:
+    from qfedit.evaluate import EvalReport
     from qfedit.facts import Fact
     from qfedit.modeling import LoadedModel
 
@@ -93,7 +94,6 @@ def edit(
 ) -> None:
     """Solve a delta that writes FACTS_FILE into MODEL_DIR's weights at one layer."""
     from qfedit.edit import make_delta, preservation_for
-    from qfedit.facts import iter_jsonl
     from qfedit.hparams import EditConfig, SolveConfig
 
     try:
@@ -102,11 +102,7 @@ def edit(
             solve=SolveConfig(rule=rule, lam=lam, ridge=ridge),  # type: ignore[arg-type]
             covariance_samples=samples,
         )
-        numbered = list(iter_jsonl(facts_file))
-        if not numbered:
-            raise ValueError(f"{facts_file}: no facts")
-        facts = [fact for _, fact in numbered]
-        labels = [f"{facts_file.name} line {number}" for number, _ in numbered]
+        facts, labels = read_facts(facts_file)
         loaded = load(model_dir, dtype, device, chat_template)
         loaded.architecture.check_layer(loaded.model, layer)
         preservation = None
@@ -153,3 +149,79 @@ def ask(
     except ValueError as error:
         raise fail(str(error)) from None
     console.print(text, highlight=False, markup=False)
+
+
+def read_facts(path: Path) -> tuple[list[Fact], list[str]]:
+    from qfedit.facts import iter_jsonl
+
+    numbered = list(iter_jsonl(path))
+    if not numbered:
+        raise ValueError(f"{path}: no facts")
+    return [fact for _, fact in numbered], [f"{path.name} line {number}" for number, _ in numbered]
+
+
+@app.command("eval")
+def eval_command(
+    model_dir: ModelDir,
+    facts_file: Annotated[
+        Path, typer.Argument(help="The edited facts (JSONL).", exists=True, dir_okay=False)
+    ],
+    delta: Annotated[
+        Path | None, typer.Option(help="The delta to measure.", exists=True, dir_okay=False)
+    ] = None,
+    known: Annotated[
+        Path | None, typer.Option(help="Facts the model knew (JSONL), for specificity.", exists=True)
+    ] = None,
+    unknown: Annotated[
+        Path | None,
+        typer.Option(help="Questions about unknown entities (JSONL), for abstention.", exists=True),
+    ] = None,
+    abstention: Annotated[
+        str, typer.Option(help="The model's answer when it does not know.")
+    ] = "I do not know.",
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    dtype: Dtype = "float32",
+    device: Device = "cpu",
+    chat_template: ChatTemplate = None,
+) -> None:
+    """Measure efficacy, paraphrase, specificity and abstention of an edit."""
+    from qfedit.delta import Delta
+    from qfedit.evaluate import evaluate
+
+    try:
+        facts, _ = read_facts(facts_file)
+        known_facts = read_facts(known)[0] if known is not None else []
+        unknown_questions = [f.question for f in read_facts(unknown)[0]] if unknown is not None else []
+        loaded = load(model_dir, dtype, device, chat_template)
+        change = Delta.load(delta) if delta is not None else None
+        report = evaluate(
+            loaded, facts, change, known=known_facts, unknown=unknown_questions, abstention=abstention
+        )
+    except ValueError as error:
+        raise fail(str(error)) from None
+    if as_json:
+        payload = report.to_json()
+        payload.pop("details")
+        console.print_json(json.dumps(payload))
+        return
+    print_report(report)
+
+
+def print_report(report: EvalReport) -> None:
+    from rich.table import Table
+
+    table = Table(title="edit quality")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_column("of", justify="right")
+    counts = report.counts
+    table.add_row("efficacy", f"{report.efficacy:.3f}", str(counts["facts"]))
+    table.add_row("paraphrase", f"{report.paraphrase:.3f}", str(counts["paraphrases"]))
+    table.add_row("specificity", f"{report.specificity:.3f}", str(counts["specificity"]))
+    table.add_row("  edited subjects' other relations", f"{report.details['specificity_neighbors']:.3f}", "")
+    table.add_row("  other known facts", f"{report.details['specificity_known']:.3f}", "")
+    table.add_row("abstention", f"{report.abstention:.3f}", str(counts["abstention"]))
+    table.add_row("log p(new) - log p(old)", f"{report.logprob_margin:.2f}", "")
+    if report.relative_norm is not None:
+        table.add_row("|dW|/|W|", f"{report.relative_norm:.4g}", "")
+    console.print(table)

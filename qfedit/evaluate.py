@@ -1,0 +1,159 @@
+"""Edit quality: does the edited model answer the new facts, and does it keep everything else?
+
+- efficacy: the greedy answer to the question, without context, contains the fact's answer;
+- paraphrase: the same for each held-out phrasing;
+- specificity: neighbors and known facts are answered as the unedited model answers them;
+- abstention: questions about unknown entities still get the abstention;
+- log-probability margin: teacher-forced log p(new answer) - log p(base model's answer), as
+  CounterFact reports ("efficacy score": the fraction where the new answer is more likely).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from qfedit.capture import chat_prompt, pad_batch
+from qfedit.delta import Delta, applied
+from qfedit.facts import Fact
+from qfedit.generate import answer_batch
+from qfedit.modeling import LoadedModel
+
+ABSTENTION = "I do not know."
+
+
+def contains(answer: str, expected: str) -> bool:
+    return expected.strip().lower() in answer.lower()
+
+
+def answer_logprobs(
+    loaded: LoadedModel, questions: Sequence[str], answers: Sequence[str], batch_size: int = 32
+) -> list[float]:
+    """Teacher-forced log p(answer + end of turn | question), no context, for each pair."""
+    tokenizer = loaded.tokenizer
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    rows: list[tuple[list[int], int]] = []
+    for question, answer in zip(questions, answers, strict=True):
+        prompt = tokenizer(chat_prompt(tokenizer, question), add_special_tokens=False)["input_ids"]
+        target = tokenizer(answer, add_special_tokens=False)["input_ids"] + eos
+        rows.append((list(prompt) + list(target), len(target)))
+    scores: list[float] = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        ids, mask, positions, _ = pad_batch(
+            [r[0] for r in chunk], tokenizer.pad_token_id, "right", loaded.device
+        )
+        with torch.inference_mode():
+            logits = loaded.model(
+                input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False
+            ).logits
+        logp = torch.log_softmax(logits.float(), dim=-1)  # (B, T, V)
+        for row, (sequence, answer_len) in enumerate(chunk):
+            end = len(sequence)
+            targets = torch.tensor(sequence[end - answer_len :], device=logp.device)
+            picked = logp[row, end - answer_len - 1 : end - 1].gather(1, targets.unsqueeze(1))
+            scores.append(float(picked.sum()))
+    return scores
+
+
+@dataclass
+class EvalReport:
+    efficacy: float
+    paraphrase: float
+    specificity: float
+    """Neighbors and known facts answered as the unedited model answers them."""
+    abstention: float
+    counts: dict[str, int]
+    specificity_relative: float
+    """Correct answers on neighbors and known facts, edited over unedited."""
+    abstention_relative: float
+    logprob_margin: float
+    """Mean log p(new answer) - log p(base model's answer), teacher-forced, edited model."""
+    logprob_success: float
+    """Fraction of facts where the new answer is more likely than the base model's answer."""
+    relative_norm: float | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _fraction(hits: Sequence[bool]) -> float:
+    return sum(hits) / len(hits) if hits else 1.0
+
+
+def evaluate(
+    loaded: LoadedModel,
+    facts: Sequence[Fact],
+    delta: Delta | None = None,
+    *,
+    known: Sequence[Fact] = (),
+    unknown: Sequence[str] = (),
+    abstention: str = ABSTENTION,
+) -> EvalReport:
+    """Measure `delta` (or the model as it is, without one) on `facts`, `known` facts and `unknown` questions."""
+    questions = [f.question for f in facts]
+    paraphrases = [(i, p) for i, f in enumerate(facts) for p in f.paraphrases]
+    keep = [(n.question, n.answer) for f in facts for n in f.neighbors] + [
+        (k.question, k.answer) for k in known
+    ]
+
+    base_keep = answer_batch(loaded, [q for q, _ in keep])
+    base_unknown = answer_batch(loaded, list(unknown))
+    base_answers = answer_batch(loaded, questions)
+    with applied(loaded, delta):
+        edited = answer_batch(
+            loaded, questions + [p for _, p in paraphrases] + [q for q, _ in keep] + list(unknown)
+        )
+        new_logp = answer_logprobs(loaded, questions, [f.answer for f in facts])
+        old_logp = answer_logprobs(loaded, questions, base_answers)
+    edited_facts = edited[: len(facts)]
+    edited_para = edited[len(facts) : len(facts) + len(paraphrases)]
+    edited_keep = edited[len(facts) + len(paraphrases) : len(facts) + len(paraphrases) + len(keep)]
+    edited_unknown = edited[len(facts) + len(paraphrases) + len(keep) :]
+
+    efficacy = [contains(a, f.answer) for a, f in zip(edited_facts, facts, strict=True)]
+    paraphrase = [contains(a, facts[i].answer) for a, (i, _) in zip(edited_para, paraphrases, strict=True)]
+    same = [a == b for a, b in zip(edited_keep, base_keep, strict=True)]
+    n_neighbors = len(keep) - len(known)
+    right_after = sum(contains(a, exp) for a, (_, exp) in zip(edited_keep, keep, strict=True))
+    right_before = sum(contains(a, exp) for a, (_, exp) in zip(base_keep, keep, strict=True))
+    abstain_after = [contains(a, abstention) for a in edited_unknown]
+    abstain_before = sum(contains(a, abstention) for a in base_unknown)
+    margins = [
+        n - o
+        for n, o, a, f in zip(new_logp, old_logp, base_answers, facts, strict=True)
+        if not contains(a, f.answer)
+    ]
+    relative = None
+    if delta is not None and "relative_norm" in delta.metadata:
+        relative = float(delta.metadata["relative_norm"])
+    return EvalReport(
+        efficacy=_fraction(efficacy),
+        paraphrase=_fraction(paraphrase),
+        specificity=_fraction(same),
+        abstention=_fraction(abstain_after),
+        counts={
+            "facts": len(facts),
+            "paraphrases": len(paraphrases),
+            "specificity": len(keep),
+            "abstention": len(unknown),
+        },
+        specificity_relative=right_after / right_before if right_before else 1.0,
+        abstention_relative=sum(abstain_after) / abstain_before if abstain_before else 1.0,
+        logprob_margin=sum(margins) / len(margins) if margins else 0.0,
+        logprob_success=_fraction([m > 0 for m in margins]),
+        relative_norm=relative,
+        details={
+            # The edited subjects' other relations, and facts of other entities, apart.
+            "specificity_neighbors": _fraction(same[:n_neighbors]),
+            "specificity_known": _fraction(same[n_neighbors:]),
+            "answers": [
+                {"question": f.question, "expected": f.answer, "before": b, "after": a}
+                for f, b, a in zip(facts, base_answers, edited_facts, strict=True)
+            ],
+        },
+    )
