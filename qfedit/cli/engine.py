@@ -225,3 +225,34 @@ def print_report(report: EvalReport) -> None:
     if report.relative_norm is not None:
         table.add_row("|dW|/|W|", f"{report.relative_norm:.4g}", "")
     console.print(table)
+
+
+@app.command()
+def layers(
+    model_dir: ModelDir,
+    facts_file: Annotated[Path, typer.Argument(help="Probe facts (JSONL).", exists=True, dir_okay=False)],
+    probe: Annotated[int, typer.Option(help="How many of the facts to edit at each layer.")] = 16,
+    dtype: Dtype = "float32",
+    device: Device = "cpu",
+    chat_template: ChatTemplate = None,
+) -> None:
+    """Measure at which layer an edit works: a seed-rule probe edit at every layer."""
+    from rich.table import Table
+
+    from qfedit.hparams import SolveConfig
+    from qfedit.layers import recommend_layer, scan_layers
+
+    try:
+        facts, _ = read_facts(facts_file)
+        loaded = load(model_dir, dtype, device, chat_template)
+        scans = scan_layers(loaded, facts[:probe], SolveConfig(rule="seed", max_condition=1e14))
+    except ValueError as error:
+        raise fail(str(error)) from None
+    table = Table(title=f"probe edit of {min(probe, len(facts))} facts, seed rule")
+    for column in ("layer", "efficacy", "|dW|/|W|", "note"):
+        table.add_column(column, justify="right")
+    for scan in scans:
+        norm = f"{scan.relative_norm:.3g}" if scan.relative_norm is not None else "-"
+        table.add_row(str(scan.layer), f"{scan.efficacy:.2f}", norm, scan.error or "")
+    console.print(table)
+    console.print(f"recommended layer: {recommend_layer(scans)}")
