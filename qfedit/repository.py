@@ -214,7 +214,7 @@ def count_facts(session: Session, *, model: Model | None = None) -> dict[str, in
     query = select(Fact.status, func.count()).group_by(Fact.status)
     if model is not None:
         query = query.where(Fact.model_id == model.id)
-    return {status.value: count for status, count in session.execute(query).tuples()}
+    return {status.value: count for status, count in session.execute(query)}
 
 
 def _facts_of_model(session: Session, model: Model, fact_ids: Iterable[int]) -> dict[int, str]:
@@ -224,8 +224,9 @@ def _facts_of_model(session: Session, model: Model, fact_ids: Iterable[int]) -> 
     for chunk in _chunks(wanted):
         rows = session.execute(
             select(Fact.id, Fact.content_hash).where(Fact.model_id == model.id, Fact.id.in_(chunk))
-        ).tuples()
-        found.update(rows)
+        )
+        # Not `found.update(rows)`: a Result has `keys()`, so dict.update would read it as a mapping.
+        found.update(list(rows))
     missing = [fact_id for fact_id in wanted if fact_id not in found]
     if missing:
         shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
@@ -527,7 +528,7 @@ def aliases_by_version(session: Session, model: Model | None = None) -> dict[int
     if model is not None:
         query = query.where(Alias.model_id == model.id)
     found: dict[int, list[str]] = {}
-    for version_id, name in session.execute(query).tuples():
+    for version_id, name in session.execute(query):
         found.setdefault(version_id, []).append(name)
     return found
 

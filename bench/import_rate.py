@@ -1,0 +1,111 @@
+"""Import rate (facts/s) of `qfedit.importing.import_facts` into SQLite and PostgreSQL.
+
+    python bench/import_rate.py [--facts 100000] [--postgres URL]
+
+Writes synthetic facts (jsonl and csv), imports each into a fresh database, and prints a table.
+The issue's floor is 5,000 facts/s for jsonl into PostgreSQL. The PostgreSQL run uses a
+throwaway schema that is dropped afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+from sqlalchemy import text
+
+from qfedit import importing, repository
+from qfedit.db import Base, make_engine, session_factory
+
+
+def write_corpus(directory: Path, count: int) -> dict[str, Path]:
+    jsonl, csv_path = directory / "synthetic.jsonl", directory / "synthetic.csv"
+    with jsonl.open("w") as out_jsonl, csv_path.open("w", newline="") as out_csv:
+        writer = csv.writer(out_csv)
+        writer.writerow(["id", "subject", "question", "answer", "context", "paraphrases"])
+        for i in range(count):
+            subject = f"Entity {i}"
+            record = {
+                "id": f"syn-{i}",
+                "subject": subject,
+                "question": f"Where was {subject} founded?",
+                "answer": f"City {i % 9973}",
+                "context": f"{subject} was founded in City {i % 9973}.",
+                "paraphrases": [f"{subject} has its origins in which city?"],
+            }
+            out_jsonl.write(json.dumps(record) + "\n")
+            writer.writerow(
+                [
+                    *(record[k] for k in ("id", "subject", "question", "answer", "context")),
+                    json.dumps(record["paraphrases"]),
+                ]
+            )
+    return {"jsonl": jsonl, "csv": csv_path}
+
+
+def run_once(url: str, corpus: Path) -> tuple[float, importing.ImportSummary]:
+    engine = make_engine(url)
+    try:
+        Base.metadata.create_all(engine)
+        with session_factory(engine)() as session:
+            model = repository.add_model(
+                session, name="bench", source="/bench", fingerprint="0" * 64, actor="bench"
+            )
+            session.commit()
+            start = time.perf_counter()
+            summary = importing.import_facts(session, corpus, model, actor="bench")
+            elapsed = time.perf_counter() - start
+        return elapsed, summary
+    finally:
+        engine.dispose()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--facts", type=int, default=100_000)
+    parser.add_argument("--postgres", default="postgresql+psycopg://postgres@127.0.0.1:5432/test")
+    args = parser.parse_args()
+
+    table = Table(
+        "database", "format", "facts", "seconds", "facts/s", title=f"import rate, {args.facts:,} facts"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        corpora = write_corpus(Path(tmp), args.facts)
+        admin = make_engine(args.postgres)
+        for fmt, corpus in corpora.items():
+            elapsed, summary = run_once(f"sqlite:///{tmp}/bench-{fmt}.db", corpus)
+            table.add_row(
+                "SQLite", fmt, f"{summary.imported:,}", f"{elapsed:.2f}", f"{summary.imported / elapsed:,.0f}"
+            )
+
+            schema = f"qfedit_bench_{uuid.uuid4().hex[:8]}"
+            with admin.begin() as connection:
+                connection.execute(text(f"CREATE SCHEMA {schema}"))
+            try:
+                url = f"{args.postgres}?options=-csearch_path%3D{schema}"
+                elapsed, summary = run_once(url, corpus)
+                table.add_row(
+                    "PostgreSQL",
+                    fmt,
+                    f"{summary.imported:,}",
+                    f"{elapsed:.2f}",
+                    f"{summary.imported / elapsed:,.0f}",
+                )
+            finally:
+                with admin.begin() as connection:
+                    connection.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+        admin.dispose()
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    main()

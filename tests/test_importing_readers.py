@@ -1,0 +1,56 @@
+"""The streaming JSON-array reader agrees with `json.loads` wherever the read chunks split the text."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qfedit import importing
+
+records = st.lists(
+    st.dictionaries(
+        st.text(min_size=1, max_size=5),
+        st.one_of(st.integers(), st.text(max_size=8), st.lists(st.text(max_size=3), max_size=3)),
+        max_size=4,
+    ),
+    max_size=6,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(items=records, indent=st.sampled_from([None, 0, 2]), chunk=st.integers(min_value=1, max_value=9))
+def test_array_reader_matches_json_loads(
+    items: list[dict[str, object]], indent: int | None, chunk: int
+) -> None:
+    text = json.dumps(items, indent=indent, ensure_ascii=False)
+    old = importing.READ_CHUNK
+    importing.READ_CHUNK = chunk
+    try:
+        decoded = list(importing._iter_json(io.BytesIO(text.encode())))
+    finally:
+        importing.READ_CHUNK = old
+    assert [value for _, value in decoded] == items
+    # Each item's line number is the line its text starts on.
+    lines = [line for line, _ in decoded]
+    assert lines == sorted(lines)
+    if indent is not None and items:
+        assert lines[0] == 2
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ('[{"a": 1}, {"a": 2}', "not closed"),
+        ('[{"a": 1} {"a": 2}]', "expected ','"),
+        ('[{"a": 1}, {"a": }]', "not valid JSON"),
+    ],
+)
+def test_a_broken_array_stops_with_a_fatal_reject(text: str, reason: str) -> None:
+    decoded = list(importing._iter_json(io.BytesIO(text.encode())))
+    assert decoded[0] == (1, {"a": 1})
+    bad = decoded[-1][1]
+    assert isinstance(bad, importing._Bad) and bad.fatal and reason in bad.reason

@@ -1,0 +1,90 @@
+"""The checkpoint store: atomic content-addressed writes, verified reads, confined paths, gc."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from qfedit.store import CheckpointStore, ChecksumMismatch, StoreError
+
+
+def test_put_and_load_round_trip_by_content(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path)
+    delta = {"model.layers.1.mlp.down_proj.weight": torch.randn(3, 5)}
+    stored = store.put_tensors(delta, metadata={"layer": "1"})
+    assert stored.path == f"objects/{stored.sha256[:2]}/{stored.sha256}.safetensors"
+    loaded = store.load_tensors(stored.path, stored.sha256)
+    assert torch.equal(
+        loaded["model.layers.1.mlp.down_proj.weight"], delta["model.layers.1.mlp.down_proj.weight"]
+    )
+    assert store.put_tensors(delta, metadata={"layer": "1"}) == stored  # same bytes, same object
+    assert list(store.iter_objects()) == [stored.path]
+    assert not list((tmp_path / "tmp").iterdir())
+
+
+def test_a_corrupt_file_is_an_error_naming_it(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path)
+    stored = store.put_bytes(b"delta bytes")
+    path = tmp_path / stored.path
+    path.write_bytes(b"delta bytez")
+    with pytest.raises(ChecksumMismatch, match=str(path)):
+        store.read_bytes(stored.path, stored.sha256)
+    with pytest.raises(ChecksumMismatch, match="corrupt"):
+        store.verify(stored.path, stored.sha256)
+    path.unlink()
+    with pytest.raises(StoreError, match="missing"):
+        store.read_bytes(stored.path, stored.sha256)
+
+
+@pytest.mark.parametrize(
+    "bad", ["/etc/passwd", "../outside.safetensors", "objects/../../x", "tmp/abc.part", "x"]
+)
+def test_paths_never_leave_the_objects_folder(tmp_path: Path, bad: str) -> None:
+    store = CheckpointStore(tmp_path / "store")
+    with pytest.raises(StoreError):
+        store.resolve(bad)
+
+
+def test_a_symlink_out_of_the_store_is_refused(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path / "store")
+    (tmp_path / "secret").write_bytes(b"s")
+    (tmp_path / "store" / "objects").mkdir(parents=True)
+    (tmp_path / "store" / "objects" / "link").symlink_to(tmp_path / "secret")
+    with pytest.raises(StoreError, match="outside"):
+        store.resolve("objects/link")
+
+
+def test_a_crash_before_the_rename_leaves_no_object(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = CheckpointStore(tmp_path)
+
+    def power_cut(src: object, dst: object) -> None:
+        raise OSError("power cut")
+
+    monkeypatch.setattr(os, "replace", power_cut)
+    with pytest.raises(OSError, match="power cut"):
+        store.put_bytes(b"half")
+    monkeypatch.undo()
+    assert list(store.iter_objects()) == []
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_gc_lists_only_old_unreferenced_files(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path)
+    kept, orphan, fresh = store.put_bytes(b"kept"), store.put_bytes(b"orphan"), store.put_bytes(b"fresh")
+    stale_tmp = tmp_path / "tmp" / "dead.part"
+    stale_tmp.write_bytes(b"x")
+    old = time.time() - 7200
+    for path in (tmp_path / kept.path, tmp_path / orphan.path, stale_tmp):
+        os.utime(path, (old, old))
+    garbage = store.garbage({kept.path, fresh.path})
+    assert garbage == [orphan.path, "tmp/dead.part"]
+    # `fresh` is unreferenced too but young: a writer may be about to record it.
+    assert fresh.path in store.garbage({kept.path}, min_age_s=0)
+    assert store.remove(garbage) == 2
+    assert list(store.iter_objects()) == sorted([kept.path, fresh.path])
+    with pytest.raises(StoreError):
+        store.remove(["../../etc/passwd"])
