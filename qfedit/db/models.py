@@ -69,6 +69,16 @@ class FactStatus(str, enum.Enum):
     RETRACTED = "retracted"
 
 
+class BatchKind(str, enum.Enum):
+    EDIT = "edit"
+    RETRACT = "retract"
+
+
+class ShardStatus(str, enum.Enum):
+    PENDING = "pending"
+    DONE = "done"
+
+
 class BatchStatus(str, enum.Enum):
     QUEUED = "queued"
     CAPTURING = "capturing"
@@ -115,6 +125,11 @@ class Model(Base):
     default_layer: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     created_by: Mapped[str] = mapped_column(String(200))
+    # How this model's batches are edited and judged (`qfedit.jobs.ModelSettings`).
+    settings: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # The batch that holds this model's line: set and cleared by conditional updates, so two
+    # batches never build on the same parent. No foreign key: batches already reference models.
+    active_batch_id: Mapped[int | None] = mapped_column(Integer)
 
 
 class Fact(Base):
@@ -167,8 +182,46 @@ class Batch(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     started_at: Mapped[datetime | None] = mapped_column()
     finished_at: Mapped[datetime | None] = mapped_column()
+    kind: Mapped[BatchKind] = mapped_column(_enum(BatchKind, "batch_kind"), default=BatchKind.EDIT)
+    reason: Mapped[str | None] = mapped_column(Text)
+    # The version this batch builds on, fixed when it takes the model's line.
+    parent_version_id: Mapped[int | None] = mapped_column(ForeignKey("versions.id", use_alter=True))
 
     model: Mapped[Model] = relationship()
+
+
+class BatchShard(Base):
+    """A slice of a batch's facts captured by one task; the solve starts when all are done."""
+
+    __tablename__ = "batch_shards"
+    __table_args__ = (UniqueConstraint("batch_id", "number"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    batch_id: Mapped[int] = mapped_column(ForeignKey("batches.id"), index=True)
+    number: Mapped[int] = mapped_column(Integer)
+    fact_ids: Mapped[list[Any]] = mapped_column(JSON)
+    status: Mapped[ShardStatus] = mapped_column(
+        _enum(ShardStatus, "shard_status"), default=ShardStatus.PENDING
+    )
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class FactCapture(Base):
+    """Where a fact's captured observations (keys, errors, weights) at one layer of one base live.
+
+    Captured once: a version's statistics are the sum over its facts' observations, so later
+    batches and retractions never capture a fact again.
+    """
+
+    __tablename__ = "fact_captures"
+
+    fact_id: Mapped[int] = mapped_column(ForeignKey("facts.id"), primary_key=True)
+    layer: Mapped[int] = mapped_column(Integer, primary_key=True)
+    fingerprint: Mapped[str] = mapped_column(String(64), primary_key=True)
+    object_path: Mapped[str] = mapped_column(String(500))  # relative to the store
+    object_sha256: Mapped[str] = mapped_column(String(64))
+    positions: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class BatchFact(Base):
