@@ -8,9 +8,20 @@ from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
 
-from pydantic import field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ApiToken(BaseModel):
+    """One bearer token of the HTTP API; its name (the key in `api_tokens`) is the audit actor."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # Long enough that guessing is hopeless; short test tokens would end up in real configs.
+    token: str = Field(min_length=16)
+    scope: Literal["read", "write", "admin"]
 
 
 class Settings(BaseSettings):
@@ -21,6 +32,45 @@ class Settings(BaseSettings):
     broker_url: str | None = None
     device: str = "cpu"
     dtype: str = "float32"
+    # The queue.
+    visibility_timeout: int = 3600
+    """Seconds before a Redis message taken by a worker that died is delivered again."""
+    nightly_at: str = "02:00"
+    """UTC time of the nightly edit of pending facts, HH:MM."""
+    stall_after_s: float = 300.0
+    """A batch in flight with no change for this long is sent again (a lost message)."""
+    task_attempts: int = 3
+    """Tries of a failing task before its batch is marked failed."""
+    line_wait_s: float = 5.0
+    """How often a batch waiting for its model's line checks again."""
+
+    @field_validator("nightly_at")
+    @classmethod
+    def _hh_mm(cls, value: str) -> str:
+        hour, _, minute = value.partition(":")
+        if not (hour.isdigit() and minute.isdigit() and 0 <= int(hour) < 24 and 0 <= int(minute) < 60):
+            raise ValueError(f"nightly_at must be HH:MM (UTC), not {value!r}")
+        return value
+
+    # HTTP API: `QFEDIT_API_TOKENS='{"alice": {"token": "...", "scope": "write"}}'`.
+    api_tokens: dict[str, ApiToken] = Field(default_factory=dict)
+    api_max_body_bytes: int = Field(default=1 << 20, ge=1024)  # JSON requests
+    api_max_upload_bytes: int = Field(default=1 << 30, ge=1024)  # fact imports
+    api_max_batch_facts: int = Field(default=100_000, ge=1)
+    api_max_prompt_chars: int = Field(default=4000, ge=1)
+
+    @field_validator("api_tokens")
+    @classmethod
+    def _distinct_tokens(cls, tokens: dict[str, ApiToken]) -> dict[str, ApiToken]:
+        # A token shared by two names would make the audit actor ambiguous.
+        seen: dict[str, str] = {}
+        for name, entry in tokens.items():
+            if not name.strip() or len(name) > 200:
+                raise ValueError(f"API token name {name!r} must be 1-200 characters")
+            if entry.token in seen:
+                raise ValueError(f"API tokens {seen[entry.token]!r} and {name!r} are the same token")
+            seen[entry.token] = name
+        return tokens
 
     @field_validator("dtype")
     @classmethod

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from qfedit.modeling import LoadedModel
 
@@ -34,11 +34,14 @@ class Delta:
     metadata: Mapping[str, Any] = field(default_factory=dict)
     """Layer, rule, hyper-parameters, fact-set digest, norms: JSON-serialisable values."""
 
-    def save(self, path: Path) -> None:
+    def to_bytes(self) -> bytes:
         header = {"format": FORMAT, "base_fingerprint": self.base_fingerprint}
         header.update({key: json.dumps(value) for key, value in self.metadata.items()})
         tensors = {name: t.detach().to(torch.float32).contiguous().cpu() for name, t in self.tensors.items()}
-        save_file(tensors, str(path), metadata=header)
+        return save(tensors, metadata=header)
+
+    def save(self, path: Path) -> None:
+        path.write_bytes(self.to_bytes())
 
     @staticmethod
     def load(path: Path) -> Delta:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -27,6 +27,7 @@ from qfedit.db.models import (
     BatchFact,
     BatchStatus,
     Fact,
+    FactCapture,
     FactStatus,
     Model,
     Version,
@@ -197,14 +198,22 @@ def list_facts(
     *,
     model: Model | None = None,
     status: FactStatus | None = None,
+    source: str | None = None,
+    text: str | None = None,
     limit: int | None = None,
     offset: int = 0,
 ) -> list[Fact]:
+    """Facts by id; `text` matches a substring of the question, answer, context or subject, any case."""
     query = select(Fact).order_by(Fact.id).offset(offset)
     if model is not None:
         query = query.where(Fact.model_id == model.id)
     if status is not None:
         query = query.where(Fact.status == status)
+    if source is not None:
+        query = query.where(Fact.source == source)
+    if text:
+        columns = (Fact.question, Fact.answer, Fact.context, Fact.subject)
+        query = query.where(or_(*(column.icontains(text, autoescape=True) for column in columns)))
     if limit is not None:
         query = query.limit(limit)
     return list(session.scalars(query))
@@ -326,6 +335,34 @@ def get_batch(session: Session, batch_id: int, *, for_update: bool = False) -> B
     return batch
 
 
+def list_batches(
+    session: Session,
+    *,
+    model: Model | None = None,
+    status: BatchStatus | None = None,
+    limit: int | None = 100,
+    offset: int = 0,
+) -> list[Batch]:
+    """Newest first."""
+    query = select(Batch).order_by(Batch.id.desc()).offset(offset)
+    if model is not None:
+        query = query.where(Batch.model_id == model.id)
+    if status is not None:
+        query = query.where(Batch.status == status)
+    if limit is not None:
+        query = query.limit(limit)
+    return list(session.scalars(query))
+
+
+def batch_fact_count(session: Session, batch: Batch) -> int:
+    return session.scalar(select(func.count()).where(BatchFact.batch_id == batch.id)) or 0
+
+
+def version_of_batch(session: Session, batch: Batch) -> Version | None:
+    """The version a batch published, if it has."""
+    return session.scalar(select(Version).where(Version.batch_id == batch.id).limit(1))
+
+
 def batch_fact_ids(session: Session, batch: Batch) -> list[int]:
     return list(
         session.scalars(
@@ -405,6 +442,7 @@ def record_version(
     metrics: dict[str, Any] | None = None,
     parent: Version | None = None,
     batch: Batch | None = None,
+    statistics: StoredObject | None = None,
 ) -> Version:
     """Register a new immutable version holding exactly `fact_ids` (its full fact set).
 
@@ -433,6 +471,8 @@ def record_version(
             batch_id=batch.id if batch is not None else None,
             checkpoint_path=checkpoint.path if checkpoint is not None else None,
             checkpoint_sha256=checkpoint.sha256 if checkpoint is not None else None,
+            statistics_path=statistics.path if statistics is not None else None,
+            statistics_sha256=statistics.sha256 if statistics is not None else None,
             layer=layer,
             rule=rule,
             hyperparameters=dict(hyperparameters or {}),
@@ -519,6 +559,25 @@ def get_version(session: Session, ref: str | int, *, model: Model | None = None)
     return alias.version
 
 
+def versions_with_fact(session: Session, fact: Fact) -> list[Version]:
+    """Every version whose fact set holds `fact`, oldest first."""
+    return list(
+        session.scalars(
+            select(Version)
+            .join(VersionFact, VersionFact.version_id == Version.id)
+            .where(VersionFact.fact_id == fact.id)
+            .order_by(Version.number)
+        )
+    )
+
+
+def get_fact(session: Session, fact_id: int) -> Fact:
+    fact = session.get(Fact, fact_id)
+    if fact is None:
+        raise NotFoundError(f"no fact {fact_id}")
+    return fact
+
+
 def version_fact_ids(session: Session, version: Version) -> set[int]:
     return set(session.scalars(select(VersionFact.fact_id).where(VersionFact.version_id == version.id)))
 
@@ -597,8 +656,12 @@ def weight_difference_norm(store: CheckpointStore, old: Version, new: Version) -
 
 
 def referenced_checkpoints(session: Session) -> set[str]:
-    """Every store path a version records (aliases reach only versions, so this covers them too)."""
-    return set(session.scalars(select(Version.checkpoint_path).where(Version.checkpoint_path.is_not(None))))
+    """Every store path the database records: versions' deltas and statistics, facts' captures."""
+    deltas = session.scalars(select(Version.checkpoint_path).where(Version.checkpoint_path.is_not(None)))
+    statistics = session.scalars(select(Version.statistics_path).where(Version.statistics_path.is_not(None)))
+    # Captured observations are referenced by facts, not versions: losing them forces a recapture.
+    captures = session.scalars(select(FactCapture.object_path).distinct())
+    return {*deltas, *statistics, *captures}
 
 
 def describe_version(version: Version, aliases: Sequence[str] = ()) -> dict[str, Any]:

@@ -9,13 +9,16 @@ every later version of that layer, provided the errors `e` are taken against the
 from __future__ import annotations
 
 import json
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save
 
 from qfedit.capture import Capture
+
+FORMAT = "qfedit.statistics/1"
 
 
 @dataclass(frozen=True)
@@ -117,28 +120,23 @@ class Statistics:
             self.fingerprint,
         )
 
-    def save(self, path: Path) -> None:
+    def to_bytes(self) -> bytes:
         metadata = {
-            "format": "qfedit.statistics/1",
+            "format": FORMAT,
             "positions": str(self.positions),
             "layer": str(self.layer),
             "fingerprint": self.fingerprint,
         }
-        save_file(
-            {"A": self.keys_gram.contiguous().cpu(), "M": self.cross.contiguous().cpu()},
-            str(path),
-            metadata=metadata,
-        )
+        tensors = {"A": self.keys_gram.contiguous().cpu(), "M": self.cross.contiguous().cpu()}
+        return save(tensors, metadata=metadata)
 
     @staticmethod
-    def load(path: Path) -> Statistics:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-        if metadata.get("format") != "qfedit.statistics/1":
-            raise ValueError(f"{path}: not a qfedit statistics file (metadata {json.dumps(metadata)[:200]})")
-        tensors = load_file(str(path))
+    def from_bytes(data: bytes, where: str = "statistics") -> Statistics:
+        (length,) = struct.unpack("<Q", data[:8])
+        metadata = json.loads(data[8 : 8 + length]).get("__metadata__", {})
+        if metadata.get("format") != FORMAT:
+            raise ValueError(f"{where}: not a qfedit statistics file (metadata {json.dumps(metadata)[:200]})")
+        tensors = load(data)
         return Statistics(
             keys_gram=tensors["A"],
             cross=tensors["M"],
@@ -146,3 +144,10 @@ class Statistics:
             layer=int(metadata["layer"]),
             fingerprint=metadata["fingerprint"],
         )
+
+    def save(self, path: Path) -> None:
+        path.write_bytes(self.to_bytes())
+
+    @staticmethod
+    def load(path: Path) -> Statistics:
+        return Statistics.from_bytes(path.read_bytes(), str(path))

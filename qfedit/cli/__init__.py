@@ -20,7 +20,10 @@ def _options(
 
 def get_app() -> typer.Typer:
     """The app with every command registered; the submodules are imported here, not at import."""
-    from qfedit.cli import engine, state  # noqa: F401
+    from qfedit.cli import api, engine, serving, state  # noqa: F401
+
+    # The CLI is where the engine meets the queue; `qfedit.*` below the CLI never imports Celery.
+    from worker import cli as worker_cli  # noqa: F401
 
     return app
 

@@ -254,6 +254,10 @@ class Version(Base):
     batch_id: Mapped[int | None] = mapped_column(ForeignKey("batches.id"), index=True)
     checkpoint_path: Mapped[str | None] = mapped_column(String(500))  # relative to the store
     checkpoint_sha256: Mapped[str | None] = mapped_column(String(64))
+    # The summed statistics of the version's fact set (A, M), so a child adds or subtracts only
+    # what changed instead of re-reading every fact's observations.
+    statistics_path: Mapped[str | None] = mapped_column(String(500))
+    statistics_sha256: Mapped[str | None] = mapped_column(String(64))
     layer: Mapped[int | None] = mapped_column(Integer)
     rule: Mapped[str | None] = mapped_column(String(32))
     hyperparameters: Mapped[dict[str, Any]] = mapped_column(default=dict)

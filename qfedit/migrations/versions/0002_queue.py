@@ -56,12 +56,18 @@ def upgrade() -> None:
         batch_op.create_foreign_key(
             op.f("fk_batches_parent_version_id_versions"), "versions", ["parent_version_id"], ["id"]
         )
+    with op.batch_alter_table("versions") as batch_op:
+        batch_op.add_column(sa.Column("statistics_path", sa.String(length=500), nullable=True))
+        batch_op.add_column(sa.Column("statistics_sha256", sa.String(length=64), nullable=True))
     with op.batch_alter_table("models") as batch_op:
         batch_op.add_column(sa.Column("settings", sa.JSON(), nullable=False, server_default="{}"))
         batch_op.add_column(sa.Column("active_batch_id", sa.Integer(), nullable=True))
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("versions") as batch_op:
+        batch_op.drop_column("statistics_sha256")
+        batch_op.drop_column("statistics_path")
     with op.batch_alter_table("models") as batch_op:
         batch_op.drop_column("active_batch_id")
         batch_op.drop_column("settings")

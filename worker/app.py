@@ -1,0 +1,74 @@
+"""The Celery application, built from settings on request (nothing is created at import).
+
+Reliability settings, and why:
+- `task_acks_late` + `task_reject_on_worker_lost`: a task is acknowledged only after it ran, so a
+  worker killed mid-task (OOM, `kill -9`, preemption) leaves the message to be redelivered; every
+  task is idempotent, so running it again finishes the work once.
+- `worker_prefetch_multiplier = 1`: a GPU worker holds one message at a time and leaves the rest
+  to idle workers.
+- GPU work (capture, solve) goes to the `gpu` queue; bookkeeping to `default`.
+- No result backend: the database holds every batch's state.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from celery import Celery
+from celery.schedules import crontab
+
+from qfedit.config import Settings
+
+GPU_QUEUE = "gpu"
+DEFAULT_QUEUE = "default"
+
+
+def embedded_broker(data_dir: Path) -> tuple[str, dict[str, object]]:
+    """A broker in the data folder: messages are files, so the CLI and a worker child can share it."""
+    folder = (data_dir / "broker").resolve()
+    for sub in ("queue", "processed"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    options: dict[str, object] = {
+        "data_folder_in": str(folder / "queue"),
+        "data_folder_out": str(folder / "queue"),
+        "processed_folder": str(folder / "processed"),
+        "store_processed": "false",
+    }
+    return "filesystem://", options
+
+
+def create_app(settings: Settings) -> Celery:
+    app = Celery("qfedit")
+    transport_options: dict[str, object]
+    if settings.broker_url:
+        broker, transport_options = settings.broker_url, {"visibility_timeout": settings.visibility_timeout}
+    else:
+        broker, transport_options = embedded_broker(settings.data_dir)
+    hour, minute = (int(part) for part in settings.nightly_at.split(":"))
+    app.conf.update(
+        broker_url=broker,
+        broker_transport_options=transport_options,
+        broker_connection_retry_on_startup=True,
+        result_backend=None,
+        task_ignore_result=True,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_default_queue=DEFAULT_QUEUE,
+        task_routes={
+            "qfedit.capture_shard": {"queue": GPU_QUEUE},
+            "qfedit.solve_batch": {"queue": GPU_QUEUE},
+        },
+        worker_hijack_root_logger=False,
+        beat_schedule={
+            "nightly-edits": {"task": "qfedit.nightly", "schedule": crontab(hour=hour, minute=minute)},
+            "resend-stalled": {"task": "qfedit.resend_stalled", "schedule": settings.stall_after_s},
+        },
+        timezone="UTC",
+    )
+    app.conf.qfedit_settings = settings
+    # Registers the tasks on this app.
+    from worker import tasks
+
+    tasks.register(app)
+    return app

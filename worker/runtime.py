@@ -1,0 +1,33 @@
+"""Per-process state of a worker: database engine, store and loaded models, made on first use.
+
+Created inside the process that runs the tasks (the solo pool runs them in the worker process
+itself), never in a parent that forks, so a CUDA context and a model are never shared.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from qfedit.config import Settings
+from qfedit.db import engine_from_settings, session_factory
+from qfedit.jobs import ModelCache
+from qfedit.store import CheckpointStore
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    sessions: sessionmaker[Session]
+    store: CheckpointStore
+    models: ModelCache
+
+
+def make_runtime(settings: Settings) -> Runtime:
+    return Runtime(
+        settings=settings,
+        sessions=session_factory(engine_from_settings(settings)),
+        store=CheckpointStore(settings.store_dir),
+        models=ModelCache(settings),
+    )

@@ -1,0 +1,120 @@
+"""Thin tasks: ids in, `qfedit.jobs` steps, and the next tasks out.
+
+A failing step is retried up to `task_attempts` times (database or broker hiccups heal); a
+`PoisonBatchError` (a fact that cannot be captured, a model whose weights changed) fails its
+batch at once with the reason, and the queue moves on.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timezone
+
+from celery import Celery, Task
+
+from qfedit import jobs, repository
+from qfedit.config import Settings
+from worker.runtime import Runtime, make_runtime
+
+log = logging.getLogger(__name__)
+
+
+def _runtime(task: Task) -> Runtime:
+    # Made on the first task, in the process that runs tasks, and kept for its life.
+    rt: Runtime | None = getattr(task.app, "qfedit_runtime", None)
+    if rt is None:
+        settings: Settings = task.app.conf.qfedit_settings
+        rt = make_runtime(settings)
+        task.app.qfedit_runtime = rt  # type: ignore[attr-defined]
+    return rt
+
+
+def _fail(rt: Runtime, batch_id: int, error: BaseException) -> None:
+    with rt.sessions() as session:
+        batch = repository.get_batch(session, batch_id, for_update=True)
+        jobs.fail_batch(session, batch, f"{type(error).__name__}: {error}")
+        session.commit()
+    log.error("batch %d failed: %s", batch_id, error)
+
+
+def _retry_or_fail(task: Task, rt: Runtime, batch_id: int, error: Exception) -> None:
+    if isinstance(error, jobs.PoisonBatchError) or task.request.retries + 1 >= rt.settings.task_attempts:
+        _fail(rt, batch_id, error)
+        return
+    log.warning("batch %d: %s; retrying", batch_id, error)
+    raise task.retry(exc=error, countdown=min(30, 2**task.request.retries))
+
+
+def register(app: Celery) -> None:
+    @app.task(name="qfedit.start_batch", bind=True, max_retries=None)
+    def start_batch(self: Task, batch_id: int) -> None:
+        rt = _runtime(self)
+        try:
+            with rt.sessions() as session:
+                nxt = jobs.start_batch(session, batch_id)
+        except Exception as error:
+            _retry_or_fail(self, rt, batch_id, error)
+            return
+        if nxt.wait:
+            raise self.retry(countdown=rt.settings.line_wait_s, max_retries=None)
+        for shard_id in nxt.capture:
+            capture_shard.apply_async(args=[batch_id, shard_id])
+        if nxt.solve:
+            solve_batch.apply_async(args=[batch_id])
+
+    @app.task(name="qfedit.capture_shard", bind=True, max_retries=None)
+    def capture_shard(self: Task, batch_id: int, shard_id: int) -> None:
+        rt = _runtime(self)
+        try:
+            with rt.sessions() as session:
+                ready = jobs.capture_shard(session, rt.store, rt.models, shard_id)
+        except Exception as error:
+            _retry_or_fail(self, rt, batch_id, error)
+            return
+        if ready is not None:
+            solve_batch.apply_async(args=[ready])
+
+    @app.task(name="qfedit.solve_batch", bind=True, max_retries=None)
+    def solve_batch(self: Task, batch_id: int) -> None:
+        rt = _runtime(self)
+        try:
+            jobs.solve_batch(rt.sessions, rt.store, rt.models, batch_id, rt.settings)
+        except Exception as error:
+            _retry_or_fail(self, rt, batch_id, error)
+
+    @app.task(name="qfedit.nightly", bind=True)
+    def nightly(self: Task) -> list[int]:
+        rt = _runtime(self)
+        day = datetime.now(timezone.utc).date().isoformat()
+        with rt.sessions() as session:
+            batches = jobs.nightly_batches(session, day)
+            ids = [batch.id for batch in batches]
+            session.commit()
+        for batch_id in ids:
+            start_batch.apply_async(args=[batch_id])
+        return ids
+
+    @app.task(name="qfedit.resend_stalled", bind=True)
+    def resend_stalled(self: Task) -> list[int]:
+        rt = _runtime(self)
+        with rt.sessions() as session:
+            ids = jobs.stalled_batches(session, rt.settings.stall_after_s)
+        for batch_id in ids:
+            start_batch.apply_async(args=[batch_id])
+        return ids
+
+    app.conf.qfedit_tasks = {
+        "start_batch": start_batch,
+        "capture_shard": capture_shard,
+        "solve_batch": solve_batch,
+    }
+
+
+def task_names() -> list[str]:
+    return [
+        "qfedit.start_batch",
+        "qfedit.capture_shard",
+        "qfedit.solve_batch",
+        "qfedit.nightly",
+        "qfedit.resend_stalled",
+    ]
