@@ -13,7 +13,7 @@ enqueues what they say comes next; nothing here imports Celery.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -315,8 +315,17 @@ def _observation_file(observations: Observations, fact_ids: torch.Tensor) -> byt
     )
 
 
-def capture_shard(session: Session, store: CheckpointStore, models: ModelCache, shard_id: int) -> int | None:
-    """Capture one shard; returns the batch id iff this call moved it to solving (one call does)."""
+def capture_shard(
+    session: Session,
+    store: CheckpointStore,
+    models: ModelCache,
+    shard_id: int,
+    before_commit: Callable[[], None] | None = None,
+) -> int | None:
+    """Capture one shard; returns the batch id iff this call moved it to solving (one call does).
+
+    `before_commit` runs after the observations are stored and before the shard is recorded
+    done: the crash tests kill the worker there."""
     shard = session.get(BatchShard, shard_id)
     if shard is None:
         raise repository.NotFoundError(f"no shard {shard_id}")
@@ -351,6 +360,8 @@ def capture_shard(session: Session, store: CheckpointStore, models: ModelCache, 
     observations = Observations.from_capture(captured, weight)
     ids = torch.tensor([rows[i].id for i in captured.fact_index.tolist()], dtype=torch.int64)
     stored = store.put_bytes(_observation_file(observations, ids))
+    if before_commit is not None:
+        before_commit()
     positions = torch.bincount(captured.fact_index, minlength=len(rows)).tolist()
 
     # Record where each fact's observations are, then mark the shard done; both only once.
@@ -465,8 +476,11 @@ def solve_batch(
     models: ModelCache,
     batch_id: int,
     settings: Settings,
+    before_commit: Callable[[], None] | None = None,
 ) -> SolveOutcome:
-    """Solve, store, evaluate and publish a batch whose shards are all captured."""
+    """Solve, store, evaluate and publish a batch whose shards are all captured.
+
+    `before_commit` runs after the delta is stored and before the version is recorded."""
     with session_maker() as session:
         batch = repository.get_batch(session, batch_id)
         existing = session.scalar(select(Version).where(Version.batch_id == batch_id))
@@ -535,6 +549,8 @@ def solve_batch(
         session.commit()
 
         metrics = _evaluate(loaded, session, config, added, delta)
+        if before_commit is not None:
+            before_commit()
 
         batch = repository.get_batch(session, batch_id, for_update=True)
         existing = session.scalar(select(Version).where(Version.batch_id == batch_id))

@@ -8,6 +8,8 @@ batch at once with the reason, and the queue moves on.
 from __future__ import annotations
 
 import logging
+import os
+import time
 from datetime import datetime, timezone
 
 from celery import Celery, Task
@@ -17,6 +19,19 @@ from qfedit.config import Settings
 from worker.runtime import Runtime, make_runtime
 
 log = logging.getLogger(__name__)
+
+
+def _chaos_pause(stage: str) -> None:
+    """Fault-injection point for the crash tests: `QFEDIT_CHAOS_PAUSE=capture:3,solve:3` sleeps
+    that long in the middle of a stage (after its work, before its commit)."""
+    spec = os.environ.get("QFEDIT_CHAOS_PAUSE")
+    if not spec:
+        return
+    for item in spec.split(","):
+        name, _, seconds = item.partition(":")
+        if name == stage:
+            log.warning("chaos: pausing %s for %ss", stage, seconds)
+            time.sleep(float(seconds))
 
 
 def _runtime(task: Task) -> Runtime:
@@ -67,7 +82,9 @@ def register(app: Celery) -> None:
         rt = _runtime(self)
         try:
             with rt.sessions() as session:
-                ready = jobs.capture_shard(session, rt.store, rt.models, shard_id)
+                ready = jobs.capture_shard(
+                    session, rt.store, rt.models, shard_id, before_commit=lambda: _chaos_pause("capture")
+                )
         except Exception as error:
             _retry_or_fail(self, rt, batch_id, error)
             return
@@ -78,7 +95,14 @@ def register(app: Celery) -> None:
     def solve_batch(self: Task, batch_id: int) -> None:
         rt = _runtime(self)
         try:
-            jobs.solve_batch(rt.sessions, rt.store, rt.models, batch_id, rt.settings)
+            jobs.solve_batch(
+                rt.sessions,
+                rt.store,
+                rt.models,
+                batch_id,
+                rt.settings,
+                before_commit=lambda: _chaos_pause("solve"),
+            )
         except Exception as error:
             _retry_or_fail(self, rt, batch_id, error)
 

@@ -1,0 +1,74 @@
+"""Edit batches through real Redis, real worker processes and a real database."""
+
+from __future__ import annotations
+
+import torch
+from sqlalchemy import func, select
+
+from qfedit import repository
+from qfedit.db import BatchShard, FactCapture, Version
+from qfedit.db.models import FactStatus
+from qfedit.delta import Delta
+from qfedit.store import CheckpointStore
+
+from .conftest import Cluster, fact
+
+
+def _delta(cluster: Cluster, version: Version) -> torch.Tensor:
+    store = CheckpointStore(cluster.root / "data" / "store")
+    assert version.checkpoint_path is not None and version.checkpoint_sha256 is not None
+    delta = Delta.load(store.verify(version.checkpoint_path, version.checkpoint_sha256))
+    (tensor,) = delta.tensors.values()
+    return tensor.to(torch.float64)
+
+
+def test_submit_publishes_a_version_and_moves_head(cluster: Cluster) -> None:
+    cluster.add_model("tiny", [fact(i) for i in range(6)])
+    cluster.start_worker("a")
+    cluster.start_worker("b")
+    batch_id = cluster.submit("tiny")
+    batch = cluster.wait(batch_id)
+    assert batch.status.value == "published", batch.error
+    (version,) = cluster.versions_of_batch(batch_id)
+    assert version.number == 1 and version.fact_count == 6
+    assert version.rule == "preserve" and version.relative_update_norm is not None
+    assert {"efficacy", "paraphrase", "specificity", "abstention"} <= set(version.metrics)
+    with cluster.sessions() as session:
+        model = repository.get_model(session, "tiny")
+        assert repository.get_alias(session, model, "head").version_id == version.id
+        statuses = {f.status for f in repository.list_facts(session, model=model)}
+        assert statuses == {FactStatus.APPLIED}
+        # Three shards of two facts, each captured once.
+        assert (
+            session.scalar(
+                select(func.count()).select_from(BatchShard).where(BatchShard.batch_id == batch_id)
+            )
+            == 3
+        )
+        assert session.scalar(select(func.count()).select_from(FactCapture)) == 6
+    assert version.parent_id is not None
+
+
+def test_retraction_equals_a_version_built_without_the_facts(cluster: Cluster) -> None:
+    facts = [fact(i) for i in range(6)]
+    cluster.add_model("tiny", facts)
+    cluster.add_model("scratch", facts[2:])
+    cluster.start_worker("a")
+    assert cluster.wait(cluster.submit("tiny")).status.value == "published"
+    retracted = cluster.fact_ids("tiny")[:2]
+    retraction = cluster.wait(cluster.submit("tiny", retracted, retract="wrong founders"))
+    assert retraction.status.value == "published", retraction.error
+    scratch = cluster.wait(cluster.submit("scratch"))
+    assert scratch.status.value == "published", scratch.error
+
+    (after,) = cluster.versions_of_batch(retraction.id)
+    (built,) = cluster.versions_of_batch(scratch.id)
+    assert after.fact_count == built.fact_count == 4
+    assert after.fact_set_digest == built.fact_set_digest
+    a, b = _delta(cluster, after), _delta(cluster, built)
+    assert float((a - b).norm() / b.norm()) < 1e-6
+    with cluster.sessions() as session:
+        model = repository.get_model(session, "tiny")
+        status = {f.id: f.status for f in repository.list_facts(session, model=model)}
+    assert [status[i] for i in retracted] == [FactStatus.RETRACTED] * 2
+    assert after.parent_id is not None and after.reason == "wrong founders"
