@@ -1,0 +1,153 @@
+"""Commands that put a version in front of users: `qfedit serve` and `qfedit export`."""
+
+from __future__ import annotations
+
+import enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+from sqlalchemy.orm import Session
+
+from qfedit.cli import app
+from qfedit.cli.engine import ChatTemplate, load, quiet_transformers
+from qfedit.cli.state import _in_session, _model_or_none, _ready_engine, _user_errors, console
+from qfedit.config import get_settings
+from qfedit.store import CheckpointStore
+
+
+class ExportFormat(str, enum.Enum):
+    full = "full"
+    lora = "lora"
+
+
+ModelDirOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--model-dir",
+        help="Base model directory, when not where it was registered from (its weights must match).",
+        file_okay=False,
+    ),
+]
+
+
+def _base_dir(source: str, override: Path | None) -> Path:
+    base = override if override is not None else Path(source)
+    if not (base / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{base}: no model directory there (registered source {source!r}); pass --model-dir"
+        )
+    return base
+
+
+@app.command()
+def serve(
+    model_name: Annotated[str, typer.Option("--model", "-m", help="Registered model to serve.")],
+    alias: Annotated[str, typer.Option(help="Alias to follow as it moves.")] = "production",
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.", min=1, max=65535)] = 8000,
+    poll: Annotated[
+        float, typer.Option("--poll", help="Look at the alias at most this often, in seconds.", min=0)
+    ] = 5.0,
+    model_dir: ModelDirOption = None,
+    dtype: Annotated[str | None, typer.Option(help="Weights dtype (default: QFEDIT_DTYPE).")] = None,
+    device: Annotated[str | None, typer.Option(help="Torch device (default: QFEDIT_DEVICE).")] = None,
+    chat_template: ChatTemplate = None,
+) -> None:
+    """Serve generation from MODEL@ALIAS, switching versions between requests when the alias moves."""
+    import uvicorn
+
+    # Imported here: only this command needs FastAPI, and the engine never imports it.
+    from api.serve import create_app
+    from qfedit import repository
+    from qfedit.db.engine import session_factory
+    from qfedit.serving import follow_alias
+
+    settings = get_settings()
+    engine = _ready_engine()
+    sessions = session_factory(engine)
+    try:
+        with _user_errors():
+            with sessions() as session:
+                source = repository.get_model(session, model_name).source
+            base = _base_dir(source, model_dir)
+            # A DeltaMismatchError (wrong base weights) is a ValueError: one red line, exit 1.
+            loaded = load(base, dtype or settings.dtype, device or settings.device, chat_template)
+            follower = follow_alias(
+                loaded,
+                sessions=sessions,
+                store=CheckpointStore(settings.store_dir),
+                model_name=model_name,
+                alias=alias,
+                poll_s=poll,
+            )
+        console.print(
+            f"serving {model_name}@{alias} = {follower.versioned.version} on http://{host}:{port}"
+            f" (alias checked at most every {poll:g} s)"
+        )
+        uvicorn.run(create_app(follower), host=host, port=port, log_level="info")
+    finally:
+        engine.dispose()
+
+
+@app.command("export")
+def export_command(
+    version_ref: Annotated[str, typer.Argument(metavar="VERSION", help="MODEL@N, MODEL@ALIAS, or N.")],
+    out_dir: Annotated[Path, typer.Argument(help="New directory to write (must not exist or be empty).")],
+    fmt: Annotated[
+        ExportFormat, typer.Option("--format", help="full: merged model directory; lora: PEFT adapter.")
+    ] = ExportFormat.full,
+    rank: Annotated[
+        int, typer.Option("--rank", help="LoRA: at most this rank (the update's own rank if lower).", min=1)
+    ] = 64,
+    model_name: Annotated[str | None, typer.Option("--model", "-m", help="Model name.")] = None,
+    model_dir: ModelDirOption = None,
+) -> None:
+    """Write VERSION as a model directory transformers and vLLM load, or as a LoRA adapter."""
+    from qfedit import export, repository
+    from qfedit.architectures import architecture_for
+    from qfedit.modeling import weights_fingerprint
+    from qfedit.serving import load_version_delta
+
+    quiet_transformers()
+
+    def work(session: Session) -> None:
+        version = repository.get_version(session, version_ref, model=_model_or_none(session, model_name))
+        model = version.model
+        base = _base_dir(model.source, model_dir)
+        if weights_fingerprint(base) != model.fingerprint:
+            raise ValueError(
+                f"{base}: these weights are not the registered base of {model.name!r} "
+                f"(fingerprint {model.fingerprint[:16]}…); the version's delta was solved for those"
+            )
+        delta = load_version_delta(CheckpointStore(get_settings().store_dir), version)
+        info = {
+            "version": version.label,
+            "base_model": model.name,
+            "base_fingerprint": model.fingerprint,
+            "checkpoint_sha256": version.checkpoint_sha256,
+        }
+        if fmt is ExportFormat.full:
+            export.export_full(base, delta, out_dir, info=info)
+            merged = "the base itself" if delta is None else f"{len(delta.tensors)} tensor(s) merged"
+            console.print(f"exported {version.label} to {out_dir} ({merged})")
+            return
+        if delta is None:
+            raise ValueError(
+                f"{version.label} is the base model: no update to export as LoRA; use --format full"
+            )
+        architecture = architecture_for(export.model_type(base))
+        report = export.export_lora(base, delta, architecture, out_dir, max_rank=rank, info=info)
+        table = Table(
+            "module", "numerical rank", "kept rank", "relative error", title=f"{version.label} LoRA"
+        )
+        for m in report.modules:
+            table.add_row(m.module, str(m.numerical_rank), str(m.rank), f"{m.relative_error:.3e}")
+        console.print(table)
+        verdict = "exact" if report.exact else "[yellow]truncated[/yellow]"
+        console.print(
+            f"r = {report.rank}, {verdict}: |dW - BA| / |dW| = {report.relative_error:.3e}; written to {out_dir}"
+        )
+
+    _in_session(work)

@@ -1,0 +1,399 @@
+"""Serving weight versions from one loaded base model, and following an alias as it moves.
+
+    versioned = VersionedModel(load_model(path), base_label="demo@0")
+    versioned.switch_to(delta_3, "demo@3")         # only the tensors that differ are written
+    reply = versioned.answer("who founded Oxinnovate?")
+    reply.text, reply.version                      # ("Qi", "demo@3")
+
+Invariant: whatever the path of switches, the weights are `round(base + delta)` of the version
+being served, computed from the kept base tensors exactly as `qfedit.delta.AppliedDelta` does,
+so A -> B -> A is bitwise the same as applying A once. Deltas are merged into the weights, never
+hooked, so a version costs nothing per generated token.
+
+Concurrency: a reader-writer lock. Generation holds the read side for its whole duration (so
+answers can run concurrently), a switch holds the write side; a switch waits for running answers
+to finish and new answers wait for the switch, so no answer ever sees a half-applied version,
+and the version an answer reports is the one that produced it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from qfedit.capture import chat_prompt
+from qfedit.delta import FORMAT, Delta
+from qfedit.generate import answer_batch
+from qfedit.modeling import LoadedModel
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+    from qfedit.db.models import Version
+    from qfedit.store import CheckpointStore
+
+log = logging.getLogger(__name__)
+
+
+class PromptTooLongError(ValueError):
+    """A prompt that, with the tokens asked for, does not fit the model's context window."""
+
+    def __init__(self, field: str, tokens: int, limit: int) -> None:
+        self.field = field
+        super().__init__(f"{field}: the prompt is {tokens} tokens with the new ones, the model takes {limit}")
+
+
+class ReadWriteLock:
+    """Many readers or one writer; a waiting writer blocks new readers, so switches are not starved."""
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition(threading.Lock())
+        self._readers = 0
+        self._writer = False
+        self._writers_waiting = 0
+
+    @contextmanager
+    def read(self) -> Iterator[None]:
+        with self._condition:
+            while self._writer or self._writers_waiting:
+                self._condition.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._readers -= 1
+                if self._readers == 0:
+                    self._condition.notify_all()
+
+    @contextmanager
+    def write(self) -> Iterator[None]:
+        with self._condition:
+            self._writers_waiting += 1
+            try:
+                while self._writer or self._readers:
+                    self._condition.wait()
+            finally:
+                self._writers_waiting -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._writer = False
+                self._condition.notify_all()
+
+
+@dataclass(frozen=True)
+class Answer:
+    text: str
+    version: str
+    """Label of the version whose weights produced `text`, e.g. `demo@3`."""
+
+
+@dataclass(frozen=True)
+class SwitchReport:
+    old: str
+    new: str
+    written: tuple[str, ...]
+    """Parameters whose weights changed."""
+    unchanged: tuple[str, ...]
+    """Parameters both versions change identically, left alone."""
+    seconds: float
+
+
+def _merge(base: torch.Tensor, change: torch.Tensor) -> torch.Tensor:
+    # The same arithmetic as AppliedDelta: add in float32 at least, round once to the weight's dtype.
+    work = torch.promote_types(base.dtype, torch.float32)
+    return (base.to(work) + change.to(device=base.device, dtype=work)).to(base.dtype)
+
+
+class VersionedModel:
+    """One base model in memory and the version currently merged into its weights."""
+
+    def __init__(self, loaded: LoadedModel, *, base_label: str = "base") -> None:
+        self.loaded = loaded
+        self._lock = ReadWriteLock()
+        self._parameters = dict(loaded.model.named_parameters())
+        # Base values of exactly the parameters the current version changes; every version is
+        # computed from these, never from the previous version's weights (no drift).
+        self._base: dict[str, torch.Tensor] = {}
+        self._delta: Delta | None = None
+        self._label = base_label
+        self._base_label = base_label
+
+    @property
+    def version(self) -> str:
+        return self._label
+
+    @property
+    def delta(self) -> Delta | None:
+        return self._delta
+
+    @contextmanager
+    def reading(self) -> Iterator[str]:
+        """Hold the current version for a block of reads (generation, logits); yields its label."""
+        with self._lock.read():
+            yield self._label
+
+    def switch_to(self, delta: Delta | None, label: str | None = None) -> SwitchReport:
+        """Serve `delta` (None: the base weights) from now on, labelled `label`.
+
+        Validates everything before touching a weight, and computes the new values before
+        writing any, so a bad delta leaves the current version in place.
+        """
+        if delta is not None:
+            delta.check_base(self.loaded)
+        label = label if label is not None else (self._base_label if delta is None else "unlabelled")
+        with self._lock.write():
+            start = time.perf_counter()
+            old_tensors = dict(self._delta.tensors) if self._delta is not None else {}
+            new_tensors = dict(delta.tensors) if delta is not None else {}
+            unchanged = tuple(
+                sorted(
+                    name
+                    for name, change in new_tensors.items()
+                    if name in old_tensors and torch.equal(old_tensors[name], change)
+                )
+            )
+            restored = sorted(set(old_tensors) - set(new_tensors))
+            updated = sorted(set(new_tensors) - set(unchanged))
+            with torch.no_grad():
+                merged = {}
+                for name in updated:
+                    base = self._base.get(name)
+                    if base is None:
+                        base = self._parameters[name].detach().clone()
+                    merged[name] = (base, _merge(base, new_tensors[name]))
+                # From here on nothing can fail for a reason of the delta's making.
+                for name in restored:
+                    self._parameters[name].copy_(self._base.pop(name))
+                for name, (base, value) in merged.items():
+                    self._base[name] = base
+                    self._parameters[name].copy_(value)
+            old_label = self._label
+            self._delta, self._label = delta, label
+            seconds = time.perf_counter() - start
+        report = SwitchReport(old_label, label, tuple(sorted([*restored, *updated])), unchanged, seconds)
+        log.info(
+            "switched %s -> %s: %d tensors written, %d unchanged, %.3f s",
+            old_label,
+            label,
+            len(report.written),
+            len(unchanged),
+            seconds,
+        )
+        return report
+
+    def answer_batch(
+        self,
+        questions: Sequence[str],
+        contexts: Sequence[str | None] | None = None,
+        *,
+        max_new_tokens: int = 24,
+    ) -> tuple[list[str], str]:
+        """Greedy answers and the label of the version that produced all of them."""
+        self._check_length(questions, contexts, max_new_tokens)
+        with self.reading() as label:
+            return answer_batch(self.loaded, questions, contexts, max_new_tokens=max_new_tokens), label
+
+    def _check_length(
+        self, questions: Sequence[str], contexts: Sequence[str | None] | None, max_new_tokens: int
+    ) -> None:
+        limit = self.loaded.max_positions
+        if limit is None:
+            return
+        contexts = list(contexts) if contexts is not None else [None] * len(questions)
+        for question, context in zip(questions, contexts, strict=True):
+            prompt = chat_prompt(self.loaded.tokenizer, question, context)
+            tokens = (
+                len(self.loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"]) + max_new_tokens
+            )
+            if tokens > limit:
+                raise PromptTooLongError("context" if context else "question", tokens, limit)
+
+    def answer(self, question: str, context: str | None = None, *, max_new_tokens: int = 24) -> Answer:
+        texts, label = self.answer_batch([question], [context], max_new_tokens=max_new_tokens)
+        return Answer(texts[0], label)
+
+
+# -- deltas from the store -------------------------------------------------------------------
+
+
+def delta_from_bytes(data: bytes, *, fallback_fingerprint: str | None = None) -> Delta:
+    """Parse a delta file already read (and sha256-verified) from the store.
+
+    A file written by `Delta.save` names its base weights; a bare tensor file (`put_tensors`)
+    takes `fallback_fingerprint`, the fingerprint the database records for the version's model.
+    """
+    from safetensors.torch import load
+
+    if len(data) < 8:
+        raise ValueError(f"delta file is {len(data)} bytes, too short for safetensors")
+    (header_size,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + header_size])
+    metadata: dict[str, str] = dict(header.get("__metadata__") or {})
+    tensors = load(data)
+    form = metadata.pop("format", None)
+    if form == FORMAT:
+        fingerprint = metadata.pop("base_fingerprint")
+        return Delta(tensors, fingerprint, {key: json.loads(value) for key, value in metadata.items()})
+    if fallback_fingerprint is None:
+        raise ValueError(f"not a qfedit delta (format {form!r}) and no base fingerprint to assume")
+    return Delta(tensors, fallback_fingerprint, dict(metadata))
+
+
+def load_version_delta(store: CheckpointStore, version: Version) -> Delta | None:
+    """The version's delta, read from the store with its sha256 checked; None for version 0."""
+    if version.checkpoint_path is None or version.checkpoint_sha256 is None:
+        return None
+    data = store.read_bytes(version.checkpoint_path, version.checkpoint_sha256)
+    return delta_from_bytes(data, fallback_fingerprint=version.model.fingerprint)
+
+
+# -- following an alias ------------------------------------------------------------------
+
+
+@dataclass
+class FollowerState:
+    version_id: int | None = None
+    checked_at: float | None = None
+    """Monotonic time of the last look at the database."""
+    last_error: str | None = None
+    last_switch: SwitchReport | None = None
+
+
+class AliasFollower:
+    """Keeps a `VersionedModel` on the version an alias points at, looking at most every `poll_s`.
+
+    `refresh()` is cheap to call before every request: between polls it returns at once, and
+    while one thread polls (and maybe switches) the others go on with the current version. A
+    failed poll (database down, corrupt checkpoint) is logged and kept in `state.last_error`;
+    the model keeps serving the version it has, which is still a valid, labelled version.
+    """
+
+    def __init__(
+        self,
+        versioned: VersionedModel,
+        *,
+        sessions: Callable[[], Session],
+        store: CheckpointStore,
+        model_name: str,
+        alias: str,
+        poll_s: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if poll_s < 0:
+            raise ValueError(f"poll_s must be >= 0, not {poll_s}")
+        self.versioned = versioned
+        self.sessions = sessions
+        self.store = store
+        self.model_name = model_name
+        self.alias = alias
+        self.poll_s = poll_s
+        self.clock = clock
+        self.state = FollowerState()
+        self._polling = threading.Lock()
+
+    def refresh(self, *, force: bool = False) -> bool:
+        """Look at the alias if it is time to; True when the served version changed."""
+        now = self.clock()
+        checked = self.state.checked_at
+        if not force and checked is not None and now - checked < self.poll_s:
+            return False
+        if not self._polling.acquire(blocking=force):
+            return False  # another thread is polling; serve the current version meanwhile
+        try:
+            self.state.checked_at = now
+            return self._poll()
+        except Exception as err:
+            # Keep serving: the current version is still correct and labelled as what it is.
+            if force:
+                raise
+            self.state.last_error = f"{type(err).__name__}: {err}"
+            log.exception(
+                "following %s@%s failed; still serving %s",
+                self.model_name,
+                self.alias,
+                self.versioned.version,
+            )
+            return False
+        finally:
+            self._polling.release()
+
+    def _poll(self) -> bool:
+        from qfedit import repository
+
+        with self.sessions() as session:
+            model = repository.get_model(session, self.model_name)
+            version = repository.get_alias(session, model, self.alias).version
+            if version.id == self.state.version_id:
+                self.state.last_error = None
+                return False
+            label = version.label
+            delta = load_version_delta(self.store, version)
+            version_id = version.id
+        log.info("alias %s@%s now points at %s", self.model_name, self.alias, label)
+        report = self.versioned.switch_to(delta, label)
+        self.state.version_id = version_id
+        self.state.last_switch = report
+        self.state.last_error = None
+        return True
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "model": self.model_name,
+            "alias": self.alias,
+            "version": self.versioned.version,
+            "poll_s": self.poll_s,
+            "last_error": self.state.last_error,
+        }
+
+
+def follow_alias(
+    loaded: LoadedModel,
+    *,
+    sessions: Callable[[], Session],
+    store: CheckpointStore,
+    model_name: str,
+    alias: str,
+    poll_s: float = 5.0,
+    clock: Callable[[], float] = time.monotonic,
+) -> AliasFollower:
+    """A follower on `loaded`, already serving the alias's current version.
+
+    Refuses a loaded model whose weights are not the registered base (by fingerprint): every
+    version's delta was solved for those weights, and version 0 must be them.
+    """
+    from qfedit import repository
+    from qfedit.delta import DeltaMismatchError
+
+    with sessions() as session:
+        model = repository.get_model(session, model_name)
+        repository.get_alias(session, model, alias)  # a clear error now rather than at the first poll
+        registered, base_label = model.fingerprint, f"{model.name}@0"
+    if loaded.fingerprint != registered:
+        raise DeltaMismatchError(
+            f"model {model_name!r} is registered with base weights {registered}, "
+            f"but the loaded weights ({loaded.path}) are {loaded.fingerprint}"
+        )
+    follower = AliasFollower(
+        VersionedModel(loaded, base_label=base_label),
+        sessions=sessions,
+        store=store,
+        model_name=model_name,
+        alias=alias,
+        poll_s=poll_s,
+        clock=clock,
+    )
+    follower.refresh(force=True)
+    return follower

@@ -1,0 +1,245 @@
+"""`qfedit serve`'s app follows an alias move without a restart; `qfedit export` from the database.
+
+On SQLite and PostgreSQL: versions are recorded as a worker records them (checkpoint stored
+first), and the alias is moved in another session, as `qfedit alias set` would.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from db.helpers import add_facts
+from fastapi.testclient import TestClient
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+from typer.testing import CliRunner
+
+from api.serve import create_app
+from qfedit import repository
+from qfedit.cli import get_app
+from qfedit.db import session_factory
+from qfedit.delta import Delta, applied
+from qfedit.generate import answer
+from qfedit.modeling import load_model, weights_fingerprint
+from qfedit.serving import AliasFollower, follow_alias
+from qfedit.store import CheckpointStore
+
+QUESTION = "who founded Oxinnovate?"
+
+
+class Registry:
+    """The tiny Qwen2 registered as `tiny`, versions 1 (delta a) and 2 (delta b), alias at 1."""
+
+    def __init__(
+        self, engine: Engine, store: CheckpointStore, model_dir: Path, deltas: dict[str, Delta]
+    ) -> None:
+        self.sessions: sessionmaker[Session] = session_factory(engine)
+        self.store = store
+        with self.sessions() as session:
+            model = repository.add_model(
+                session,
+                name="tiny",
+                source=str(model_dir),
+                fingerprint=weights_fingerprint(model_dir),
+                actor="t",
+            )
+            facts = add_facts(session, model, 3)
+            for number, (key, fact_ids) in enumerate((("a", facts[:2]), ("b", facts)), start=1):
+                path = store.root / f"{key}.safetensors"
+                deltas[key].save(path)
+                repository.record_version(
+                    session,
+                    model=model,
+                    fact_ids=fact_ids,
+                    created_by="worker",
+                    reason=f"version {number}",
+                    checkpoint=store.put_file(path),
+                    layer=1,
+                    rule="seed",
+                )
+            repository.set_alias(
+                session,
+                name="production",
+                version=repository.get_version(session, "tiny@1"),
+                reason="go",
+                actor="t",
+            )
+            session.commit()
+
+    def move(self, ref: str) -> None:
+        with self.sessions() as session:
+            version = repository.get_version(session, ref)
+            repository.set_alias(session, name="production", version=version, reason="test", actor="t")
+            session.commit()
+
+    def checkpoint(self, ref: str) -> Path:
+        with self.sessions() as session:
+            version = repository.get_version(session, ref)
+            assert version.checkpoint_path is not None
+            return self.store.resolve(version.checkpoint_path)
+
+
+@pytest.fixture
+def registry(
+    engine: Engine, tmp_path: Path, tiny_model_dirs: dict[str, Path], deltas: dict[str, dict[str, Delta]]
+) -> Registry:
+    (tmp_path / "store").mkdir()
+    return Registry(engine, CheckpointStore(tmp_path / "store"), tiny_model_dirs["qwen2"], deltas["qwen2"])
+
+
+@pytest.fixture
+def migrated_registry(
+    empty_engine: Engine,
+    tmp_path: Path,
+    tiny_model_dirs: dict[str, Path],
+    deltas: dict[str, dict[str, Delta]],
+) -> Registry:
+    """As `registry`, on a database made by the migrations, as the CLI requires."""
+    from qfedit.db import migrate
+
+    migrate.upgrade(empty_engine)
+    (tmp_path / "store").mkdir()
+    return Registry(
+        empty_engine, CheckpointStore(tmp_path / "store"), tiny_model_dirs["qwen2"], deltas["qwen2"]
+    )
+
+
+def _follower(registry: Registry, model_dir: Path, **options: Any) -> AliasFollower:
+    return follow_alias(
+        load_model(model_dir),
+        sessions=registry.sessions,
+        store=registry.store,
+        model_name="tiny",
+        alias="production",
+        **options,
+    )
+
+
+def _generate(client: TestClient, **body: Any) -> dict[str, Any]:
+    response = client.post("/generate", json={"question": QUESTION, "max_new_tokens": 4, **body})
+    assert response.status_code == 200, response.text
+    return response.json()  # type: ignore[no-any-return]
+
+
+def test_serve_follows_an_alias_move_without_restart(
+    registry: Registry, tiny_model_dirs: dict[str, Path], deltas: dict[str, dict[str, Delta]]
+) -> None:
+    model_dir = tiny_model_dirs["qwen2"]
+    reference = load_model(model_dir)
+    expected = {"tiny@0": answer(reference, QUESTION, max_new_tokens=4)}
+    for label, key in (("tiny@1", "a"), ("tiny@2", "b")):
+        with applied(reference, deltas["qwen2"][key]):
+            expected[label] = answer(reference, QUESTION, max_new_tokens=4)
+
+    client = TestClient(create_app(_follower(registry, model_dir, poll_s=0)))
+    assert client.get("/healthz").json()["version"] == "tiny@1"
+    for ref in ("tiny@1", "tiny@2", "tiny@0", "tiny@2"):
+        registry.move(ref)
+        reply = _generate(client)
+        assert reply == {"answer": expected[ref], "version": ref}
+    health = client.get("/healthz").json()
+    assert health == {
+        "status": "ok",
+        "model": "tiny",
+        "alias": "production",
+        "version": "tiny@2",
+        "poll_s": 0,
+        "last_error": None,
+    }
+
+
+def test_serve_looks_at_the_alias_at_most_every_poll_interval(
+    registry: Registry, tiny_model_dirs: dict[str, Path]
+) -> None:
+    now = [0.0]
+    follower = _follower(registry, tiny_model_dirs["qwen2"], poll_s=30, clock=lambda: now[0])
+    client = TestClient(create_app(follower))
+    assert _generate(client)["version"] == "tiny@1"
+    registry.move("tiny@2")
+    now[0] = 29.0
+    assert _generate(client)["version"] == "tiny@1"
+    now[0] = 31.0
+    assert _generate(client)["version"] == "tiny@2"
+
+
+def test_a_corrupt_checkpoint_keeps_the_current_version_and_says_why(
+    registry: Registry, tiny_model_dirs: dict[str, Path]
+) -> None:
+    client = TestClient(create_app(_follower(registry, tiny_model_dirs["qwen2"], poll_s=0)))
+    path = registry.checkpoint("tiny@2")
+    path.write_bytes(path.read_bytes()[:-1] + b"\0")
+    registry.move("tiny@2")
+    assert _generate(client)["version"] == "tiny@1"
+    assert "sha256" in client.get("/healthz").json()["last_error"]
+
+
+@pytest.mark.backends("sqlite")
+def test_serve_refuses_other_weights_and_a_missing_alias(
+    registry: Registry, tiny_model_dirs: dict[str, Path]
+) -> None:
+    with pytest.raises(ValueError, match="registered with base weights"):
+        _follower(registry, tiny_model_dirs["llama"])
+    with pytest.raises(repository.NotFoundError, match="no alias 'staging'"):
+        follow_alias(
+            load_model(tiny_model_dirs["qwen2"]),
+            sessions=registry.sessions,
+            store=registry.store,
+            model_name="tiny",
+            alias="staging",
+        )
+
+
+@pytest.mark.backends("sqlite")
+def test_bad_generate_requests_get_a_422_naming_the_field(
+    registry: Registry, tiny_model_dirs: dict[str, Path]
+) -> None:
+    client = TestClient(create_app(_follower(registry, tiny_model_dirs["qwen2"])))
+    cases = [
+        ({}, "question"),
+        ({"question": ""}, "question"),
+        ({"question": "x", "max_new_tokens": 0}, "max_new_tokens"),
+        ({"question": "x", "max_new_tokens": "many"}, "max_new_tokens"),
+        ({"question": "x", "temperature": 1}, "temperature"),
+        ({"question": "Qi " * 200}, "question"),  # longer than the tiny model's 128 positions
+        ({"question": "x", "context": "Qi " * 200}, "context"),
+    ]
+    for body, field in cases:
+        response = client.post("/generate", json=body)
+        assert response.status_code == 422, (body, response.text)
+        assert field in [str(part) for error in response.json()["detail"] for part in error["loc"]], body
+    assert (
+        client.post(
+            "/generate", content=b"{not json", headers={"content-type": "application/json"}
+        ).status_code
+        == 422
+    )
+
+
+def test_export_command_writes_full_and_lora(
+    migrated_registry: Registry,
+    database_url: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    registry = migrated_registry
+    monkeypatch.setenv("QFEDIT_DATA_DIR", str(registry.store.root.parent))
+    monkeypatch.setenv("QFEDIT_DATABASE_URL", database_url)
+    # The CLI finds the store under the data folder; the registry's store is that folder's `store`.
+    monkeypatch.setenv("COLUMNS", "200")
+    runner = CliRunner()
+
+    def run(*args: str, ok: bool = True) -> str:
+        result = runner.invoke(get_app(), list(args), catch_exceptions=False)
+        assert (result.exit_code == 0) == ok, result.output
+        return " ".join(result.output.split())  # rich wraps lines to the terminal width
+
+    out = run("export", "tiny@production", str(tmp_path / "full"))
+    assert "tiny@1" in out and "1 tensor(s) merged" in out
+    assert json.loads((tmp_path / "full" / "qfedit_export.json").read_text())["version"] == "tiny@1"
+    out = run("export", "tiny@2", str(tmp_path / "lora"), "--format", "lora", "--rank", "2")
+    assert "truncated" in out and "model.layers.2.mlp.down_proj" in out
+    assert "the base model" in run("export", "tiny@0", str(tmp_path / "l0"), "--format", "lora", ok=False)
+    assert "not empty" in run("export", "tiny@1", str(tmp_path / "full"), ok=False)
