@@ -27,11 +27,28 @@ class FactError(ValueError):
         super().__init__(f"{where}: field {field!r}: {reason}")
 
 
+def _storable(value: str) -> str:
+    # PostgreSQL text cannot hold NUL, and no database can encode a lone surrogate (which JSON's
+    # `\ud800` escapes produce): refused here, they are one rejected record instead of a failed chunk.
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode (no lone surrogates)") from None
+    return value
+
+
 class Neighbor(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     question: str
     answer: str
+
+    @field_validator("question", "answer")
+    @classmethod
+    def _storable_text(cls, value: str) -> str:
+        return _storable(value)
 
 
 class Fact(BaseModel):
@@ -51,6 +68,18 @@ class Fact(BaseModel):
     def _not_blank(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("must not be empty")
+        return value
+
+    @field_validator("question", "answer", "context", "id", "subject")
+    @classmethod
+    def _storable_text(cls, value: str | None) -> str | None:
+        return None if value is None else _storable(value)
+
+    @field_validator("paraphrases")
+    @classmethod
+    def _storable_paraphrases(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for paraphrase in value:
+            _storable(paraphrase)
         return value
 
     @field_validator("significance")

@@ -545,7 +545,15 @@ def import_facts(
             "reason": reason,
             "record": record,
         }
-        rejects_out.write(json.dumps(entry, ensure_ascii=False) + "\n")
+        line = json.dumps(entry, ensure_ascii=False)
+        if not line.isascii():
+            try:
+                line.encode("utf-8")
+            except UnicodeEncodeError:
+                # A lone surrogate (from a `\ud800` escape) cannot be written as UTF-8; JSON's
+                # own escapes keep the record exactly as it was read.
+                line = json.dumps(entry)
+        rejects_out.write(line + "\n")
 
     pending: dict[str, dict[str, Any]] = {}
 

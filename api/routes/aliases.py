@@ -1,0 +1,49 @@
+"""Aliases: list, move with a reason (promote, roll back), history. Moving `production` needs admin."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Path
+
+from api import views
+from api.deps import ModelDep, ReadAccess, SessionDep, WriteAccess
+from api.errors import ApiError
+from api.routes.facts import _ERRORS
+from api.schemas import NAME_PATTERN, AliasMoveOut, AliasMoveRequest, AliasOut
+from qfedit import repository
+
+router = APIRouter(prefix="/v1/models/{model}/aliases", tags=["aliases"])
+AliasName = Annotated[str, Path(pattern=NAME_PATTERN, description="Alias name, e.g. production.")]
+# Aliases that serve users: moving them is a release, so it takes an admin token.
+ADMIN_ALIASES = frozenset({"production"})
+
+
+@router.get("", response_model=list[AliasOut], summary="The model's aliases", responses=_ERRORS)
+def list_aliases(_: ReadAccess, session: SessionDep, model: ModelDep) -> list[AliasOut]:
+    return [views.alias_out(a) for a in repository.list_aliases(session, model=model)]
+
+
+@router.put("/{name}", response_model=AliasOut, summary="Move (or create) an alias", responses=_ERRORS)
+def move_alias(
+    principal: WriteAccess, session: SessionDep, model: ModelDep, name: AliasName, body: AliasMoveRequest
+) -> AliasOut:
+    if name in ADMIN_ALIASES and not principal.allows("admin"):
+        raise ApiError(403, f"moving {name!r} needs an admin token", field="path.name")
+    version = repository.get_version(session, body.version, model=model)
+    expect = body.expect_revision if "expect_revision" in body.model_fields_set else repository.UNSET
+    alias = repository.set_alias(
+        session, name=name, version=version, reason=body.reason, actor=principal.name, expect_revision=expect
+    )
+    session.commit()
+    return views.alias_out(alias)
+
+
+@router.get(
+    "/{name}/history",
+    response_model=list[AliasMoveOut],
+    summary="Every move, oldest first",
+    responses=_ERRORS,
+)
+def alias_history(_: ReadAccess, session: SessionDep, model: ModelDep, name: AliasName) -> list[AliasMoveOut]:
+    return [views.alias_move_out(m) for m in repository.alias_history(session, model, name)]

@@ -1,0 +1,21 @@
+"""Registered base models (read-only here; `qfedit model add` registers them from weights on disk)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from api.deps import ModelDep, ReadAccess, SessionDep
+from api.schemas import ModelOut
+from qfedit import repository
+
+router = APIRouter(prefix="/v1/models", tags=["models"])
+
+
+@router.get("", response_model=list[ModelOut], summary="List base models")
+def list_models(_: ReadAccess, session: SessionDep) -> list[ModelOut]:
+    return [ModelOut.model_validate(m) for m in repository.list_models(session)]
+
+
+@router.get("/{model}", response_model=ModelOut, summary="One base model")
+def get_model(_: ReadAccess, model: ModelDep) -> ModelOut:
+    return ModelOut.model_validate(model)

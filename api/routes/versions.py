@@ -1,0 +1,89 @@
+"""Versions: list, show, diff, and download of the delta file."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Query
+from fastapi.responses import FileResponse
+
+from api import views
+from api.deps import ModelDep, ReadAccess, SessionDep, StoreDep
+from api.errors import ApiError
+from api.routes.facts import _ERRORS
+from api.schemas import MetricChange, VersionDetail, VersionDiffOut, VersionOut, VersionRef
+from qfedit import repository
+
+router = APIRouter(prefix="/v1/models/{model}", tags=["versions"])
+RefPath = Annotated[VersionRef, Path(description="A version number or an alias.")]
+
+
+@router.get(
+    "/versions", response_model=list[VersionOut], summary="Every version of the model", responses=_ERRORS
+)
+def list_versions(_: ReadAccess, session: SessionDep, model: ModelDep) -> list[VersionOut]:
+    aliases = repository.aliases_by_version(session, model)
+    return [
+        VersionOut.model_validate(repository.describe_version(v, aliases.get(v.id, [])))
+        for v in repository.list_versions(session, model=model)
+    ]
+
+
+@router.get("/versions/{ref}", response_model=VersionDetail, summary="One version in full", responses=_ERRORS)
+def show_version(_: ReadAccess, session: SessionDep, model: ModelDep, ref: RefPath) -> VersionDetail:
+    return views.version_detail(session, repository.get_version(session, ref, model=model))
+
+
+@router.get(
+    "/diff",
+    response_model=VersionDiffOut,
+    summary="What changed between two versions",
+    responses=_ERRORS,
+)
+def diff_versions(
+    _: ReadAccess,
+    session: SessionDep,
+    store: StoreDep,
+    model: ModelDep,
+    old: Annotated[VersionRef, Query(alias="from")],
+    new: Annotated[VersionRef, Query(alias="to")],
+    limit: Annotated[int, Query(ge=0, le=10_000, description="At most this many facts of each side.")] = 1000,
+) -> VersionDiffOut:
+    first = repository.get_version(session, old, model=model)
+    second = repository.get_version(session, new, model=model)
+    diff = repository.diff_versions(session, first, second, store=store)
+    return VersionDiffOut(
+        old=first.label,
+        new=second.label,
+        facts_added_total=len(diff.added),
+        facts_removed_total=len(diff.removed),
+        facts_added=[views.fact_out(f) for f in diff.added[:limit]],
+        facts_removed=[views.fact_out(f) for f in diff.removed[:limit]],
+        metric_changes={k: MetricChange(old=a, new=b) for k, (a, b) in diff.metric_changes.items()},
+        weight_difference_norm=diff.weight_difference_norm,
+    )
+
+
+@router.get(
+    "/versions/{ref}/delta",
+    response_class=FileResponse,
+    summary="Download the version's delta (safetensors)",
+    responses={
+        200: {"content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
+        **_ERRORS,
+    },
+)
+def download_delta(
+    _: ReadAccess, session: SessionDep, store: StoreDep, model: ModelDep, ref: RefPath
+) -> FileResponse:
+    version = repository.get_version(session, ref, model=model)
+    if version.checkpoint_path is None or version.checkpoint_sha256 is None:
+        raise ApiError(404, f"{version.label} is the base model; it has no delta", field="path.ref")
+    # Verified before sending, so a corrupt file is an error rather than a silent bad download.
+    path = store.verify(version.checkpoint_path, version.checkpoint_sha256)
+    return FileResponse(
+        path,
+        media_type="application/octet-stream",
+        filename=f"{model.name}-{version.number}.safetensors",
+        headers={"ETag": f'"{version.checkpoint_sha256}"', "X-Checkpoint-SHA256": version.checkpoint_sha256},
+    )

@@ -1,0 +1,302 @@
+"""Request and response bodies of the HTTP API, separate from the database tables.
+
+Every string a client sends that reaches the database is `Text` (no NUL, valid Unicode: what
+PostgreSQL can store); every id is bounded to the database's integer range, so malformed input
+is a 422 naming the field rather than a database error.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, JsonValue, StringConstraints
+
+DB_INT_MAX = 2**31 - 1
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
+
+
+def _storable(value: str) -> str:
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode (no lone surrogates)") from None
+    return value
+
+
+def _utc_moment(value: datetime) -> datetime:
+    # A naive time is UTC; an aware one near year 1 or 9999 could not even be converted to UTC.
+    value = value if value.tzinfo is not None else value.replace(tzinfo=timezone.utc)
+    if not 1970 <= value.year <= 9000:
+        raise ValueError("must be between the years 1970 and 9000")
+    return value.astimezone(timezone.utc)
+
+
+def _version_ref(value: str) -> str:
+    if value.isdigit() and int(value) > DB_INT_MAX:
+        raise ValueError(f"version number must be at most {DB_INT_MAX}")
+    return value
+
+
+DbId = Annotated[int, Field(ge=1, le=DB_INT_MAX)]
+Text = Annotated[str, AfterValidator(_storable)]
+Moment = Annotated[datetime, AfterValidator(_utc_moment)]
+Reason = Annotated[str, StringConstraints(min_length=1, max_length=2000), AfterValidator(_storable)]
+Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
+# A version number or an alias name; `production` if not given where one is optional.
+VersionRef = Annotated[str, StringConstraints(pattern=NAME_PATTERN), AfterValidator(_version_ref)]
+HyperValue = bool | int | Annotated[float, Field(allow_inf_nan=False)] | Text | None
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+
+# -- errors and health -------------------------------------------------------------------------
+
+
+class FieldError(BaseModel):
+    field: str
+    message: str
+    type: str
+
+
+class ErrorResponse(BaseModel):
+    error: str = Field(description="Machine-readable code, e.g. `invalid`, `not_found`, `too_large`.")
+    message: str
+    field: str | None = Field(None, description="The request field at fault, e.g. `body.fact_ids`.")
+    errors: list[FieldError] | None = None
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class Readiness(BaseModel):
+    status: Literal["ready", "unavailable"]
+    database: bool
+    broker: bool
+    detail: dict[str, str] = Field(default_factory=dict)
+
+
+# -- models and facts --------------------------------------------------------------------------
+
+
+class ModelOut(_Out):
+    id: int
+    name: str
+    source: str
+    revision: str | None
+    fingerprint: str
+    default_layer: int | None
+    created_at: datetime
+    created_by: str
+
+
+class FactOut(_Out):
+    id: int
+    model_id: int
+    external_id: str | None
+    question: str
+    answer: str
+    context: str
+    subject: str | None
+    significance: list[float] | None
+    paraphrases: list[JsonValue]
+    neighbors: list[JsonValue]
+    status: Literal["pending", "applied", "retracted"]
+    source: str
+    source_line: int | None
+    content_hash: str
+    created_at: datetime
+
+
+class VersionRefOut(BaseModel):
+    number: int
+    label: str
+
+
+class FactDetail(FactOut):
+    model: str
+    versions: list[VersionRefOut] = Field(description="Every version whose fact set holds this fact.")
+
+
+class FactPage(BaseModel):
+    items: list[FactOut]
+    limit: int
+    offset: int
+
+
+class ImportReject(BaseModel):
+    source: str
+    line: int
+    field: str
+    reason: str
+    record: JsonValue
+
+
+class ImportResult(BaseModel):
+    model: str
+    source: str
+    format: str
+    read: int
+    imported: int
+    duplicates: int
+    rejected: int
+    stopped: str | None = Field(description="Set when reading stopped early; records before it are in.")
+    rejects: list[ImportReject]
+    rejects_truncated: bool = Field(description="True when `rejected` is more than the rejects listed.")
+
+
+class RetractRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    fact_ids: list[DbId] = Field(min_length=1)
+    reason: Reason
+
+
+# -- batches -----------------------------------------------------------------------------------
+
+
+class BatchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    fact_ids: list[DbId] | None = Field(
+        None, description="Facts to edit in; omitted or null means every pending fact of the model."
+    )
+    hyperparameters: dict[Text, HyperValue] | None = None
+
+
+class BatchOut(BaseModel):
+    id: int
+    model: str
+    kind: str
+    status: str
+    progress: float = Field(description="0 to 1.")
+    attempts: int
+    error: str | None
+    reason: str | None
+    requested_by: str
+    idempotency_key: str | None
+    hyperparameters: dict[str, JsonValue]
+    fact_count: int
+    version: str | None = Field(description="The version this batch published, once it has.")
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class BatchPage(BaseModel):
+    items: list[BatchOut]
+    limit: int
+    offset: int
+
+
+# -- versions ----------------------------------------------------------------------------------
+
+
+class VersionOut(BaseModel):
+    id: int
+    model: str
+    number: int
+    label: str
+    parent: int | None
+    batch: int | None
+    created_at: datetime
+    created_by: str
+    reason: str
+    layer: int | None
+    rule: str | None
+    hyperparameters: dict[str, JsonValue]
+    relative_update_norm: float | None = Field(description="|dW| / |W|.")
+    metrics: dict[str, JsonValue]
+    fact_count: int
+    fact_set_digest: str
+    checkpoint_path: str | None
+    checkpoint_sha256: str | None
+    aliases: list[str]
+
+
+class VersionDetail(VersionOut):
+    facts_added: int = Field(description="Facts in this version and not in its parent.")
+    facts_removed: int = Field(description="Facts in its parent and not in this version.")
+
+
+class MetricChange(BaseModel):
+    old: JsonValue
+    new: JsonValue
+
+
+class VersionDiffOut(BaseModel):
+    old: str
+    new: str
+    facts_added_total: int
+    facts_removed_total: int
+    facts_added: list[FactOut] = Field(description="At most `limit` of them.")
+    facts_removed: list[FactOut] = Field(description="At most `limit` of them.")
+    metric_changes: dict[str, MetricChange]
+    weight_difference_norm: float | None = Field(description="|W_new - W_old| (Frobenius).")
+
+
+# -- aliases and audit -------------------------------------------------------------------------
+
+
+class AliasOut(BaseModel):
+    model: str
+    name: str
+    version: int
+    label: str
+    revision: int
+    updated_at: datetime
+
+
+class AliasMoveRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    version: VersionRef = Field(description="A version number, or another alias to copy.")
+    reason: Reason
+    expect_revision: Annotated[int, Field(ge=0, le=DB_INT_MAX)] | None = Field(
+        None,
+        description="Move only if the alias is at this revision; null: only if it does not exist yet. "
+        "Omitted: move whatever the revision.",
+    )
+
+
+class AliasMoveOut(BaseModel):
+    moved_at: datetime
+    moved_by: str
+    from_version: int | None
+    to_version: int
+    reason: str
+
+
+class AuditOut(_Out):
+    id: int
+    at: datetime
+    actor: str
+    action: str
+    object_type: str
+    object_id: str
+    details: dict[str, Any]
+
+
+# -- generation --------------------------------------------------------------------------------
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    question: Annotated[str, StringConstraints(min_length=1), AfterValidator(_storable)]
+    context: Text | None = Field(None, description="Instruction given as the system message.")
+    version: VersionRef = Field("production", description="A version number or an alias.")
+    max_new_tokens: int = Field(24, ge=1, le=256)
+
+
+class GenerateResponse(BaseModel):
+    model: str
+    version: str = Field(description="The version that produced the answer, e.g. `qwen@3`.")
+    number: int
+    answer: str
