@@ -1,0 +1,146 @@
+"""Crashes and misdeliveries end with exactly one version per batch, no referenced half-written
+checkpoint, and no fact lost or counted twice. PostgreSQL, the production database."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from sqlalchemy import create_engine, func, select, text
+
+from qfedit import repository
+from qfedit.db import FactCapture, Version
+from qfedit.store import CheckpointStore
+
+from .conftest import Cluster, fact
+
+pytestmark = pytest.mark.backends("postgresql")
+
+
+def _wait_for_log(cluster: Cluster, name: str, needle: str, timeout: float = 90.0) -> None:
+    path = cluster.root / f"worker-{name}.log"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and needle in path.read_text(errors="replace"):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"worker {name} never logged {needle!r}:\n{cluster.dump()}")
+
+
+def _assert_consistent(cluster: Cluster, batch_id: int, facts: int) -> Version:
+    (version,) = cluster.versions_of_batch(batch_id)
+    store = CheckpointStore(cluster.root / "data" / "store")
+    with cluster.sessions() as session:
+        assert session.scalar(select(func.count()).select_from(FactCapture)) == facts
+        for row in session.scalars(select(Version)):
+            if row.checkpoint_path is not None:
+                store.verify(row.checkpoint_path, row.checkpoint_sha256 or "")
+        for capture in session.scalars(select(FactCapture)):
+            store.verify(capture.object_path, capture.object_sha256)
+    assert version.fact_count == facts
+    return version
+
+
+@pytest.mark.parametrize("stage", ["capture", "solve"])
+def test_worker_killed_mid_stage_finishes_after_redelivery(cluster: Cluster, stage: str) -> None:
+    cluster.add_model("tiny", [fact(i) for i in range(4)], shard_size=4)
+    doomed = cluster.start_worker("doomed", chaos=f"{stage}:30")
+    batch_id = cluster.submit("tiny")
+    _wait_for_log(cluster, "doomed", f"chaos: pausing {stage}")
+    cluster.kill(doomed)
+    cluster.start_worker("rescuer")
+    batch = cluster.wait(batch_id, timeout=150)
+    assert batch.status.value == "published", batch.error
+    _assert_consistent(cluster, batch_id, 4)
+
+
+def test_redis_restart_mid_batch(cluster: Cluster) -> None:
+    cluster.add_model("tiny", [fact(i) for i in range(4)], shard_size=4)
+    cluster.start_worker("a", chaos="capture:4")
+    batch_id = cluster.submit("tiny")
+    _wait_for_log(cluster, "a", "chaos: pausing capture")
+    cluster.redis.restart()
+    batch = cluster.wait(batch_id, timeout=150)
+    assert batch.status.value == "published", batch.error
+    _assert_consistent(cluster, batch_id, 4)
+
+
+def test_postgres_connections_dropped_mid_commit(cluster: Cluster, postgres_admin: object) -> None:
+    cluster.add_model("tiny", [fact(i) for i in range(4)], shard_size=4)
+    marker = f"qfw{int(time.time() * 1000) % 10**9}"
+    cluster.database_url += f"&application_name={marker}"
+    cluster.start_worker("a", chaos="solve:4")
+    batch_id = cluster.submit("tiny")
+    _wait_for_log(cluster, "a", "chaos: pausing solve")
+    admin = create_engine(str(postgres_admin.url))  # type: ignore[attr-defined]
+    with admin.begin() as connection:
+        killed = connection.execute(
+            text("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = :m"),
+            {"m": marker},
+        ).scalar_one()
+    admin.dispose()
+    assert killed >= 1
+    batch = cluster.wait(batch_id, timeout=150)
+    assert batch.status.value == "published", batch.error
+    _assert_consistent(cluster, batch_id, 4)
+
+
+def test_the_same_tasks_delivered_twice_make_one_version(cluster: Cluster) -> None:
+    from worker.client import app_for
+
+    cluster.add_model("tiny", [fact(i) for i in range(4)])
+    cluster.start_worker("a")
+    batch_id = cluster.submit("tiny")
+    app = app_for(cluster.settings())
+    app.send_task("qfedit.start_batch", args=[batch_id], queue="default")
+    batch = cluster.wait(batch_id)
+    assert batch.status.value == "published", batch.error
+    # Late duplicates of every step, after the fact.
+    app.send_task("qfedit.start_batch", args=[batch_id], queue="default")
+    app.send_task("qfedit.solve_batch", args=[batch_id], queue="gpu")
+    with cluster.sessions() as session:
+        shard_ids = [row[0] for row in session.execute(text("SELECT id FROM batch_shards"))]
+    for shard_id in shard_ids:
+        app.send_task("qfedit.capture_shard", args=[batch_id, shard_id], queue="gpu")
+    time.sleep(8)
+    _assert_consistent(cluster, batch_id, 4)
+    with cluster.sessions() as session:
+        assert session.scalar(select(func.count()).select_from(Version)) == 2  # base + one
+
+
+def test_poison_batch_fails_with_its_reason_and_the_queue_goes_on(cluster: Cluster) -> None:
+    long_context = fact(0).model_copy(update={"context": "Company0 was founded by Person0. " * 40})
+    cluster.add_model("tiny", [long_context])
+    cluster.start_worker("a")
+    poison = cluster.wait(cluster.submit("tiny"))
+    assert poison.status.value == "failed"
+    assert "field 'context'" in (poison.error or "") and "context is 128" in (poison.error or "")
+    # The model's line is free again, and the next batch publishes.
+    with cluster.sessions() as session:
+        model = repository.get_model(session, "tiny")
+        assert model.active_batch_id is None
+        ids = [f.id for f in repository.list_facts(session, model=model)]
+        from qfedit.facts import write_jsonl
+        from qfedit.importing import import_facts
+
+        path = cluster.root / "more.jsonl"
+        write_jsonl([fact(i) for i in range(1, 4)], path)
+        import_facts(session, path, model, actor="test")
+    good = cluster.wait(cluster.submit("tiny", [i for i in cluster.fact_ids("tiny") if i not in ids]))
+    assert good.status.value == "published", good.error
+
+
+def test_concurrent_batches_publish_in_a_line_and_keys_are_idempotent(cluster: Cluster) -> None:
+    cluster.add_model("tiny", [fact(i) for i in range(6)])
+    ids = cluster.fact_ids("tiny")
+    cluster.start_worker("a")
+    cluster.start_worker("b")
+    first = cluster.submit("tiny", ids[:3], key="k-first")
+    second = cluster.submit("tiny", ids[3:], key="k-second")
+    assert cluster.submit("tiny", ids[:3], key="k-first") == first
+    a, b = cluster.wait(first), cluster.wait(second)
+    assert (a.status.value, b.status.value) == ("published", "published")
+    (va,), (vb,) = cluster.versions_of_batch(first), cluster.versions_of_batch(second)
+    earlier, later = sorted([va, vb], key=lambda v: v.number)
+    assert later.parent_id == earlier.id
+    assert later.fact_count == 6 and earlier.fact_count == 3
