@@ -70,6 +70,10 @@ class EvalReport:
     specificity_relative: float
     """Correct answers on neighbors and known facts, edited over unedited."""
     abstention_relative: float
+    specificity_neighbors: float
+    """The edited subjects' other relations, answered as before."""
+    specificity_known: float
+    """Facts of other entities, answered as before."""
     logprob_margin: float
     """Mean log p(new answer) - log p(base model's answer), teacher-forced, edited model."""
     logprob_success: float
@@ -147,10 +151,9 @@ def evaluate(
         logprob_margin=sum(margins) / len(margins) if margins else 0.0,
         logprob_success=_fraction([m > 0 for m in margins]),
         relative_norm=relative,
+        specificity_neighbors=_fraction(same[:n_neighbors]),
+        specificity_known=_fraction(same[n_neighbors:]),
         details={
-            # The edited subjects' other relations, and facts of other entities, apart.
-            "specificity_neighbors": _fraction(same[:n_neighbors]),
-            "specificity_known": _fraction(same[n_neighbors:]),
             "answers": [
                 {"question": f.question, "expected": f.answer, "before": b, "after": a}
                 for f, b, a in zip(facts, base_answers, edited_facts, strict=True)

@@ -69,8 +69,10 @@ class ModelSettings(BaseModel):
     solve: SolveConfig = SolveConfig()
     include_eos: bool = True
     covariance_samples: int = Field(default=20_000, gt=0)
-    preservation_corpus: str | None = Field(
-        default=None, description="facts JSONL (question/answer) or text lines; default: known_facts"
+    preservation_corpus: list[str] = Field(
+        default_factory=list,
+        description="files of text the edit must leave alone: facts JSONL (question/answer transcripts) "
+        "or text lines; default: known_facts",
     )
     known_facts: str | None = Field(default=None, description="facts JSONL the model knows, for evaluation")
     unknown_questions: str | None = Field(default=None, description="facts JSONL of unknown-entity questions")
@@ -592,16 +594,18 @@ def solve_batch(
 
 
 def _preservation(loaded: LoadedModel, config: ModelSettings, layer: int, cache_dir: Path) -> Preservation:
-    corpus = config.preservation_corpus or config.known_facts
-    if corpus is None:
+    corpus = config.preservation_corpus or ([config.known_facts] if config.known_facts else [])
+    if not corpus:
         raise PoisonBatchError(
             "the preserving rule needs a preservation corpus or known facts in the model's settings"
         )
-    path = Path(corpus)
-    if path.suffix == ".jsonl":
-        texts = fact_texts(loaded, _read_facts_file(corpus))
-    else:
-        texts = [line for line in path.read_text().splitlines() if line.strip()]
+    texts: list[str] = []
+    for name in corpus:
+        path = Path(name)
+        if path.suffix == ".jsonl":
+            texts += fact_texts(loaded, _read_facts_file(name))
+        else:
+            texts += [line for line in path.read_text().splitlines() if line.strip()]
     covariance, _ = compute_covariance(
         loaded, texts, layer, samples=config.covariance_samples, cache_dir=cache_dir
     )

@@ -25,7 +25,7 @@ from qfedit import jobs, repository
 from qfedit.cli import app
 from qfedit.cli.state import JsonOption, _actor, _emit_json, _in_session, model_app
 from qfedit.config import Settings, get_settings
-from qfedit.db.models import Batch
+from qfedit.db.models import Batch, Version
 from worker.app import DEFAULT_QUEUE, GPU_QUEUE
 from worker.client import app_for, enqueue_batch
 
@@ -305,3 +305,93 @@ def model_configure(
         console.print_json(data=shown)
 
     _in_session(work)
+
+
+@app.command()
+def demo(
+    facts: Annotated[int, typer.Option(help="How many of the bundled edit facts to write in.")] = 20,
+    show: Annotated[int, typer.Option(help="How many facts to show before/with context/after.")] = 5,
+) -> None:
+    """The main job on the embedded default: edit bundled facts into the demo model through the queue."""
+    from qfedit.cli.engine import load, print_report
+    from qfedit.demo import DEMO_MODEL_DIR, EDITS_PATH, KNOWN_PATH, UNKNOWN_PATH
+    from qfedit.demo.settings import demo_settings
+    from qfedit.evaluate import EvalReport
+    from qfedit.facts import read_jsonl, write_jsonl
+    from qfedit.generate import answer_batch
+    from qfedit.importing import import_facts
+    from qfedit.modeling import weights_fingerprint
+    from qfedit.serving import load_version_delta
+    from qfedit.store import CheckpointStore
+
+    settings = get_settings()
+    chosen = read_jsonl(EDITS_PATH)[:facts]
+    corpus = settings.data_dir / "demo-facts.jsonl"
+    corpus.parent.mkdir(parents=True, exist_ok=True)
+    write_jsonl(chosen, corpus)
+    console.rule("qfedit demo")
+    console.print(f"data folder: {settings.data_dir.resolve()}  (database, checkpoint store, broker)")
+
+    def prepare(session: Session) -> int:
+        try:
+            model = repository.get_model(session, "demo")
+        except repository.NotFoundError:
+            model = repository.add_model(
+                session,
+                name="demo",
+                source=str(DEMO_MODEL_DIR),
+                fingerprint=weights_fingerprint(DEMO_MODEL_DIR),
+                actor=_actor(),
+            )
+            model.settings = demo_settings(known=KNOWN_PATH, unknown=UNKNOWN_PATH)
+            session.commit()
+        summary = import_facts(session, corpus, model, actor=_actor())
+        console.print(
+            f"imported {summary.imported} facts ({summary.duplicates} already known)", highlight=False
+        )
+        wanted = {f.content_hash() for f in chosen}
+        ids = [row.id for row in repository.list_facts(session, model=model) if row.content_hash in wanted]
+        key = f"demo:{repository.digest_of_hashes(wanted)}"
+        batch = jobs.submit_batch(
+            session, model=model, fact_ids=ids, requested_by=_actor(), idempotency_key=key
+        )
+        session.commit()
+        return batch.id
+
+    batch_id = _in_session(prepare)
+    _run(batch_id, wait=True)
+
+    def published(session: Session) -> tuple[object, dict[str, object]]:
+        from sqlalchemy import select
+
+        version = session.scalar(select(Version).where(Version.batch_id == batch_id))
+        assert version is not None
+        delta = load_version_delta(CheckpointStore(settings.store_dir), version)
+        return delta, {
+            "label": version.label,
+            "metrics": version.metrics,
+            "norm": version.relative_update_norm,
+        }
+
+    delta, info = _in_session(published)
+    loaded = load(DEMO_MODEL_DIR, settings.dtype, settings.device)
+    sample = chosen[:show]
+    questions = [f.question for f in sample]
+    before = answer_batch(loaded, questions)
+    with_context = answer_batch(loaded, questions, [f.context for f in sample])
+    from qfedit.delta import applied
+
+    with applied(loaded, delta):  # type: ignore[arg-type]
+        after = answer_batch(loaded, questions)
+    from rich.table import Table
+
+    table = Table(title=f"answers, base model vs {info['label']}")
+    for column in ("question", "expected", "before", "with context", "after edit"):
+        table.add_column(column)
+    for fact, b, c, a in zip(sample, before, with_context, after, strict=True):
+        table.add_row(fact.question, fact.answer, b, c, a)
+    console.print(table)
+    metrics = dict(info["metrics"])  # type: ignore[call-overload]
+    if metrics:
+        print_report(EvalReport(**{**metrics, "relative_norm": info["norm"]}))
+    console.print(f"see the history: qfedit versions, qfedit show {info['label']}, qfedit log")

@@ -218,8 +218,8 @@ def print_report(report: EvalReport) -> None:
     table.add_row("efficacy", f"{report.efficacy:.3f}", str(counts["facts"]))
     table.add_row("paraphrase", f"{report.paraphrase:.3f}", str(counts["paraphrases"]))
     table.add_row("specificity", f"{report.specificity:.3f}", str(counts["specificity"]))
-    table.add_row("  edited subjects' other relations", f"{report.details['specificity_neighbors']:.3f}", "")
-    table.add_row("  other known facts", f"{report.details['specificity_known']:.3f}", "")
+    table.add_row("  edited subjects' other relations", f"{report.specificity_neighbors:.3f}", "")
+    table.add_row("  other known facts", f"{report.specificity_known:.3f}", "")
     table.add_row("abstention", f"{report.abstention:.3f}", str(counts["abstention"]))
     table.add_row("log p(new) - log p(old)", f"{report.logprob_margin:.2f}", "")
     if report.relative_norm is not None:

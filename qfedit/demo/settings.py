@@ -1,0 +1,27 @@
+"""How the demo model is edited: the settings `qfedit demo` registers it with.
+
+Chosen by measurement on the shipped model (`bench/quality.py`, `qfedit layers`); see the README
+for the table they come from.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+# The layer, rule and strength that `bench/quality.py` measured best on the shipped model.
+DEMO_LAYER = 3
+DEMO_SOLVE: dict[str, Any] = {"rule": "preserve", "lam": 1.0, "ridge": 1e-2}
+
+
+def demo_settings(*, known: Path, unknown: Path) -> dict[str, Any]:
+    """`ModelSettings` for the demo model: preservation over the facts it knows and its abstentions."""
+    return {
+        "layer": DEMO_LAYER,
+        "solve": DEMO_SOLVE,
+        # Transcripts of what it knows and of its abstentions: both must survive the edit.
+        "preservation_corpus": [str(known), str(unknown)],
+        "known_facts": str(known),
+        "unknown_questions": str(unknown),
+        "known_sample": 100,
+    }
