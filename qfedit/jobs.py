@@ -527,7 +527,7 @@ def solve_batch(
         if fact_ids:
             preservation = None
             if config.solve.rule == "preserve":
-                preservation = _preservation(loaded, config, layer, settings.cache_dir)
+                preservation = build_preservation(loaded, config, layer, settings.cache_dir)
             result = solve(weight, stats, config.solve, preservation)
             relative = result.relative_norm
             name = loaded.architecture.down_proj_name(layer)
@@ -593,7 +593,9 @@ def solve_batch(
         return SolveOutcome(version, True)
 
 
-def _preservation(loaded: LoadedModel, config: ModelSettings, layer: int, cache_dir: Path) -> Preservation:
+def build_preservation(
+    loaded: LoadedModel, config: ModelSettings, layer: int, cache_dir: Path | None
+) -> Preservation:
     corpus = config.preservation_corpus or ([config.known_facts] if config.known_facts else [])
     if not corpus:
         raise PoisonBatchError(

@@ -1,0 +1,118 @@
+"""Edit quality on the demo model as the number of edited facts grows (prints a table).
+
+    python bench/quality.py                          # N = 10, 100, 1000; seed and preserving rules
+    python bench/quality.py --n 100 --lam 0.1 1 10 --layers 2 3
+
+For each N, rule and setting: one delta for the first N bundled edit facts, then efficacy,
+paraphrase, specificity (the edited subjects' other relations, and other known facts),
+abstention on unknown entities, |dW|/|W| and seconds (capture + solve). The default rule's
+settings are `qfedit.demo.settings`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from qfedit.edit import make_delta
+from qfedit.evaluate import evaluate
+from qfedit.facts import read_jsonl
+from qfedit.hparams import EditConfig, SolveConfig
+from qfedit.jobs import ModelSettings, build_preservation
+from qfedit.modeling import load_model
+from qfedit.solve import IllConditionedError
+
+
+def main() -> None:
+    from qfedit.demo import DEMO_MODEL_DIR, EDITS_PATH, KNOWN_PATH, UNKNOWN_PATH
+    from qfedit.demo.settings import DEMO_LAYER, DEMO_SOLVE, demo_settings
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, nargs="+", default=[10, 100, 1000])
+    parser.add_argument("--rules", nargs="+", default=["seed", "preserve"])
+    parser.add_argument("--layers", type=int, nargs="+", default=[DEMO_LAYER])
+    parser.add_argument("--lam", type=float, nargs="+", default=[DEMO_SOLVE["lam"]])
+    parser.add_argument("--ridge", type=float, default=DEMO_SOLVE["ridge"])
+    parser.add_argument("--known", type=int, default=100, help="known facts checked for specificity")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    console = Console()
+
+    loaded = load_model(DEMO_MODEL_DIR)
+    edits = read_jsonl(EDITS_PATH)
+    known = read_jsonl(KNOWN_PATH)[: args.known]
+    unknown = [f.question for f in read_jsonl(UNKNOWN_PATH)]
+    base = ModelSettings.model_validate(demo_settings(known=KNOWN_PATH, unknown=UNKNOWN_PATH))
+
+    table = Table(title="edit quality on the demo model")
+    for column in (
+        "N",
+        "rule",
+        "layer",
+        "lambda",
+        "efficacy",
+        "paraphrase",
+        "spec. subjects",
+        "spec. known",
+        "abstention",
+        "|dW|/|W|",
+        "seconds",
+    ):
+        table.add_column(column, justify="right")
+    for n in args.n:
+        facts = edits[:n]
+        for rule in args.rules:
+            for layer in args.layers:
+                lams = args.lam if rule == "preserve" else [0.0]
+                for lam in lams:
+                    solve_config = SolveConfig(
+                        rule=rule,
+                        lam=lam if rule == "preserve" else 1.0,
+                        ridge=args.ridge,
+                        max_condition=1e14,
+                    )
+                    config = EditConfig(layer=layer, solve=solve_config)
+                    preservation = None
+                    if rule == "preserve":
+                        preservation = build_preservation(
+                            loaded, base.model_copy(update={"solve": solve_config}), layer, None
+                        )
+                    started = time.perf_counter()
+                    try:
+                        result = make_delta(loaded, facts, config, preservation=preservation)
+                    except IllConditionedError as error:
+                        table.add_row(
+                            str(n),
+                            rule,
+                            str(layer),
+                            f"{lam:g}",
+                            *["-"] * 5,
+                            f"cond {error.condition:.1e}",
+                            "-",
+                        )
+                        continue
+                    seconds = time.perf_counter() - started
+                    report = evaluate(loaded, facts, result.delta, known=known, unknown=unknown)
+                    table.add_row(
+                        str(n),
+                        rule,
+                        str(layer),
+                        f"{lam:g}" if rule == "preserve" else "-",
+                        f"{report.efficacy:.3f}",
+                        f"{report.paraphrase:.3f}",
+                        f"{report.specificity_neighbors:.3f}",
+                        f"{report.specificity_known:.3f}",
+                        f"{report.abstention:.3f}",
+                        f"{result.solve.relative_norm:.3g}",
+                        f"{seconds:.1f}",
+                    )
+                    console.print(f"N={n} {rule} layer={layer} lam={lam:g}: done", style="dim")
+    console.print(table)
+
+
+if __name__ == "__main__":
+    main()
