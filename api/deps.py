@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
-from fastapi import Depends, Path, Request
+from fastapi import Depends, Header, Path, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
@@ -94,6 +94,16 @@ def require(scope: Scope) -> Callable[..., Principal]:
         return principal
 
     return check
+
+
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        pattern=r"^[\x21-\x7e]{1,200}$",
+        description="Retrying with the same key returns the batch the first request made.",
+    ),
+]
 
 
 ReadAccess = Annotated[Principal, Depends(require("read"))]

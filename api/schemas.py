@@ -70,6 +70,12 @@ class ErrorResponse(BaseModel):
     errors: list[FieldError] | None = None
 
 
+# The refusals a route may answer with, for the OpenAPI document.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (401, 403, 404, 409, 413, 415, 422, 503)
+}
+
+
 class Health(BaseModel):
     status: Literal["ok"] = "ok"
 

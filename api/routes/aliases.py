@@ -9,8 +9,7 @@ from fastapi import APIRouter, Path
 from api import views
 from api.deps import ModelDep, ReadAccess, SessionDep, WriteAccess
 from api.errors import ApiError
-from api.routes.facts import _ERRORS
-from api.schemas import NAME_PATTERN, AliasMoveOut, AliasMoveRequest, AliasOut
+from api.schemas import ERROR_RESPONSES, NAME_PATTERN, AliasMoveOut, AliasMoveRequest, AliasOut
 from qfedit import repository
 
 router = APIRouter(prefix="/v1/models/{model}/aliases", tags=["aliases"])
@@ -19,12 +18,14 @@ AliasName = Annotated[str, Path(pattern=NAME_PATTERN, description="Alias name, e
 ADMIN_ALIASES = frozenset({"production"})
 
 
-@router.get("", response_model=list[AliasOut], summary="The model's aliases", responses=_ERRORS)
+@router.get("", response_model=list[AliasOut], summary="The model's aliases", responses=ERROR_RESPONSES)
 def list_aliases(_: ReadAccess, session: SessionDep, model: ModelDep) -> list[AliasOut]:
     return [views.alias_out(a) for a in repository.list_aliases(session, model=model)]
 
 
-@router.put("/{name}", response_model=AliasOut, summary="Move (or create) an alias", responses=_ERRORS)
+@router.put(
+    "/{name}", response_model=AliasOut, summary="Move (or create) an alias", responses=ERROR_RESPONSES
+)
 def move_alias(
     principal: WriteAccess, session: SessionDep, model: ModelDep, name: AliasName, body: AliasMoveRequest
 ) -> AliasOut:
@@ -43,7 +44,7 @@ def move_alias(
     "/{name}/history",
     response_model=list[AliasMoveOut],
     summary="Every move, oldest first",
-    responses=_ERRORS,
+    responses=ERROR_RESPONSES,
 )
 def alias_history(_: ReadAccess, session: SessionDep, model: ModelDep, name: AliasName) -> list[AliasMoveOut]:
     return [views.alias_move_out(m) for m in repository.alias_history(session, model, name)]

@@ -7,15 +7,17 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 
 from api.deps import ReadAccess, SessionDep
-from api.routes.facts import _ERRORS
-from api.schemas import AuditOut, Moment, Text
+from api.schemas import ERROR_RESPONSES, AuditOut, Moment, Text
 from qfedit import repository
 
 router = APIRouter(tags=["audit"])
 
 
 @router.get(
-    "/v1/audit", response_model=list[AuditOut], summary="Audit entries, newest first", responses=_ERRORS
+    "/v1/audit",
+    response_model=list[AuditOut],
+    summary="Audit entries, newest first",
+    responses=ERROR_RESPONSES,
 )
 def list_audit(
     _: ReadAccess,

@@ -7,10 +7,9 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request, status
 
 from api import queue, views
-from api.deps import ModelDep, ReadAccess, SessionDep, WriteAccess
+from api.deps import IdempotencyKey, ModelDep, ReadAccess, SessionDep, WriteAccess
 from api.errors import ApiError
-from api.routes.facts import _ERRORS, IDEMPOTENCY_KEY
-from api.schemas import DB_INT_MAX, NAME_PATTERN, BatchOut, BatchPage, BatchRequest, DbId
+from api.schemas import DB_INT_MAX, ERROR_RESPONSES, NAME_PATTERN, BatchOut, BatchPage, BatchRequest, DbId
 from qfedit import jobs, repository
 from qfedit.db.models import BatchStatus
 
@@ -22,7 +21,7 @@ router = APIRouter(tags=["batches"])
     response_model=BatchOut,
     status_code=status.HTTP_202_ACCEPTED,
     summary="Queue a batch that edits facts into the model's next version",
-    responses=_ERRORS,
+    responses=ERROR_RESPONSES,
 )
 def enqueue_batch(
     request: Request,
@@ -30,7 +29,7 @@ def enqueue_batch(
     model: ModelDep,
     session: SessionDep,
     body: BatchRequest,
-    idempotency_key: IDEMPOTENCY_KEY = None,
+    idempotency_key: IdempotencyKey = None,
 ) -> BatchOut:
     limit = request.app.state.settings.api_max_batch_facts
     if body.fact_ids is not None and len(body.fact_ids) > limit:
@@ -48,7 +47,9 @@ def enqueue_batch(
     return views.batch_out(session, batch)
 
 
-@router.get("/v1/batches", response_model=BatchPage, summary="List batches, newest first", responses=_ERRORS)
+@router.get(
+    "/v1/batches", response_model=BatchPage, summary="List batches, newest first", responses=ERROR_RESPONSES
+)
 def list_batches(
     _: ReadAccess,
     session: SessionDep,
@@ -71,14 +72,17 @@ def list_batches(
     "/v1/batches/{batch_id}",
     response_model=BatchOut,
     summary="A batch's status and progress",
-    responses=_ERRORS,
+    responses=ERROR_RESPONSES,
 )
 def get_batch(_: ReadAccess, session: SessionDep, batch_id: DbId) -> BatchOut:
     return views.batch_out(session, repository.get_batch(session, batch_id))
 
 
 @router.post(
-    "/v1/batches/{batch_id}/cancel", response_model=BatchOut, summary="Cancel a batch", responses=_ERRORS
+    "/v1/batches/{batch_id}/cancel",
+    response_model=BatchOut,
+    summary="Cancel a batch",
+    responses=ERROR_RESPONSES,
 )
 def cancel_batch(principal: WriteAccess, session: SessionDep, batch_id: DbId) -> BatchOut:
     batch = jobs.cancel_batch(session, repository.get_batch(session, batch_id), actor=principal.name)

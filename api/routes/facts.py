@@ -7,21 +7,21 @@ import json
 import re
 import tempfile
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import anyio
-from fastapi import APIRouter, Header, Query, Request, status
+from fastapi import APIRouter, Query, Request, status
 from starlette.concurrency import run_in_threadpool
 
 from api import queue, views
-from api.deps import ModelDep, ReadAccess, SessionDep, WriteAccess
+from api.deps import IdempotencyKey, ModelDep, ReadAccess, SessionDep, WriteAccess
 from api.errors import ApiError
 from api.schemas import (
     DB_INT_MAX,
+    ERROR_RESPONSES,
     NAME_PATTERN,
     BatchOut,
     DbId,
-    ErrorResponse,
     FactDetail,
     FactPage,
     ImportReject,
@@ -35,14 +35,6 @@ from qfedit.db.models import FactStatus
 router = APIRouter(tags=["facts"])
 
 IMPORT_PATH = re.compile(r"^/v1/models/[^/]+/facts/import$")
-IDEMPOTENCY_KEY = Annotated[
-    str | None,
-    Header(
-        alias="Idempotency-Key",
-        pattern=r"^[\x21-\x7e]{1,200}$",
-        description="Retrying with the same key returns the batch the first request made.",
-    ),
-]
 _MEDIA_TYPES = {
     "application/x-ndjson": importing.Format.JSONL,
     "application/jsonl": importing.Format.JSONL,
@@ -50,9 +42,6 @@ _MEDIA_TYPES = {
 }
 # Written to disk in blocks this big, off the event loop.
 _WRITE_BLOCK = 1 << 20
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (401, 403, 404, 409, 413, 415, 422, 503)
-}
 
 
 def _upload_format(explicit: importing.Format | None, content_type: str | None) -> importing.Format:
@@ -106,7 +95,7 @@ def _read_rejects(path: Path | None, limit: int) -> list[ImportReject]:
     description="Each line is validated on its own: bad ones come back in `rejects` with their line "
     "number and reason, the rest are imported. Facts already stored (same content) are skipped, so "
     "re-sending a file imports nothing twice.",
-    responses=_ERRORS,
+    responses=ERROR_RESPONSES,
     openapi_extra={
         "requestBody": {
             "required": True,
@@ -164,7 +153,7 @@ async def import_facts(
     )
 
 
-@router.get("/v1/facts", response_model=FactPage, summary="List and filter facts", responses=_ERRORS)
+@router.get("/v1/facts", response_model=FactPage, summary="List and filter facts", responses=ERROR_RESPONSES)
 def list_facts(
     _: ReadAccess,
     session: SessionDep,
@@ -193,7 +182,7 @@ def list_facts(
     "/v1/facts/{fact_id}",
     response_model=FactDetail,
     summary="One fact and the versions holding it",
-    responses=_ERRORS,
+    responses=ERROR_RESPONSES,
 )
 def get_fact(_: ReadAccess, session: SessionDep, fact_id: DbId) -> FactDetail:
     return views.fact_detail(session, repository.get_fact(session, fact_id))
@@ -204,7 +193,7 @@ def get_fact(_: ReadAccess, session: SessionDep, fact_id: DbId) -> FactDetail:
     response_model=BatchOut,
     status_code=status.HTTP_202_ACCEPTED,
     summary="Retract facts: queue a batch that removes them from the next version",
-    responses=_ERRORS,
+    responses=ERROR_RESPONSES,
 )
 def retract_facts(
     request: Request,
@@ -212,7 +201,7 @@ def retract_facts(
     model: ModelDep,
     session: SessionDep,
     body: RetractRequest,
-    idempotency_key: IDEMPOTENCY_KEY = None,
+    idempotency_key: IdempotencyKey = None,
 ) -> BatchOut:
     settings = request.app.state.settings
     if len(body.fact_ids) > settings.api_max_batch_facts:

@@ -7,8 +7,7 @@ from fastapi import APIRouter, Request
 from api.deps import ModelDep, ReadAccess, SessionDep, StoreDep
 from api.errors import ApiError
 from api.generation import ModelUnavailableError
-from api.routes.facts import _ERRORS
-from api.schemas import GenerateRequest, GenerateResponse
+from api.schemas import ERROR_RESPONSES, GenerateRequest, GenerateResponse
 from qfedit import repository
 from qfedit.serving import PromptTooLongError
 
@@ -19,7 +18,7 @@ router = APIRouter(tags=["generation"])
     "/v1/models/{model}/generate",
     response_model=GenerateResponse,
     summary="Answer a question with a version's weights",
-    responses=_ERRORS,
+    responses=ERROR_RESPONSES,
 )
 def generate(
     request: Request,

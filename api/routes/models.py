@@ -5,10 +5,10 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from api.deps import ModelDep, ReadAccess, SessionDep
-from api.schemas import ModelOut
+from api.schemas import ERROR_RESPONSES, ModelOut
 from qfedit import repository
 
-router = APIRouter(prefix="/v1/models", tags=["models"])
+router = APIRouter(prefix="/v1/models", tags=["models"], responses=ERROR_RESPONSES)
 
 
 @router.get("", response_model=list[ModelOut], summary="List base models")

@@ -10,8 +10,7 @@ from fastapi.responses import FileResponse
 from api import views
 from api.deps import ModelDep, ReadAccess, SessionDep, StoreDep
 from api.errors import ApiError
-from api.routes.facts import _ERRORS
-from api.schemas import MetricChange, VersionDetail, VersionDiffOut, VersionOut, VersionRef
+from api.schemas import ERROR_RESPONSES, MetricChange, VersionDetail, VersionDiffOut, VersionOut, VersionRef
 from qfedit import repository
 
 router = APIRouter(prefix="/v1/models/{model}", tags=["versions"])
@@ -19,7 +18,10 @@ RefPath = Annotated[VersionRef, Path(description="A version number or an alias."
 
 
 @router.get(
-    "/versions", response_model=list[VersionOut], summary="Every version of the model", responses=_ERRORS
+    "/versions",
+    response_model=list[VersionOut],
+    summary="Every version of the model",
+    responses=ERROR_RESPONSES,
 )
 def list_versions(_: ReadAccess, session: SessionDep, model: ModelDep) -> list[VersionOut]:
     aliases = repository.aliases_by_version(session, model)
@@ -29,7 +31,9 @@ def list_versions(_: ReadAccess, session: SessionDep, model: ModelDep) -> list[V
     ]
 
 
-@router.get("/versions/{ref}", response_model=VersionDetail, summary="One version in full", responses=_ERRORS)
+@router.get(
+    "/versions/{ref}", response_model=VersionDetail, summary="One version in full", responses=ERROR_RESPONSES
+)
 def show_version(_: ReadAccess, session: SessionDep, model: ModelDep, ref: RefPath) -> VersionDetail:
     return views.version_detail(session, repository.get_version(session, ref, model=model))
 
@@ -38,7 +42,7 @@ def show_version(_: ReadAccess, session: SessionDep, model: ModelDep, ref: RefPa
     "/diff",
     response_model=VersionDiffOut,
     summary="What changed between two versions",
-    responses=_ERRORS,
+    responses=ERROR_RESPONSES,
 )
 def diff_versions(
     _: ReadAccess,
@@ -70,7 +74,7 @@ def diff_versions(
     summary="Download the version's delta (safetensors)",
     responses={
         200: {"content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
-        **_ERRORS,
+        **ERROR_RESPONSES,
     },
 )
 def download_delta(
