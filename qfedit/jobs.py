@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors.torch import save as save_tensors
 from sqlalchemy import and_, exists, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
@@ -85,8 +85,24 @@ class ModelSettings(BaseModel):
     capture_batch_size: int = Field(default=16, gt=0)
 
 
-def model_settings(model: Model) -> ModelSettings:
-    return ModelSettings.model_validate(model.settings or {})
+def _merged(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        merged[key] = (
+            _merged(merged[key], value)
+            if isinstance(value, dict) and isinstance(merged.get(key), dict)
+            else value
+        )
+    return merged
+
+
+def model_settings(model: Model, overrides: dict[str, Any] | None = None) -> ModelSettings:
+    """The model's settings, with a batch's hyper-parameters over them (e.g. `{"solve": {"lam": 10}}`)."""
+    return ModelSettings.model_validate(_merged(model.settings or {}, overrides or {}))
+
+
+def batch_settings(batch: Batch) -> ModelSettings:
+    return model_settings(batch.model, batch.hyperparameters)
 
 
 def edit_layer(model: Model, settings: ModelSettings) -> int:
@@ -121,7 +137,16 @@ def submit_batch(
     idempotency_key: str | None = None,
     hyperparameters: dict[str, Any] | None = None,
 ) -> Batch:
-    """A queued edit batch; `fact_ids=None` takes every pending fact of the model."""
+    """A queued edit batch; `fact_ids=None` takes every pending fact of the model.
+
+    `hyperparameters` override the model's settings for this batch (validated here, so a typo is
+    refused at submission rather than failing the batch later)."""
+    try:
+        model_settings(model, hyperparameters)
+    except ValidationError as error:
+        first = error.errors()[0]
+        field = ".".join(str(part) for part in first["loc"])
+        raise ValueError(f"hyperparameters: field {field!r}: {first['msg']}") from None
     if idempotency_key is not None:
         existing = session.scalar(select(Batch).where(Batch.idempotency_key == idempotency_key))
         if existing is not None and fact_ids is None:
@@ -208,7 +233,7 @@ def start_batch(session: Session, batch_id: int) -> Next:
     if batch.status in FINAL:
         return Next()
     model = batch.model
-    settings = model_settings(model)
+    settings = batch_settings(batch)
     if batch.status == BatchStatus.QUEUED:
         taken = session.execute(
             update(Model)
@@ -341,7 +366,7 @@ def capture_shard(
         session.commit()
         return batch_id if advanced else None
     model = batch.model
-    settings = model_settings(model)
+    settings = batch_settings(batch)
     layer = edit_layer(model, settings)
     rows = list(session.scalars(select(FactRow).where(FactRow.id.in_(shard.fact_ids)).order_by(FactRow.id)))
     session.rollback()  # no transaction held open across the forward passes
@@ -489,7 +514,7 @@ def solve_batch(
         if existing is not None or batch.status not in (BatchStatus.SOLVING, BatchStatus.EVALUATING):
             return SolveOutcome(existing, False)
         model = batch.model
-        config = model_settings(model)
+        config = batch_settings(batch)
         layer = edit_layer(model, config)
         parent = (
             session.get(Version, batch.parent_version_id) if batch.parent_version_id is not None else None
