@@ -20,7 +20,7 @@ from api.schemas import NAME_PATTERN
 from qfedit import repository
 from qfedit.config import Settings
 from qfedit.db.models import Model
-from qfedit.store import CheckpointStore
+from qfedit.store import CheckpointStore, store_from_settings
 
 Scope = Literal["read", "write", "admin"]
 _RANK: dict[str, int] = {"read": 0, "write": 1, "admin": 2}
@@ -60,7 +60,7 @@ SessionDep = Annotated[Session, Depends(get_session)]
 
 
 def get_store(settings: SettingsDep) -> CheckpointStore:
-    return CheckpointStore(settings.store_dir)
+    return store_from_settings(settings)
 
 
 StoreDep = Annotated[CheckpointStore, Depends(get_store)]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -30,6 +30,14 @@ class Settings(BaseSettings):
     data_dir: Path = Path("qfedit-data")
     database_url: str | None = None
     broker_url: str | None = None
+    # The checkpoint store. Unset: the folder `data_dir/store`. A path or `file://` URL: that
+    # folder (a shared filesystem for several hosts). `s3://bucket/prefix`: S3-compatible object
+    # storage through fsspec; credentials come from the usual AWS variables or `store_options`.
+    store_url: str | None = None
+    store_endpoint_url: str | None = None
+    """HTTP endpoint of an S3-compatible server (MinIO, Ceph, R2); unset means AWS itself."""
+    store_options: dict[str, Any] = Field(default_factory=dict)
+    """Further fsspec storage options, JSON (e.g. `{"client_kwargs": {"region_name": "eu-west-1"}}`)."""
     device: str = "cpu"
     dtype: str = "float32"
     # The queue.

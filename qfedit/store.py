@@ -4,6 +4,10 @@ A file is written to a temporary name, fsynced, and renamed into place, so a cra
 a half file under a real name; only then does the caller record it in the database. A crash in
 between leaves an unreferenced file, which `gc` finds. Paths read back from the database are
 resolved inside the store or refused, and every read verifies the sha256.
+
+The folder may be a shared filesystem (NFS and the like: rename is atomic there too); for
+S3-compatible object storage, `store_from_settings` returns `qfedit.object_store`'s store, which
+keeps the same guarantees with what object storage offers in place of rename.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from typing import TYPE_CHECKING, BinaryIO
 if TYPE_CHECKING:
     import torch
 
+    from qfedit.config import Settings
+
 logger = logging.getLogger(__name__)
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -36,7 +42,7 @@ class StoreError(RuntimeError):
 
 
 class ChecksumMismatch(StoreError):
-    def __init__(self, path: Path, expected: str, actual: str) -> None:
+    def __init__(self, path: Path | str, expected: str, actual: str) -> None:
         self.path = path
         self.expected = expected
         self.actual = actual
@@ -50,6 +56,37 @@ class StoredObject:
     sha256: str
     path: str  # relative to the store root; what the database records
     size: int
+
+
+def check_suffix(suffix: str) -> None:
+    # The suffix becomes part of a file name (and an object key): nothing that could add a folder.
+    if not re.fullmatch(r"(\.[A-Za-z0-9]+)*", suffix):
+        raise ValueError(f"suffix {suffix!r} must be like '.safetensors'")
+
+
+def spool(stream: BinaryIO, directory: Path) -> tuple[Path, str, int]:
+    """Copy `stream` to a new temporary file in `directory`, fsynced; its path, sha256 and size.
+
+    The caller owns the file (renames or removes it). Hashing while copying means the content's
+    name is known before it is published anywhere.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    size = 0
+    fd, name = tempfile.mkstemp(dir=directory, suffix=".part")
+    path = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            while chunk := stream.read(_CHUNK):
+                digest.update(chunk)
+                out.write(chunk)
+                size += len(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return path, digest.hexdigest(), size
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -86,23 +123,9 @@ class CheckpointStore:
         return self.put_bytes(save({name: t.contiguous() for name, t in tensors.items()}, metadata=metadata))
 
     def _put_stream(self, stream: BinaryIO, suffix: str) -> StoredObject:
-        if not re.fullmatch(r"(\.[A-Za-z0-9]+)*", suffix):
-            raise ValueError(f"suffix {suffix!r} must be like '.safetensors'")
-        tmp_dir = self.root / TMP
-        tmp_dir.mkdir(parents=True, exist_ok=True)
-        digest = hashlib.sha256()
-        size = 0
-        fd, tmp_name = tempfile.mkstemp(dir=tmp_dir, suffix=".part")
-        tmp_path = Path(tmp_name)
+        check_suffix(suffix)
+        tmp_path, sha, size = spool(stream, self.root / TMP)
         try:
-            with os.fdopen(fd, "wb") as out:
-                while chunk := stream.read(_CHUNK):
-                    digest.update(chunk)
-                    out.write(chunk)
-                    size += len(chunk)
-                out.flush()
-                os.fsync(out.fileno())
-            sha = digest.hexdigest()
             relative = self.relative_path(sha, suffix)
             final = self.root / relative
             final.parent.mkdir(parents=True, exist_ok=True)
@@ -209,3 +232,28 @@ class CheckpointStore:
             logger.info("removed unreferenced %s", relative)
             removed += 1
         return removed
+
+
+def store_from_settings(settings: Settings) -> CheckpointStore:
+    """The store `settings` name: `QFEDIT_STORE_URL`, or the folder `QFEDIT_DATA_DIR/store`.
+
+    A plain path or `file://` URL is a folder (local or a shared filesystem mounted on every
+    host); any other URL (`s3://bucket/prefix`) is object storage through fsspec, imported only
+    then so that the folder store needs none of it.
+    """
+    url = settings.store_url
+    if not url:
+        return CheckpointStore(settings.store_dir)
+    scheme, separator, rest = url.partition("://")
+    if not separator:
+        return CheckpointStore(Path(url))
+    if scheme == "file":
+        return CheckpointStore(Path(rest))
+    from qfedit.object_store import ObjectCheckpointStore
+
+    options = dict(settings.store_options)
+    if settings.store_endpoint_url:
+        if scheme not in {"s3", "s3a"}:
+            raise ValueError(f"QFEDIT_STORE_ENDPOINT_URL applies to s3:// stores, not {scheme}://")
+        options.setdefault("endpoint_url", settings.store_endpoint_url)
+    return ObjectCheckpointStore(url, cache_dir=settings.cache_dir / "store", storage_options=options)

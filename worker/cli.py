@@ -322,7 +322,7 @@ def demo(
     from qfedit.importing import import_facts
     from qfedit.modeling import weights_fingerprint
     from qfedit.serving import load_version_delta
-    from qfedit.store import CheckpointStore
+    from qfedit.store import store_from_settings
 
     settings = get_settings()
     chosen = read_jsonl(EDITS_PATH)[:facts]
@@ -366,7 +366,7 @@ def demo(
 
         version = session.scalar(select(Version).where(Version.batch_id == batch_id))
         assert version is not None
-        delta = load_version_delta(CheckpointStore(settings.store_dir), version)
+        delta = load_version_delta(store_from_settings(settings), version)
         return delta, {
             "label": version.label,
             "metrics": version.metrics,

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from qfedit.config import Settings
 from qfedit.db import engine_from_settings, session_factory
 from qfedit.jobs import ModelCache
-from qfedit.store import CheckpointStore
+from qfedit.store import CheckpointStore, store_from_settings
 
 
 @dataclass
@@ -28,6 +28,6 @@ def make_runtime(settings: Settings) -> Runtime:
     return Runtime(
         settings=settings,
         sessions=session_factory(engine_from_settings(settings)),
-        store=CheckpointStore(settings.store_dir),
+        store=store_from_settings(settings),
         models=ModelCache(settings),
     )

@@ -14,7 +14,7 @@ from qfedit.cli import app
 from qfedit.cli.engine import ChatTemplate, load, quiet_transformers
 from qfedit.cli.state import _in_session, _model_or_none, _ready_engine, _user_errors, console
 from qfedit.config import get_settings
-from qfedit.store import CheckpointStore
+from qfedit.store import store_from_settings
 
 
 class ExportFormat(str, enum.Enum):
@@ -77,7 +77,7 @@ def serve(
             follower = follow_alias(
                 loaded,
                 sessions=sessions,
-                store=CheckpointStore(settings.store_dir),
+                store=store_from_settings(settings),
                 model_name=model_name,
                 alias=alias,
                 poll_s=poll,
@@ -121,7 +121,7 @@ def export_command(
                 f"{base}: these weights are not the registered base of {model.name!r} "
                 f"(fingerprint {model.fingerprint[:16]}…); the version's delta was solved for those"
             )
-        delta = load_version_delta(CheckpointStore(get_settings().store_dir), version)
+        delta = load_version_delta(store_from_settings(get_settings()), version)
         info = {
             "version": version.label,
             "base_model": model.name,

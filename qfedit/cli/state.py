@@ -27,7 +27,7 @@ from qfedit.db.engine import engine_from_settings, session_factory
 from qfedit.db.guards import ImmutableRowError
 from qfedit.db.models import AuditEntry, FactStatus
 from qfedit.facts import FactError
-from qfedit.store import CheckpointStore, StoreError
+from qfedit.store import StoreError, store_from_settings
 
 logger = logging.getLogger(__name__)
 console = Console()
@@ -395,7 +395,7 @@ def diff_command(
         model = _model_or_none(session, model_name)
         old = repository.get_version(session, old_ref, model=model)
         new = repository.get_version(session, new_ref, model=model)
-        diff = repository.diff_versions(session, old, new, store=CheckpointStore(get_settings().store_dir))
+        diff = repository.diff_versions(session, old, new, store=store_from_settings(get_settings()))
         if as_json:
             _emit_json(
                 {
@@ -630,7 +630,7 @@ def gc_command(
     from qfedit import repository
 
     def work(session: Session) -> None:
-        store = CheckpointStore(get_settings().store_dir)
+        store = store_from_settings(get_settings())
         garbage = store.garbage(repository.referenced_checkpoints(session), min_age_s=min_age)
         if not dry_run:
             store.remove(garbage)
