@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
 from rich.console import Console
@@ -38,11 +39,15 @@ def main() -> None:
     parser.add_argument("--lam", type=float, nargs="+", default=[DEMO_SOLVE["lam"]])
     parser.add_argument("--ridge", type=float, default=DEMO_SOLVE["ridge"])
     parser.add_argument("--known", type=int, default=100, help="known facts checked for specificity")
+    parser.add_argument("--model-dir", type=Path, default=DEMO_MODEL_DIR)
+    parser.add_argument("--data-dir", type=Path, default=None, help="edits/known/unknown.jsonl (default: bundled)")
     args = parser.parse_args()
+    if args.data_dir is not None:
+        EDITS_PATH, KNOWN_PATH, UNKNOWN_PATH = (args.data_dir / f"{n}.jsonl" for n in ("edits", "known", "unknown"))
     torch.manual_seed(0)
     console = Console()
 
-    loaded = load_model(DEMO_MODEL_DIR)
+    loaded = load_model(args.model_dir)
     edits = read_jsonl(EDITS_PATH)
     known = read_jsonl(KNOWN_PATH)[: args.known]
     unknown = [f.question for f in read_jsonl(UNKNOWN_PATH)]

@@ -1,0 +1,45 @@
+"""The embedded default: no broker configured, the CLI runs a batch through the same tasks with a
+broker in the data folder and a worker child, on the SQLite file in the data folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from qfedit.facts import write_jsonl
+
+from .conftest import fact
+
+
+def _qfedit(env: dict[str, str], cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "qfedit", *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_batch_submit_runs_through_the_queue_without_configuration(
+    tiny_model_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QFEDIT_")}
+    env["TRANSFORMERS_VERBOSITY"] = "error"
+    write_jsonl([fact(i) for i in range(3)], tmp_path / "facts.jsonl")
+    steps = [
+        ("model", "add", "tiny", str(tiny_model_dirs["qwen2"]), "--layer", "1"),
+        ("model", "configure", "tiny", "--set", "solve.rule=seed"),
+        ("import", "facts.jsonl", "--model", "tiny"),
+        ("batch", "submit", "--model", "tiny"),
+    ]
+    for step in steps:
+        done = _qfedit(env, tmp_path, *step)
+        assert done.returncode == 0, f"{step}: {done.stdout}\n{done.stderr}"
+    assert "batch 1 published" in done.stdout
+    versions = json.loads(_qfedit(env, tmp_path, "versions", "--json").stdout)
+    assert sorted(v["number"] for v in versions) == [0, 1]
+    assert (tmp_path / "qfedit-data" / "qfedit.db").is_file()
+    assert (tmp_path / "qfedit-data" / "broker").is_dir()
+    # Nothing pending: a second submit is refused with the reason, and nothing changes.
+    again = _qfedit(env, tmp_path, "batch", "submit", "--model", "tiny")
+    assert again.returncode != 0 and "no pending facts" in again.stderr + again.stdout
