@@ -1,0 +1,104 @@
+"""The engine's commands on a local model directory: edit, ask, eval, layers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tiny_models import FACTS
+from typer.testing import CliRunner
+
+from qfedit.cli import get_app
+from qfedit.facts import write_jsonl
+
+runner = CliRunner()
+
+
+def test_edit_ask_eval_on_a_local_model(tiny_model_dirs: dict[str, Path], tmp_path: Path) -> None:
+    model = str(tiny_model_dirs["qwen2"])
+    write_jsonl(FACTS, tmp_path / "facts.jsonl")
+    out = tmp_path / "delta.safetensors"
+    done = runner.invoke(
+        get_app(),
+        ["edit", model, str(tmp_path / "facts.jsonl"), "--layer", "2", "--rule", "seed", "--out", str(out)],
+    )
+    assert done.exit_code == 0, done.output
+    assert out.is_file() and "|dW|/|W|" in done.output
+    asked = runner.invoke(get_app(), ["ask", model, FACTS[0].question, "--delta", str(out)])
+    assert asked.exit_code == 0, asked.output
+    measured = runner.invoke(
+        get_app(), ["eval", model, str(tmp_path / "facts.jsonl"), "--delta", str(out), "--json"]
+    )
+    assert measured.exit_code == 0, measured.output
+    report = json.loads(measured.stdout)
+    assert {"efficacy", "paraphrase", "specificity", "abstention", "counts"} <= set(report)
+    assert all(0.0 <= report[key] <= 1.0 for key in ("efficacy", "paraphrase", "specificity", "abstention"))
+    assert report["counts"]["facts"] == len(FACTS)
+
+
+def test_a_bad_fact_names_line_and_field_and_writes_nothing(
+    tiny_model_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    lines = [
+        json.dumps(FACTS[0].to_json()),
+        json.dumps({"question": "q?", "answer": "a b", "context": "c", "significance": [1]}),
+    ]
+    (tmp_path / "facts.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "delta.safetensors"
+    done = runner.invoke(
+        get_app(),
+        [
+            "edit",
+            str(tiny_model_dirs["qwen2"]),
+            str(tmp_path / "facts.jsonl"),
+            "--layer",
+            "1",
+            "--rule",
+            "seed",
+            "--out",
+            str(out),
+        ],
+    )
+    assert done.exit_code == 2
+    assert "facts.jsonl line 2: field 'significance'" in done.output
+    assert not out.exists() and not list(tmp_path.glob("*.partial"))
+
+
+def test_preserving_rule_without_a_corpus_is_refused_before_any_work(
+    tiny_model_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    write_jsonl(FACTS, tmp_path / "facts.jsonl")
+    out = tmp_path / "delta.safetensors"
+    done = runner.invoke(
+        get_app(),
+        [
+            "edit",
+            str(tiny_model_dirs["qwen2"]),
+            str(tmp_path / "facts.jsonl"),
+            "--layer",
+            "1",
+            "--out",
+            str(out),
+        ],
+    )
+    assert done.exit_code == 2 and "preservation corpus" in done.output
+    assert not out.exists()
+    write_jsonl(FACTS, tmp_path / "known.jsonl")
+    done = runner.invoke(
+        get_app(),
+        [
+            "edit",
+            str(tiny_model_dirs["qwen2"]),
+            str(tmp_path / "facts.jsonl"),
+            "--layer",
+            "1",
+            "--out",
+            str(out),
+            "--preserve",
+            str(tmp_path / "known.jsonl"),
+            "--lam",
+            "0.5",
+        ],
+    )
+    assert done.exit_code == 0, done.output
+    assert "rule preserve" in done.output
