@@ -706,3 +706,23 @@ def stalled_batches(session: Session, older_than_s: float) -> list[int]:
     return list(
         session.scalars(select(Batch.id).where(and_(Batch.status.in_(in_flight), Batch.updated_at < cutoff)))
     )
+
+
+@dataclass(frozen=True)
+class Progress:
+    stage: str
+    facts: int
+    captured: int
+    """Facts of the batch whose observations are stored (captured now or by an earlier batch)."""
+
+
+def batch_progress(session: Session, batch: Batch) -> Progress:
+    facts = repository.batch_fact_count(session, batch)
+    shards = list(session.scalars(select(BatchShard).where(BatchShard.batch_id == batch.id)))
+    to_capture = sum(len(shard.fact_ids) for shard in shards)
+    done = sum(len(shard.fact_ids) for shard in shards if shard.status == ShardStatus.DONE)
+    if batch.status == BatchStatus.QUEUED:
+        captured = 0
+    else:
+        captured = facts - to_capture + done if batch.kind == BatchKind.EDIT else facts
+    return Progress(batch.status.value, facts, captured)

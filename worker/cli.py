@@ -60,8 +60,8 @@ def beat(
     app_for(settings).start(["beat", "--loglevel", loglevel, "--schedule", str(schedule)])
 
 
-def _describe(batch: Batch) -> dict[str, object]:
-    return {
+def _describe(batch: Batch, progress: jobs.Progress | None = None) -> dict[str, object]:
+    info: dict[str, object] = {
         "id": batch.id,
         "model": batch.model.name,
         "kind": batch.kind.value,
@@ -73,6 +73,9 @@ def _describe(batch: Batch) -> dict[str, object]:
         "idempotency_key": batch.idempotency_key,
         "created_at": batch.created_at.isoformat(),
     }
+    if progress is not None:
+        info.update(facts=progress.facts, captured=progress.captured)
+    return info
 
 
 @contextmanager
@@ -115,8 +118,10 @@ def watch_batch(
         while True:
             with sessions() as session:
                 batch = repository.get_batch(session, batch_id)
+                state = jobs.batch_progress(session, batch)
                 session.expunge_all()
-            progress.update(task, description=batch.status.value, completed=batch.progress)
+            described = f"{state.stage}, {state.captured}/{state.facts} facts captured"
+            progress.update(task, description=described, completed=batch.progress)
             if batch.status in jobs.FINAL:
                 return batch
             if child is not None and child.poll() is not None:
@@ -212,7 +217,8 @@ def batch_status(batch_id: int, as_json: JsonOption = False) -> None:
     """Show a batch: stage, progress, attempts, error."""
 
     def work(session: Session) -> None:
-        info = _describe(repository.get_batch(session, batch_id))
+        batch = repository.get_batch(session, batch_id)
+        info = _describe(batch, jobs.batch_progress(session, batch))
         if as_json:
             _emit_json(info)
             return

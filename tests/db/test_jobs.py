@@ -64,3 +64,20 @@ def test_pending_means_every_pending_fact_and_none_is_an_error(session: Session)
         ).id
         == batch.id
     )
+
+
+def test_progress_counts_captured_facts(session: Session) -> None:
+    from qfedit.db import BatchShard, ShardStatus
+
+    model = add_model(session)
+    model.settings = {"layer": 1, "shard_size": 2}
+    batch = jobs.submit_batch(session, model=model, fact_ids=add_facts(session, model, 3), requested_by="t")
+    session.commit()
+    assert jobs.batch_progress(session, batch) == jobs.Progress("queued", 3, 0)
+    started = jobs.start_batch(session, batch.id)
+    assert jobs.batch_progress(session, batch) == jobs.Progress("capturing", 3, 0)
+    shard = session.get(BatchShard, started.capture[0])
+    assert shard is not None
+    shard.status = ShardStatus.DONE
+    session.flush()
+    assert jobs.batch_progress(session, batch) == jobs.Progress("capturing", 3, len(shard.fact_ids))
