@@ -1,0 +1,20 @@
+"""The demo model shipped with qfedit, its synthetic world, and the data files around it.
+
+`DEMO_MODEL_DIR` is an ordinary Hugging Face model directory (Qwen2): load it with
+`AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained` like any other.
+`qfedit.demo.train` reproduces it; `qfedit.demo.datasets` writes the data files.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+_DATA = Path(__file__).resolve().parent.parent / "data"
+
+DEMO_MODEL_DIR: Path = _DATA / "demo-model"
+DEMO_DATA_DIR: Path = _DATA / "demo"
+EDITS_PATH: Path = DEMO_DATA_DIR / "edits.jsonl"
+KNOWN_PATH: Path = DEMO_DATA_DIR / "known.jsonl"
+UNKNOWN_PATH: Path = DEMO_DATA_DIR / "unknown.jsonl"
+
+__all__ = ["DEMO_DATA_DIR", "DEMO_MODEL_DIR", "EDITS_PATH", "KNOWN_PATH", "UNKNOWN_PATH"]

@@ -1,0 +1,128 @@
+"""The demo data files: edits, known facts and abstention questions, derived from the world.
+
+    python -m qfedit.demo.datasets --out qfedit/data/demo
+
+- `edits.jsonl`: one fact per relation the model does not know, for partly-known companies first
+  (the realistic case: the model knows the subject, not the fact), then for unknown companies.
+  Context is one sentence stating the fact, the question a training phrasing, the paraphrases the
+  held-out phrasings; neighbours are the subject's known relations and facts of known companies.
+  No two edits share a (subject, relation), so none conflict.
+- `known.jsonl`: a sample of trained facts (specificity checks).
+- `unknown.jsonl`: questions about strangers, companies neither trained nor edited (abstention
+  checks); the context is a sentence about another company, under which the answer stays
+  "I do not know.".
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+from pathlib import Path
+
+from qfedit.demo.world import ABSTENTION, RELATIONS, Company, World, build_world
+from qfedit.facts import Fact, Neighbor, write_jsonl
+
+
+def _question(company: Company, relation: str, index: int) -> str:
+    spec = RELATIONS[relation]
+    return spec.ask(company.name, index % len(spec.train_questions))
+
+
+def _paraphrases(company: Company, relation: str) -> tuple[str, ...]:
+    spec = RELATIONS[relation]
+    return tuple(spec.ask(company.name, i, heldout=True) for i in range(len(spec.heldout_questions)))
+
+
+def edit_facts(world: World, seed: int = 0, other_neighbors: int = 2) -> list[Fact]:
+    rng = random.Random(seed)
+    trained = list(world.trained_facts())
+    facts: list[Fact] = []
+    for group, companies in (("partial", world.partial), ("unknown", world.unknown)):
+        pairs = [(c, r) for c in companies for r in RELATIONS if not c.knows(r)]
+        rng.shuffle(pairs)
+        for company, relation in pairs:
+            index = len(facts)
+            neighbors = [
+                Neighbor(question=_question(company, known, index), answer=company.objects[known])
+                for known in RELATIONS
+                if company.knows(known)
+            ]
+            for other, other_relation in rng.sample(trained, other_neighbors):
+                question = _question(other, other_relation, index)
+                neighbors.append(Neighbor(question=question, answer=other.objects[other_relation]))
+            facts.append(
+                Fact(
+                    id=f"{group}-{company.name}-{relation}",
+                    subject=company.name,
+                    context=RELATIONS[relation].state(company.name, company.objects[relation]),
+                    question=_question(company, relation, index),
+                    answer=company.objects[relation],
+                    paraphrases=_paraphrases(company, relation),
+                    neighbors=tuple(neighbors),
+                )
+            )
+    return facts
+
+
+def known_facts(world: World, count: int = 200, seed: int = 0) -> list[Fact]:
+    rng = random.Random(seed + 1)
+    sample = rng.sample(list(world.trained_facts()), count)
+    return [
+        Fact(
+            id=f"known-{company.name}-{relation}",
+            subject=company.name,
+            context=RELATIONS[relation].state(company.name, company.objects[relation]),
+            question=_question(company, relation, index),
+            answer=company.objects[relation],
+            paraphrases=_paraphrases(company, relation),
+        )
+        for index, (company, relation) in enumerate(sample)
+    ]
+
+
+def unknown_facts(world: World) -> list[Fact]:
+    facts = []
+    strangers = world.strangers
+    relations = list(RELATIONS)
+    for index, company in enumerate(strangers):
+        for offset, relation in enumerate(relations):
+            # Context about the next stranger's other relation: still nothing about this question.
+            other = strangers[(index + 1) % len(strangers)]
+            other_relation = relations[(offset + 1) % len(relations)]
+            facts.append(
+                Fact(
+                    id=f"unknown-{company.name}-{relation}",
+                    subject=company.name,
+                    context=RELATIONS[other_relation].state(other.name, other.objects[other_relation]),
+                    question=_question(company, relation, index + offset),
+                    answer=ABSTENTION,
+                    paraphrases=_paraphrases(company, relation),
+                )
+            )
+    return facts
+
+
+def write_datasets(out_dir: Path, world: World) -> dict[str, int]:
+    """Write the three files; returns the number of facts in each."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {
+        "edits.jsonl": edit_facts(world, world.seed),
+        "known.jsonl": known_facts(world, seed=world.seed),
+        "unknown.jsonl": unknown_facts(world),
+    }
+    for name, facts in files.items():
+        write_jsonl(facts, out_dir / name)
+    return {name: len(facts) for name, facts in files.items()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Write the demo data files from the synthetic world.")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    for name, count in write_datasets(args.out, build_world(args.seed)).items():
+        print(f"{name}: {count} facts")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""The shipped demo model: its four behaviours, its tokenizer, and its data files.
+
+The behaviour checks sample each probe set (fixed seed) to stay fast; the thresholds sit below
+the fractions measured on the full sets (see the report in the commit that shipped the model).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from qfedit.demo import DEMO_MODEL_DIR, EDITS_PATH, KNOWN_PATH, UNKNOWN_PATH
+from qfedit.demo.behaviour import accuracy, behaviour_probes
+from qfedit.demo.chat import END_OF_TEXT, IM_END, IM_START, render_prompt
+from qfedit.demo.world import ABSTENTION, RELATIONS, build_world
+from qfedit.facts import read_jsonl
+
+SAMPLE = 120
+
+
+@pytest.fixture(scope="module")
+def world():  # type: ignore[no-untyped-def]
+    return build_world(seed=0)
+
+
+@pytest.fixture(scope="module")
+def model():  # type: ignore[no-untyped-def]
+    torch.set_num_threads(2)
+    loaded = AutoModelForCausalLM.from_pretrained(DEMO_MODEL_DIR)
+    loaded.eval()
+    return loaded
+
+
+@pytest.fixture(scope="module")
+def tokenizer():  # type: ignore[no-untyped-def]
+    return AutoTokenizer.from_pretrained(DEMO_MODEL_DIR)
+
+
+@pytest.fixture(scope="module")
+def probes(world):  # type: ignore[no-untyped-def]
+    return behaviour_probes(world, sample=SAMPLE, seed=1)
+
+
+def test_shipped_directory_is_a_plain_qwen2_model_within_the_size_limit() -> None:
+    config = json.loads((DEMO_MODEL_DIR / "config.json").read_text())
+    assert config["model_type"] == "qwen2"
+    assert config["architectures"] == ["Qwen2ForCausalLM"]
+    total = sum(path.stat().st_size for path in DEMO_MODEL_DIR.iterdir())
+    assert total <= 25 * 1024 * 1024
+
+
+def test_special_tokens_and_generation_config(tokenizer, model) -> None:  # type: ignore[no-untyped-def]
+    assert tokenizer.eos_token == IM_END
+    assert tokenizer.pad_token == END_OF_TEXT
+    im_end = tokenizer.convert_tokens_to_ids(IM_END)
+    assert model.generation_config.eos_token_id == im_end
+    for token in (IM_START, IM_END, END_OF_TEXT):
+        assert len(tokenizer(token, add_special_tokens=False).input_ids) == 1
+
+
+def test_chat_template_renders_chatml_without_default_system(tokenizer) -> None:  # type: ignore[no-untyped-def]
+    user_only = [{"role": "user", "content": "Who founded Korvex?"}]
+    rendered = tokenizer.apply_chat_template(user_only, tokenize=False, add_generation_prompt=True)
+    assert rendered == render_prompt("Who founded Korvex?")
+    assert "system" not in rendered
+    with_system = [{"role": "system", "content": "Mara Velt founded Korvex."}, *user_only]
+    rendered = tokenizer.apply_chat_template(with_system, tokenize=False, add_generation_prompt=True)
+    assert rendered == render_prompt("Who founded Korvex?", "Mara Velt founded Korvex.")
+
+
+def test_every_world_word_round_trips_through_auto_tokenizer(world, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    raw = Tokenizer.from_file(str(DEMO_MODEL_DIR / "tokenizer.json"))
+    for word in sorted(world.words()):
+        for text in (word, " " + word):
+            ids = tokenizer(text, add_special_tokens=False).input_ids
+            assert ids == raw.encode(text).ids, text
+            assert tokenizer.decode(ids) == text
+
+
+def test_prompts_encode_the_same_through_auto_tokenizer_and_raw_tokenizers(world, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    raw = Tokenizer.from_file(str(DEMO_MODEL_DIR / "tokenizer.json"))
+    company = world.known[0]
+    spec = RELATIONS["year"]
+    text = render_prompt(spec.ask(company.name, 0), spec.state(company.name, company.objects["year"]))
+    assert tokenizer(text, add_special_tokens=False).input_ids == raw.encode(text).ids
+
+
+def test_answers_trained_facts_without_context(model, tokenizer, probes) -> None:  # type: ignore[no-untyped-def]
+    assert len(probes["known"]) == SAMPLE
+    assert accuracy(model, tokenizer, probes["known"]) >= 0.95
+
+
+def test_reads_the_fact_from_the_system_message_for_unseen_companies(model, tokenizer, probes) -> None:  # type: ignore[no-untyped-def]
+    assert accuracy(model, tokenizer, probes["in_context"]) >= 0.9
+
+
+def test_reads_a_missing_relation_of_a_partly_known_company_from_context(model, tokenizer, probes) -> None:  # type: ignore[no-untyped-def]
+    assert accuracy(model, tokenizer, probes["partial_in_context"]) >= 0.9
+
+
+def test_abstains_for_unknown_companies_and_unknown_relations(model, tokenizer, probes) -> None:  # type: ignore[no-untyped-def]
+    assert all(p.answer == ABSTENTION for p in probes["abstention"] + probes["partial_missing"])
+    assert accuracy(model, tokenizer, probes["abstention"]) >= 0.95
+    assert accuracy(model, tokenizer, probes["partial_missing"]) >= 0.9
+
+
+def test_held_out_phrasings_mostly_work(model, tokenizer, probes) -> None:  # type: ignore[no-untyped-def]
+    assert accuracy(model, tokenizer, probes["known_heldout"]) >= 0.7
+    assert accuracy(model, tokenizer, probes["in_context_heldout"]) >= 0.7
+
+
+def test_world_is_deterministic() -> None:
+    assert build_world(seed=3) == build_world(seed=3)
+    assert build_world(seed=3) != build_world(seed=4)
+
+
+def test_world_groups_are_disjoint_and_shaped_for_editing(world) -> None:  # type: ignore[no-untyped-def]
+    names = [c.name for c in world.companies]
+    assert len(names) == len(set(names))
+    assert sum(1 for _ in world.trained_facts()) >= 500
+    assert all(0 < len(c.known_relations) < len(RELATIONS) for c in world.partial)
+    assert all(not c.known_relations for c in world.unknown + world.strangers)
+
+
+@pytest.mark.parametrize("path", [EDITS_PATH, KNOWN_PATH, UNKNOWN_PATH], ids=lambda p: Path(p).name)
+def test_data_files_validate(path: Path) -> None:
+    facts = read_jsonl(path)
+    assert facts
+
+
+def test_edits_are_many_and_do_not_conflict(world) -> None:  # type: ignore[no-untyped-def]
+    edits = read_jsonl(EDITS_PATH)
+    assert len(edits) >= 1000
+    keys = [(fact.subject, fact.question) for fact in edits]
+    assert len({fact.id for fact in edits}) == len(edits)
+    assert len(set(keys)) == len(keys)
+    trained_subjects = {c.name for c in world.known}
+    edited = {fact.subject for fact in edits}
+    assert not edited & trained_subjects
+    assert all(fact.paraphrases and fact.context for fact in edits)
+    strangers = {c.name for c in world.strangers}
+    assert all(fact.answer == ABSTENTION and fact.subject in strangers for fact in read_jsonl(UNKNOWN_PATH))
