@@ -8,6 +8,7 @@ Cached on disk by (base fingerprint, layer, corpus digest, sample count): comput
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -31,12 +32,36 @@ def corpus_digest(texts: Sequence[str]) -> str:
     return digest.hexdigest()
 
 
-def fact_texts(loaded: LoadedModel, facts: Iterable[Fact]) -> list[str]:
-    """Chat transcripts (question and answer, no context) of facts the edit should leave alone."""
+def transcript(loaded: LoadedModel, question: str, answer: str) -> str:
+    """A question and its answer in the chat template, without context: what the model says now."""
     from qfedit.capture import chat_prompt
 
-    eos = loaded.tokenizer.eos_token or ""
-    return [chat_prompt(loaded.tokenizer, fact.question) + fact.answer + eos for fact in facts]
+    return chat_prompt(loaded.tokenizer, question) + answer + (loaded.tokenizer.eos_token or "")
+
+
+def fact_texts(loaded: LoadedModel, facts: Iterable[Fact]) -> list[str]:
+    """Chat transcripts (question and answer, no context) of facts the edit should leave alone."""
+    return [transcript(loaded, fact.question, fact.answer) for fact in facts]
+
+
+def corpus_texts(loaded: LoadedModel, paths: Sequence[Path]) -> list[str]:
+    """A preservation corpus from files: JSONL records with `question` and `answer` become chat
+    transcripts (any other field is ignored), any other file gives one text per non-empty line."""
+    texts: list[str] = []
+    for path in paths:
+        if path.suffix != ".jsonl":
+            texts += [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            continue
+        with path.open(encoding="utf-8") as handle:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                record = json.loads(line)
+                for field in ("question", "answer"):
+                    if not isinstance(record.get(field), str):
+                        raise ValueError(f"{path.name} line {number}: field {field!r}: a string is required")
+                texts.append(transcript(loaded, record["question"], record["answer"]))
+    return texts
 
 
 def _cache_path(cache_dir: Path, loaded: LoadedModel, layer: int, digest: str, samples: int) -> Path:

@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from qfedit import repository
 from qfedit.capture import CaptureOptions, capture
 from qfedit.config import Settings
-from qfedit.covariance import compute_covariance, fact_texts
+from qfedit.covariance import compute_covariance, corpus_texts
 from qfedit.db.models import (
     Batch,
     BatchKind,
@@ -626,13 +626,7 @@ def build_preservation(
         raise PoisonBatchError(
             "the preserving rule needs a preservation corpus or known facts in the model's settings"
         )
-    texts: list[str] = []
-    for name in corpus:
-        path = Path(name)
-        if path.suffix == ".jsonl":
-            texts += fact_texts(loaded, _read_facts_file(name))
-        else:
-            texts += [line for line in path.read_text().splitlines() if line.strip()]
+    texts = corpus_texts(loaded, [Path(name) for name in corpus])
     covariance, _ = compute_covariance(
         loaded, texts, layer, samples=config.covariance_samples, cache_dir=cache_dir
     )

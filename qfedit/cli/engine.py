@@ -56,23 +56,16 @@ def load(model_dir: Path, dtype: str, device: str, chat_template: Path | None = 
 
 def preservation_texts(loaded: LoadedModel, facts: Sequence[Fact], corpus: Path | None) -> list[str]:
     """Texts whose keys the preserving rule protects: a given corpus, else the facts' neighbors."""
-    from qfedit.covariance import fact_texts
-    from qfedit.facts import Fact
+    from qfedit.covariance import corpus_texts, transcript
 
-    if corpus is None:
-        neighbors = [
-            Fact(question=n.question, answer=n.answer, context="-") for f in facts for n in f.neighbors
-        ]
-        if not neighbors:
-            raise ValueError(
-                "the preserving rule needs a preservation corpus: give --preserve FILE or facts with neighbors"
-            )
-        return fact_texts(loaded, neighbors)
-    if corpus.suffix == ".jsonl":
-        records = [json.loads(line) for line in corpus.read_text().splitlines() if line.strip()]
-        known = [Fact(question=r["question"], answer=r["answer"], context="-") for r in records]
-        return fact_texts(loaded, known) if known else []
-    return [line for line in corpus.read_text().splitlines() if line.strip()]
+    if corpus is not None:
+        return corpus_texts(loaded, [corpus])
+    neighbors = [transcript(loaded, n.question, n.answer) for f in facts for n in f.neighbors]
+    if not neighbors:
+        raise ValueError(
+            "the preserving rule needs a preservation corpus: give --preserve FILE or facts with neighbors"
+        )
+    return neighbors
 
 
 @app.command()
