@@ -165,7 +165,7 @@ def main() -> None:
             f"{rate / seed_rate:.1f}x",
             f"{rate / plain_rate:.2f}x",
         )
-    Console().print(table)
+    Console(width=180).print(table)
 
 
 if __name__ == "__main__":

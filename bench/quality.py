@@ -45,7 +45,7 @@ def main() -> None:
     if args.data_dir is not None:
         EDITS_PATH, KNOWN_PATH, UNKNOWN_PATH = (args.data_dir / f"{n}.jsonl" for n in ("edits", "known", "unknown"))
     torch.manual_seed(0)
-    console = Console()
+    console = Console(width=180)
 
     loaded = load_model(args.model_dir)
     edits = read_jsonl(EDITS_PATH)

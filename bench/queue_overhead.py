@@ -192,7 +192,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--shard-size", type=int, default=50)
     args = parser.parse_args()
-    console = Console()
+    console = Console(width=180)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

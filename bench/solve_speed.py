@@ -76,7 +76,7 @@ def main() -> None:
                     f"{result.relative_norm:.3g}",  # type: ignore[attr-defined]
                 )
             Console().print(f"m={m} n={n} done", style="dim")
-    Console().print(table)
+    Console(width=180).print(table)
 
 
 if __name__ == "__main__":
