@@ -119,10 +119,10 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     args = parser.parse_args()
     if args.model is None or args.facts is None:
-        from qfedit.demo import DEMO_EDITS, DEMO_MODEL_DIR
+        from qfedit.demo import DEMO_MODEL_DIR, EDITS_PATH
 
         args.model = args.model or DEMO_MODEL_DIR
-        args.facts = args.facts or DEMO_EDITS
+        args.facts = args.facts or EDITS_PATH
 
     # The seed's way passes `past_key_values`, which transformers 5 renames; the warning is noise here.
     warnings.filterwarnings("ignore", category=FutureWarning)
