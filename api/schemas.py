@@ -172,7 +172,11 @@ class BatchRequest(BaseModel):
     fact_ids: list[DbId] | None = Field(
         None, description="Facts to edit in; omitted or null means every pending fact of the model."
     )
-    hyperparameters: dict[Text, HyperValue] | None = None
+    hyperparameters: dict[Text, JsonValue] | None = Field(
+        None,
+        description="Overrides of the model's edit settings for this batch, e.g. "
+        '`{"solve": {"lam": 10}, "layer": 20}`; validated against them, unknown keys refused.',
+    )
 
 
 class BatchOut(BaseModel):

@@ -146,7 +146,7 @@ def submit_batch(
     except ValidationError as error:
         first = error.errors()[0]
         field = ".".join(str(part) for part in first["loc"])
-        raise ValueError(f"hyperparameters: field {field!r}: {first['msg']}") from None
+        raise FactError("batch", f"hyperparameters.{field}", first["msg"]) from None
     if idempotency_key is not None:
         existing = session.scalar(select(Batch).where(Batch.idempotency_key == idempotency_key))
         if existing is not None and fact_ids is None:

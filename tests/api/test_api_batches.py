@@ -22,7 +22,9 @@ def test_enqueue_is_idempotent_by_key(client: TestClient, db: Session, broker: B
     ids = add_facts(db, model, 4)
     db.commit()
     headers = {**auth("writer"), "Idempotency-Key": "nightly-2026-11-28"}
-    first = client.post("/v1/models/tiny/batches", json={"hyperparameters": {"lambda": 0.5}}, headers=headers)
+    first = client.post(
+        "/v1/models/tiny/batches", json={"hyperparameters": {"solve": {"lam": 0.5}}}, headers=headers
+    )
     assert first.status_code == 202, first.text
     batch = first.json()
     assert (batch["status"], batch["fact_count"], batch["progress"], batch["version"]) == (
@@ -31,10 +33,10 @@ def test_enqueue_is_idempotent_by_key(client: TestClient, db: Session, broker: B
         0.0,
         None,
     )
-    assert batch["hyperparameters"] == {"lambda": 0.5}
+    assert batch["hyperparameters"] == {"solve": {"lam": 0.5}}
     assert batch["idempotency_key"] == "nightly-2026-11-28"
     second = client.post(
-        "/v1/models/tiny/batches", json={"hyperparameters": {"lambda": 0.5}}, headers=headers
+        "/v1/models/tiny/batches", json={"hyperparameters": {"solve": {"lam": 0.5}}}, headers=headers
     )
     assert second.json()["id"] == batch["id"]
     assert _batches(db) == 1

@@ -15,7 +15,7 @@ def test_batch_hyperparameters_override_model_settings_and_typos_are_refused(ses
     model = add_model(session)
     model.settings = {"layer": 2, "solve": {"rule": "seed"}}
     ids = add_facts(session, model, 3)
-    with pytest.raises(ValueError, match=r"hyperparameters: field 'solve.lamb'"):
+    with pytest.raises(ValueError, match=r"batch: field 'hyperparameters.solve.lamb'"):
         jobs.submit_batch(
             session, model=model, fact_ids=ids, requested_by="t", hyperparameters={"solve": {"lamb": 1}}
         )
