@@ -40,10 +40,14 @@ def main() -> None:
     parser.add_argument("--ridge", type=float, default=DEMO_SOLVE["ridge"])
     parser.add_argument("--known", type=int, default=100, help="known facts checked for specificity")
     parser.add_argument("--model-dir", type=Path, default=DEMO_MODEL_DIR)
-    parser.add_argument("--data-dir", type=Path, default=None, help="edits/known/unknown.jsonl (default: bundled)")
+    parser.add_argument(
+        "--data-dir", type=Path, default=None, help="edits/known/unknown.jsonl (default: bundled)"
+    )
     args = parser.parse_args()
     if args.data_dir is not None:
-        EDITS_PATH, KNOWN_PATH, UNKNOWN_PATH = (args.data_dir / f"{n}.jsonl" for n in ("edits", "known", "unknown"))
+        EDITS_PATH, KNOWN_PATH, UNKNOWN_PATH = (
+            args.data_dir / f"{n}.jsonl" for n in ("edits", "known", "unknown")
+        )
     torch.manual_seed(0)
     console = Console(width=180)
 
