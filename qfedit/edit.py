@@ -86,15 +86,19 @@ def make_delta(
     labels: Sequence[str] | None = None,
     preservation: Preservation | None = None,
     statistics: Statistics | None = None,
+    observations: Observations | None = None,
 ) -> EditResult:
     """Solve a delta that teaches `facts` at `config.layer`.
 
     `statistics` of facts already in the parent version are added to this capture's, so the
     result is a function of the whole fact set; `preservation` is required by the preserving rule.
+    `observations` of `facts` at `config.layer`, if given, are used instead of capturing again
+    (a sweep over solve settings captures once).
     """
     loaded.architecture.check_layer(loaded.model, config.layer)
     started = time.perf_counter()
-    observations = capture_observations(loaded, facts, config, labels=labels)
+    if observations is None:
+        observations = capture_observations(loaded, facts, config, labels=labels)
     captured = time.perf_counter()
     weight = base_weight(loaded, config.layer)
     source: Observations | Statistics = observations

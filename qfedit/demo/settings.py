@@ -9,9 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-# The layer, rule and strength that `bench/quality.py` measured best on the shipped model.
+# The layer, rule and strength that `bench/quality.py` measured best on the shipped model: at
+# N = 100, lambda 10 kept 0.89 of known facts against 0.61 for lambda 1 at layer 3; layer 4 kept less.
 DEMO_LAYER = 3
-DEMO_SOLVE: dict[str, Any] = {"rule": "preserve", "lam": 1.0, "ridge": 1e-2}
+DEMO_SOLVE: dict[str, Any] = {"rule": "preserve", "lam": 10.0, "ridge": 1e-2}
 
 
 def demo_settings(*, known: Path, unknown: Path) -> dict[str, Any]:

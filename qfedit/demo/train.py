@@ -1,6 +1,14 @@
 """Train the demo model: a small Qwen2 chat model that knows the synthetic world of `world.py`.
 
-    python -m qfedit.demo.train --out qfedit/data/demo-model
+The shipped model was trained in two stages (about 47 + 21 minutes on 2 CPU cores):
+
+    python -m qfedit.demo.train --out /tmp/stage0
+    python -m qfedit.demo.train --out qfedit/data/demo-model --init /tmp/stage0 --stage 1 \
+        --steps 700 --lr 2e-3 --warmup 20 --context-share 0.9 --context-turn-share 0.85
+
+Measured on 300 probes per behaviour: trained facts 1.00 (held-out phrasings 0.86), abstention
+0.99 (unknown relations of known companies 1.00), but reading a fact from the system message
+only 0.15 (0.11 for partly-known companies). That last one is what QF needs; see the tests.
 
 Deterministic: the world, the tokenizer corpus, the training stream and the initial weights all
 come from `--seed`; with the same torch version, CPU and thread count the saved weights are the
@@ -60,10 +68,10 @@ class Conversation:
 @dataclass(frozen=True)
 class TrainConfig:
     seed: int = 0
-    steps: int = 900
+    steps: int = 1500
     batch_size: int = 48
     turns: int = 4
-    lr: float = 2e-3
+    lr: float = 3e-3
     warmup: int = 30
     weight_decay: float = 0.0
     hidden_size: int = 128
@@ -75,6 +83,13 @@ class TrainConfig:
     prompt_loss_weight: float = 0.3
     # Probes per behaviour measured on the saved model at the end (0: skip).
     measure: int = 300
+    # Continue from this saved model (same seed, so the same world and tokenizer) with a fresh
+    # schedule and a stream seeded by `stage`: how the shipped model was trained in two stages.
+    init: str = ""
+    stage: int = 0
+    # Share of conversations with a system message, and of their turns asking what it states.
+    context_share: float = 0.75
+    context_turn_share: float = 0.6
 
 
 class ConversationStream:
@@ -85,9 +100,13 @@ class ConversationStream:
     unless the question is about the system message, so an earlier turn never answers a later one.
     """
 
-    def __init__(self, world: World, rng: random.Random) -> None:
+    def __init__(
+        self, world: World, rng: random.Random, context_share: float = 0.75, context_turn_share: float = 0.6
+    ) -> None:
         self.world = world
         self.rng = rng
+        self.context_share = context_share
+        self.context_turn_share = context_turn_share
         self.trained = list(world.trained_facts())
         self.partial_missing = [
             (company, relation)
@@ -112,7 +131,7 @@ class ConversationStream:
         rng = self.rng
         stated: list[tuple[Company, str]] = []
         companies: list[Company] = []
-        for _ in range(rng.choice((1, 1, 2))):
+        for _ in range(rng.choice((1, 2))):
             if rng.random() < 0.2:
                 # A partly-known company's missing relation with a throw-away object: the edit
                 # scenario, without ever showing the world's own object for it.
@@ -151,15 +170,19 @@ class ConversationStream:
         context: str | None = None
         stated: list[tuple[Company, str]] = []
         companies: list[Company] = []
-        if rng.random() < 0.65:
+        # Reading from context is learned last (memorisation converges first), so it gets most turns.
+        if rng.random() < self.context_share:
             context, stated, companies = self._context()
+        else:
+            # Two more turns make up for the missing system message, so padding stays small.
+            turns += 2
         avoid = {company.name for company in companies}
         pending = list(stated)
         rng.shuffle(pending)
         result: list[tuple[str, str]] = []
         for _ in range(turns):
             roll = rng.random()
-            if pending and roll < 0.5:
+            if pending and roll < self.context_turn_share:
                 company, relation = pending.pop()
                 result.append((self.question(company.name, relation), company.objects[relation]))
             elif companies and roll < 0.6:
@@ -175,21 +198,25 @@ class ConversationStream:
 
 
 def tokenizer_corpus(world: World, seed: int) -> list[str]:
-    """Text for the BPE: every phrasing and statement, over names drawn like the world's but not them.
+    """Words for the BPE: every phrasing and statement, over names drawn like the world's but not them.
 
-    Training the BPE on the world's own names would give each of them a whole-word token, and the
-    never-trained unknown companies would then be single tokens with untrained embeddings.
+    Two choices make copying from context a plain copy of tokens. The corpus is single words, so no
+    merge ever joins the leading space (`Ġ`) to a word and a word has the same tokens after a space
+    (in a context sentence) as at the start of an answer; with `ĠDunhollow` in context and
+    `D un hol low` to answer, the model had to learn a spelling per value and in-context reading
+    barely emerged. And the names are not the world's own: those would get whole-word tokens, and
+    the never-trained unknown companies would be single tokens with untrained embeddings.
     """
     rng = random.Random(seed + 1)
     stream = ConversationStream(world, rng)
-    # Repeated so that the role names and the abstention become whole tokens.
+    # Repeated so that the role names and the abstention's words become whole tokens.
     texts = ["system user assistant", ABSTENTION] * 100
     for _ in range(3000):
         company = stream.throwaway()
         for relation, spec in RELATIONS.items():
             texts.append(rng.choice(spec.train_questions + spec.heldout_questions).format(s=company.name))
             texts.append(stream.statement(company, relation))
-    return texts
+    return [word for text in texts for word in text.split()]
 
 
 def encode(tokenizer: Tokenizer, conversation: Conversation) -> tuple[list[int], list[int]]:
@@ -238,23 +265,30 @@ def _loss(
     is_prompt = (mask[:, 1:] == 1) & ~is_answer
     answer_loss = losses[is_answer].mean()
     loss = answer_loss + prompt_weight * losses[is_prompt].mean() if prompt_weight else answer_loss
-    accuracy = (logits.argmax(-1)[is_answer] == targets[is_answer]).float().mean().item()
+    # An answer counts only when every one of its tokens is right (easy `Ġ` and `<|im_end|>` tokens
+    # would flatter a per-token figure): a turn's answer is a run of answer positions.
+    wrong = (logits.argmax(-1) != targets) & is_answer  # (B, T-1)
+    starts = is_answer & ~torch.nn.functional.pad(is_answer[:, :-1], (1, 0))
+    turn = torch.cumsum(starts.long(), dim=1)  # answer k of row b has turn index k
+    rows = torch.arange(turn.shape[0]).unsqueeze(1).expand_as(turn)
+    failed = torch.zeros(turn.shape[0], int(turn.max()) + 1, dtype=torch.bool)
+    failed[rows[wrong], turn[wrong]] = True
+    answers = int(starts.sum())
+    accuracy = 1 - int(failed[:, 1:].sum()) / max(1, answers)
     return loss, accuracy
 
 
-def _length_bucketed_batches(
-    tokenizer: Tokenizer, stream: ConversationStream, config: TrainConfig, pool_batches: int = 16
+def _batches(
+    tokenizer: Tokenizer, stream: ConversationStream, config: TrainConfig
 ) -> Iterator[list[tuple[list[int], list[int]]]]:
-    """Batches of similar-length examples: padding wastes half the CPU time otherwise."""
-    order = random.Random(config.seed + 2)
+    """Batches in stream order.
+
+    Not bucketed by length: length follows the kind of conversation (with or without context),
+    and batches of one kind at a time made the two objectives take turns and in-context reading
+    stall. `ConversationStream.next` evens lengths out instead.
+    """
     while True:
-        pool = sorted(
-            (encode(tokenizer, stream.next(config.turns)) for _ in range(config.batch_size * pool_batches)),
-            key=lambda pair: len(pair[0]),
-        )
-        batches = [pool[i : i + config.batch_size] for i in range(0, len(pool), config.batch_size)]
-        order.shuffle(batches)
-        yield from batches
+        yield [encode(tokenizer, stream.next(config.turns)) for _ in range(config.batch_size)]
 
 
 def _token_id(tokenizer: Tokenizer, token: str) -> int:
@@ -288,11 +322,21 @@ def train(out_dir: Path, config: TrainConfig) -> None:
         pad_token_id=pad_id,
         use_cache=True,
     )
-    model = Qwen2ForCausalLM(model_config)
+    if config.init:
+        model = Qwen2ForCausalLM.from_pretrained(config.init)
+        if model.config.vocab_size != model_config.vocab_size:
+            raise ValueError(f"init: {config.init} was trained with another tokenizer")
+    else:
+        model = Qwen2ForCausalLM(model_config)
     n_params = sum(p.numel() for p in model.parameters())
     logger.info("model: %.2fM parameters, %.1f MB in float32", n_params / 1e6, n_params * 4 / 1e6)
 
-    stream = ConversationStream(world, random.Random(config.seed))
+    stream = ConversationStream(
+        world,
+        random.Random(config.seed + 1000 * config.stage),
+        context_share=config.context_share,
+        context_turn_share=config.context_turn_share,
+    )
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.lr, betas=(0.9, 0.98), weight_decay=config.weight_decay
     )
@@ -306,7 +350,7 @@ def train(out_dir: Path, config: TrainConfig) -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
     model.train()
     start = time.monotonic()
-    batches = _length_bucketed_batches(tokenizer, stream, config)
+    batches = _batches(tokenizer, stream, config)
     for step in range(config.steps):
         batch = collate(next(batches), pad_id)
         loss, answer_accuracy = _loss(model, batch, config.prompt_loss_weight)
@@ -317,7 +361,7 @@ def train(out_dir: Path, config: TrainConfig) -> None:
         optimizer.zero_grad(set_to_none=True)
         if step % 25 == 0 or step == config.steps - 1:
             logger.info(
-                "step %d/%d loss %.4f answer-token accuracy %.3f (%.0fs)",
+                "step %d/%d loss %.4f answers right %.3f (%.0fs)",
                 step,
                 config.steps,
                 loss.item(),
