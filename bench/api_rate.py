@@ -96,7 +96,7 @@ def library_import(url: str, corpus: Path) -> float:
 def cli_import(url: str, corpus: Path, workdir: Path) -> float:
     start = time.perf_counter()
     subprocess.run(
-        ["qfedit", "import", str(corpus), "--model", "bench", "--json"],
+        [sys.executable, "-m", "qfedit", "import", str(corpus), "--model", "bench", "--json"],
         env=_env(url, workdir),
         check=True,
         capture_output=True,
@@ -114,7 +114,18 @@ def _free_port() -> int:
 def api_server(url: str, workdir: Path) -> Iterator[str]:
     port = _free_port()
     process = subprocess.Popen(
-        ["qfedit", "api", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
+        [
+            sys.executable,
+            "-m",
+            "qfedit",
+            "api",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],
         env=_env(url, workdir),
     )
     base = f"http://127.0.0.1:{port}"
