@@ -79,6 +79,9 @@ class EvalReport:
     logprob_success: float
     """Fraction of facts where the new answer is more likely than the base model's answer."""
     relative_norm: float | None = None
+    in_context: float | None = None
+    """Facts the model answers right with the fact in the system message and no delta: QF can
+    only write what the model does with the context, so this is efficacy's ceiling."""
     details: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -108,6 +111,7 @@ def evaluate(
     base_keep = answer_batch(loaded, [q for q, _ in keep])
     base_unknown = answer_batch(loaded, list(unknown))
     base_answers = answer_batch(loaded, questions)
+    read_answers = answer_batch(loaded, questions, [f.context for f in facts])
     with applied(loaded, delta):
         edited = answer_batch(
             loaded, questions + [p for _, p in paraphrases] + [q for q, _ in keep] + list(unknown)
@@ -153,10 +157,11 @@ def evaluate(
         relative_norm=relative,
         specificity_neighbors=_fraction(same[:n_neighbors]),
         specificity_known=_fraction(same[n_neighbors:]),
+        in_context=_fraction([contains(a, f.answer) for a, f in zip(read_answers, facts, strict=True)]),
         details={
             "answers": [
-                {"question": f.question, "expected": f.answer, "before": b, "after": a}
-                for f, b, a in zip(facts, base_answers, edited_facts, strict=True)
+                {"question": f.question, "expected": f.answer, "before": b, "with_context": c, "after": a}
+                for f, b, c, a in zip(facts, base_answers, read_answers, edited_facts, strict=True)
             ],
         },
     )

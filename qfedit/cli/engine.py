@@ -209,6 +209,8 @@ def print_report(report: EvalReport) -> None:
     table.add_column("of", justify="right")
     counts = report.counts
     table.add_row("efficacy", f"{report.efficacy:.3f}", str(counts["facts"]))
+    if report.in_context is not None:
+        table.add_row("  ceiling: read from context, no edit", f"{report.in_context:.3f}", "")
     table.add_row("paraphrase", f"{report.paraphrase:.3f}", str(counts["paraphrases"]))
     table.add_row("specificity", f"{report.specificity:.3f}", str(counts["specificity"]))
     table.add_row("  edited subjects' other relations", f"{report.specificity_neighbors:.3f}", "")
