@@ -339,6 +339,7 @@ def demo(
     console.print(f"data folder: {settings.data_dir.resolve()}  (database, checkpoint store, broker)")
 
     def prepare(session: Session) -> int:
+        fingerprint = weights_fingerprint(DEMO_MODEL_DIR)
         try:
             model = repository.get_model(session, "demo")
         except repository.NotFoundError:
@@ -346,8 +347,15 @@ def demo(
                 session,
                 name="demo",
                 source=str(DEMO_MODEL_DIR),
-                fingerprint=weights_fingerprint(DEMO_MODEL_DIR),
+                fingerprint=fingerprint,
                 actor=_actor(),
+            )
+        if model.fingerprint != fingerprint:
+            # Its versions were solved for the weights it was registered with; never mix them.
+            raise ValueError(
+                f"model 'demo' in {settings.data_dir.resolve()} was registered with other weights "
+                f"(fingerprint {model.fingerprint[:12]}, shipped model {fingerprint[:12]}); run the "
+                "demo with another QFEDIT_DATA_DIR, or remove that folder to start over"
             )
             model.settings = demo_settings(known=KNOWN_PATH, unknown=UNKNOWN_PATH)
             session.commit()

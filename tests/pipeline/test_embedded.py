@@ -43,3 +43,18 @@ def test_batch_submit_runs_through_the_queue_without_configuration(
     # Nothing pending: a second submit is refused with the reason, and nothing changes.
     again = _qfedit(env, tmp_path, "batch", "submit", "--model", "tiny")
     assert again.returncode != 0 and "no pending facts" in again.stderr + again.stdout
+
+
+def test_demo_refuses_a_data_folder_whose_demo_model_has_other_weights(
+    tiny_model_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QFEDIT_")}
+    env["TRANSFORMERS_VERBOSITY"] = "error"
+    added = _qfedit(env, tmp_path, "model", "add", "demo", str(tiny_model_dirs["qwen2"]), "--layer", "1")
+    assert added.returncode == 0, added.stdout + added.stderr
+    done = _qfedit(env, tmp_path, "demo")
+    assert done.returncode == 1
+    assert "registered with other weights" in done.stdout + done.stderr
+    # Refused before anything was imported or queued.
+    assert json.loads(_qfedit(env, tmp_path, "facts", "--json").stdout) == []
+    assert not (tmp_path / "qfedit-data" / "broker").exists()
