@@ -350,6 +350,8 @@ def demo(
                 fingerprint=fingerprint,
                 actor=_actor(),
             )
+            model.settings = demo_settings(known=KNOWN_PATH, unknown=UNKNOWN_PATH)
+            session.commit()
         if model.fingerprint != fingerprint:
             # Its versions were solved for the weights it was registered with; never mix them.
             raise ValueError(
@@ -357,8 +359,6 @@ def demo(
                 f"(fingerprint {model.fingerprint[:12]}, shipped model {fingerprint[:12]}); run the "
                 "demo with another QFEDIT_DATA_DIR, or remove that folder to start over"
             )
-            model.settings = demo_settings(known=KNOWN_PATH, unknown=UNKNOWN_PATH)
-            session.commit()
         summary = import_facts(session, corpus, model, actor=_actor())
         console.print(
             f"imported {summary.imported} facts ({summary.duplicates} already known)", highlight=False

@@ -58,3 +58,21 @@ def test_demo_refuses_a_data_folder_whose_demo_model_has_other_weights(
     # Refused before anything was imported or queued.
     assert json.loads(_qfedit(env, tmp_path, "facts", "--json").stdout) == []
     assert not (tmp_path / "qfedit-data" / "broker").exists()
+
+
+def test_demo_publishes_a_version_and_prints_answers_and_quality(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QFEDIT_")}
+    env["TRANSFORMERS_VERBOSITY"] = "error"
+    done = _qfedit(env, tmp_path, "demo", "--facts", "3", "--show", "2")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "batch 1 published" in done.stdout
+    assert "ceiling: read from context" in done.stdout and "abstention" in done.stdout
+    versions = json.loads(_qfedit(env, tmp_path, "versions", "--json").stdout)
+    assert sorted(v["number"] for v in versions) == [0, 1]
+    # A second run in the same folder is the same batch (idempotency key of the fact set).
+    again = _qfedit(env, tmp_path, "demo", "--facts", "3", "--show", "2")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert sorted(v["number"] for v in json.loads(_qfedit(env, tmp_path, "versions", "--json").stdout)) == [
+        0,
+        1,
+    ]
