@@ -101,7 +101,11 @@ class ConversationStream:
     """
 
     def __init__(
-        self, world: World, rng: random.Random, context_share: float = 0.75, context_turn_share: float = 0.6
+        self,
+        world: World,
+        rng: random.Random,
+        context_share: float = TrainConfig.context_share,
+        context_turn_share: float = TrainConfig.context_turn_share,
     ) -> None:
         self.world = world
         self.rng = rng

@@ -20,11 +20,21 @@ def _qfedit(env: dict[str, str], cwd: Path, *args: str) -> subprocess.CompletedP
     )
 
 
+def _unconfigured_env() -> dict[str, str]:
+    """This process's environment without any QFEDIT_ setting: the embedded default."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QFEDIT_")}
+    env["TRANSFORMERS_VERBOSITY"] = "error"
+    return env
+
+
+def _version_numbers(env: dict[str, str], cwd: Path) -> list[int]:
+    return sorted(v["number"] for v in json.loads(_qfedit(env, cwd, "versions", "--json").stdout))
+
+
 def test_batch_submit_runs_through_the_queue_without_configuration(
     tiny_model_dirs: dict[str, Path], tmp_path: Path
 ) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("QFEDIT_")}
-    env["TRANSFORMERS_VERBOSITY"] = "error"
+    env = _unconfigured_env()
     write_jsonl([fact(i) for i in range(3)], tmp_path / "facts.jsonl")
     steps = [
         ("model", "add", "tiny", str(tiny_model_dirs["qwen2"]), "--layer", "1"),
@@ -36,8 +46,7 @@ def test_batch_submit_runs_through_the_queue_without_configuration(
         done = _qfedit(env, tmp_path, *step)
         assert done.returncode == 0, f"{step}: {done.stdout}\n{done.stderr}"
     assert "batch 1 published" in done.stdout
-    versions = json.loads(_qfedit(env, tmp_path, "versions", "--json").stdout)
-    assert sorted(v["number"] for v in versions) == [0, 1]
+    assert _version_numbers(env, tmp_path) == [0, 1]
     assert (tmp_path / "qfedit-data" / "qfedit.db").is_file()
     assert (tmp_path / "qfedit-data" / "broker").is_dir()
     # Nothing pending: a second submit is refused with the reason, and nothing changes.
@@ -48,8 +57,7 @@ def test_batch_submit_runs_through_the_queue_without_configuration(
 def test_demo_refuses_a_data_folder_whose_demo_model_has_other_weights(
     tiny_model_dirs: dict[str, Path], tmp_path: Path
 ) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("QFEDIT_")}
-    env["TRANSFORMERS_VERBOSITY"] = "error"
+    env = _unconfigured_env()
     added = _qfedit(env, tmp_path, "model", "add", "demo", str(tiny_model_dirs["qwen2"]), "--layer", "1")
     assert added.returncode == 0, added.stdout + added.stderr
     done = _qfedit(env, tmp_path, "demo")
@@ -61,18 +69,13 @@ def test_demo_refuses_a_data_folder_whose_demo_model_has_other_weights(
 
 
 def test_demo_publishes_a_version_and_prints_answers_and_quality(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("QFEDIT_")}
-    env["TRANSFORMERS_VERBOSITY"] = "error"
+    env = _unconfigured_env()
     done = _qfedit(env, tmp_path, "demo", "--facts", "3", "--show", "2")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "batch 1 published" in done.stdout
     assert "ceiling: read from context" in done.stdout and "abstention" in done.stdout
-    versions = json.loads(_qfedit(env, tmp_path, "versions", "--json").stdout)
-    assert sorted(v["number"] for v in versions) == [0, 1]
+    assert _version_numbers(env, tmp_path) == [0, 1]
     # A second run in the same folder is the same batch (idempotency key of the fact set).
     again = _qfedit(env, tmp_path, "demo", "--facts", "3", "--show", "2")
     assert again.returncode == 0, again.stdout + again.stderr
-    assert sorted(v["number"] for v in json.loads(_qfedit(env, tmp_path, "versions", "--json").stdout)) == [
-        0,
-        1,
-    ]
+    assert _version_numbers(env, tmp_path) == [0, 1]
