@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 
+from qfedit import repository
 from qfedit.config import Settings
 from qfedit.db.models import Model, Version
 from qfedit.serving import Answer, VersionedModel, load_version_delta
@@ -49,11 +50,9 @@ class Generators:
                     raise ModelUnavailableError(
                         f"cannot load model {model.name!r} from {model.source}: {err}"
                     ) from err
-                if loaded.fingerprint != model.fingerprint:
-                    raise ModelUnavailableError(
-                        f"model {model.name!r} is registered with base weights {model.fingerprint}, "
-                        f"but {model.source} holds {loaded.fingerprint}"
-                    )
+                mismatch = repository.base_mismatch(model, loaded.fingerprint, model.source)
+                if mismatch:
+                    raise ModelUnavailableError(mismatch)
                 slot = _Slot(VersionedModel(loaded, base_label=f"{model.name}@0"), version_id=None)
                 self._slots[model.name] = slot
             return slot

@@ -13,6 +13,7 @@ enqueues what they say comes next; nothing here imports Celery.
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,6 +78,12 @@ class ModelSettings(BaseModel):
     known_facts: str | None = Field(default=None, description="facts JSONL the model knows, for evaluation")
     unknown_questions: str | None = Field(default=None, description="facts JSONL of unknown-entity questions")
     known_sample: int = Field(default=200, gt=0)
+    eval_sample: int | None = Field(
+        default=None,
+        gt=0,
+        description="edited facts evaluated per batch, a seeded random sample (greedy generation "
+        "over every fact and paraphrase is most of a large batch's time); None: all of them",
+    )
     abstention: str = "I do not know."
     promote: dict[str, float] | None = Field(
         default=None, description="minimum metrics for moving `production` automatically; None: never"
@@ -320,11 +327,9 @@ class ModelCache:
     def get(self, model: Model) -> LoadedModel:
         if model.id not in self._loaded:
             loaded = load_model(model.source, dtype=self._settings.dtype, device=self._settings.device)
-            if loaded.fingerprint != model.fingerprint:
-                raise PoisonBatchError(
-                    f"model {model.name!r}: weights at {model.source} have fingerprint {loaded.fingerprint}, "
-                    f"but {model.fingerprint} was registered"
-                )
+            mismatch = repository.base_mismatch(model, loaded.fingerprint, model.source)
+            if mismatch:
+                raise PoisonBatchError(mismatch)
             self._loaded[model.id] = loaded
         return self._loaded[model.id]
 
@@ -638,7 +643,11 @@ def _evaluate(
 ) -> dict[str, Any]:
     from qfedit.evaluate import evaluate
 
-    rows = list(session.scalars(select(FactRow).where(FactRow.id.in_(sorted(added)))))
+    ids = sorted(added)
+    if config.eval_sample is not None and len(ids) > config.eval_sample:
+        # Seeded by the fact set, so a retried or re-run batch measures the same facts.
+        ids = sorted(random.Random(",".join(map(str, ids))).sample(ids, config.eval_sample))
+    rows = list(session.scalars(select(FactRow).where(FactRow.id.in_(ids))))
     session.rollback()
     known = _read_facts_file(config.known_facts)[: config.known_sample]
     unknown = [f.question for f in _read_facts_file(config.unknown_questions)]
@@ -654,6 +663,7 @@ def _evaluate(
     )
     payload = report.to_json()
     payload.pop("details", None)
+    payload["counts"]["edited"] = len(added)
     return payload
 
 

@@ -190,6 +190,20 @@ def get_model(session: Session, name: str) -> Model:
     return model
 
 
+def base_mismatch(model: Model, fingerprint: str, where: str) -> str | None:
+    """Why weights of `fingerprint` (found at `where`) cannot stand for `model`, or None if they can.
+
+    Every version's delta was solved for the weights the model was registered with, so a caller
+    must refuse any others; the caller picks the exception that fits its layer.
+    """
+    if fingerprint == model.fingerprint:
+        return None
+    return (
+        f"model {model.name!r} is registered with base weights {model.fingerprint}, "
+        f"but {where} holds {fingerprint}"
+    )
+
+
 # -- facts ------------------------------------------------------------------------------
 
 

@@ -380,12 +380,10 @@ def follow_alias(
     with sessions() as session:
         model = repository.get_model(session, model_name)
         repository.get_alias(session, model, alias)  # a clear error now rather than at the first poll
-        registered, base_label = model.fingerprint, f"{model.name}@0"
-    if loaded.fingerprint != registered:
-        raise DeltaMismatchError(
-            f"model {model_name!r} is registered with base weights {registered}, "
-            f"but the loaded weights ({loaded.path}) are {loaded.fingerprint}"
-        )
+        mismatch = repository.base_mismatch(model, loaded.fingerprint, str(loaded.path))
+        base_label = f"{model.name}@0"
+    if mismatch:
+        raise DeltaMismatchError(mismatch)
     follower = AliasFollower(
         VersionedModel(loaded, base_label=base_label),
         sessions=sessions,

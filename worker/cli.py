@@ -352,12 +352,11 @@ def demo(
             )
             model.settings = demo_settings(known=KNOWN_PATH, unknown=UNKNOWN_PATH)
             session.commit()
-        if model.fingerprint != fingerprint:
-            # Its versions were solved for the weights it was registered with; never mix them.
+        mismatch = repository.base_mismatch(model, fingerprint, "the shipped demo model")
+        if mismatch:
             raise ValueError(
-                f"model 'demo' in {settings.data_dir.resolve()} was registered with other weights "
-                f"(fingerprint {model.fingerprint[:12]}, shipped model {fingerprint[:12]}); run the "
-                "demo with another QFEDIT_DATA_DIR, or remove that folder to start over"
+                f"{mismatch} (data folder {settings.data_dir.resolve()}); run the demo with another "
+                "QFEDIT_DATA_DIR, or remove that folder to start over"
             )
         summary = import_facts(session, corpus, model, actor=_actor())
         console.print(

@@ -116,11 +116,9 @@ def export_command(
         version = repository.get_version(session, version_ref, model=_model_or_none(session, model_name))
         model = version.model
         base = _base_dir(model.source, model_dir)
-        if weights_fingerprint(base) != model.fingerprint:
-            raise ValueError(
-                f"{base}: these weights are not the registered base of {model.name!r} "
-                f"(fingerprint {model.fingerprint[:16]}…); the version's delta was solved for those"
-            )
+        mismatch = repository.base_mismatch(model, weights_fingerprint(base), str(base))
+        if mismatch:
+            raise ValueError(mismatch)
         delta = load_version_delta(store_from_settings(get_settings()), version)
         info = {
             "version": version.label,

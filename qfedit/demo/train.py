@@ -254,12 +254,13 @@ def collate(batch: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, 
 
 def _loss(
     model: torch.nn.Module, batch: dict[str, torch.Tensor], prompt_weight: float
-) -> tuple[torch.Tensor, float]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Answer cross-entropy plus `prompt_weight` times next-token loss on the prompt tokens.
 
     The prompt term matters for speed: a question repeats the company name its context stated,
     and predicting that repeat trains the copying attention that in-context answers need, long
-    before the sparse answer loss alone finds it. Returns the loss and the answer-token accuracy.
+    before the sparse answer loss alone finds it. Returns the loss, and per row the number of
+    answers and of answers right.
     """
     input_ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
     logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1]  # (B, T-1, V)
@@ -277,22 +278,23 @@ def _loss(
     rows = torch.arange(turn.shape[0]).unsqueeze(1).expand_as(turn)
     failed = torch.zeros(turn.shape[0], int(turn.max()) + 1, dtype=torch.bool)
     failed[rows[wrong], turn[wrong]] = True
-    answers = int(starts.sum())
-    accuracy = 1 - int(failed[:, 1:].sum()) / max(1, answers)
-    return loss, accuracy
+    answers = starts.sum(dim=1)
+    return loss, answers, answers - failed[:, 1:].sum(dim=1)
 
 
 def _batches(
     tokenizer: Tokenizer, stream: ConversationStream, config: TrainConfig
-) -> Iterator[list[tuple[list[int], list[int]]]]:
-    """Batches in stream order.
+) -> Iterator[tuple[list[tuple[list[int], list[int]]], torch.Tensor]]:
+    """Batches in stream order, with which rows have a system message.
 
     Not bucketed by length: length follows the kind of conversation (with or without context),
     and batches of one kind at a time made the two objectives take turns and in-context reading
     stall. `ConversationStream.next` evens lengths out instead.
     """
     while True:
-        yield [encode(tokenizer, stream.next(config.turns)) for _ in range(config.batch_size)]
+        conversations = [stream.next(config.turns) for _ in range(config.batch_size)]
+        has_context = torch.tensor([c.context is not None for c in conversations])
+        yield [encode(tokenizer, c) for c in conversations], has_context
 
 
 def _token_id(tokenizer: Tokenizer, token: str) -> int:
@@ -356,8 +358,9 @@ def train(out_dir: Path, config: TrainConfig) -> None:
     start = time.monotonic()
     batches = _batches(tokenizer, stream, config)
     for step in range(config.steps):
-        batch = collate(next(batches), pad_id)
-        loss, answer_accuracy = _loss(model, batch, config.prompt_loss_weight)
+        # Reported apart because they diverge: memorisation converges while reading stalls.
+        encoded, has_context = next(batches)
+        loss, answers, right = _loss(model, collate(encoded, pad_id), config.prompt_loss_weight)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -365,11 +368,12 @@ def train(out_dir: Path, config: TrainConfig) -> None:
         optimizer.zero_grad(set_to_none=True)
         if step % 25 == 0 or step == config.steps - 1:
             logger.info(
-                "step %d/%d loss %.4f answers right %.3f (%.0fs)",
+                "step %d/%d loss %.4f answers right: with a system message %.3f, without %.3f (%.0fs)",
                 step,
                 config.steps,
                 loss.item(),
-                answer_accuracy,
+                right[has_context].sum() / answers[has_context].sum().clamp(min=1),
+                right[~has_context].sum() / answers[~has_context].sum().clamp(min=1),
                 time.monotonic() - start,
             )
 

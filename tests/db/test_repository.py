@@ -40,6 +40,14 @@ def test_add_model_registers_base_version_and_unknown_names_list_the_registered(
         add_model(session, "a@b")
 
 
+def test_base_mismatch_accepts_only_the_registered_weights(session: Session) -> None:
+    model = add_model(session, "alpha")
+    assert repository.base_mismatch(model, model.fingerprint, "/models/alpha") is None
+    why = repository.base_mismatch(model, "0" * 64, "/models/other")
+    assert why is not None
+    assert all(part in why for part in ("'alpha'", model.fingerprint, "/models/other", "0" * 64))
+
+
 def test_versions_count_up_per_model_and_keep_their_fact_sets(session: Session) -> None:
     alpha, beta = add_model(session, "alpha"), add_model(session, "beta")
     facts = add_facts(session, alpha, 3)

@@ -62,7 +62,7 @@ def test_demo_refuses_a_data_folder_whose_demo_model_has_other_weights(
     assert added.returncode == 0, added.stdout + added.stderr
     done = _qfedit(env, tmp_path, "demo")
     assert done.returncode == 1
-    assert "registered with other weights" in done.stdout + done.stderr
+    assert "registered with base weights" in done.stdout + done.stderr
     # Refused before anything was imported or queued.
     assert json.loads(_qfedit(env, tmp_path, "facts", "--json").stdout) == []
     assert not (tmp_path / "qfedit-data" / "broker").exists()

@@ -23,7 +23,7 @@ def _delta(cluster: Cluster, version: Version) -> torch.Tensor:
 
 
 def test_submit_publishes_a_version_and_moves_head(cluster: Cluster) -> None:
-    cluster.add_model("tiny", [fact(i) for i in range(6)])
+    cluster.add_model("tiny", [fact(i) for i in range(6)], eval_sample=4)
     cluster.start_worker("a")
     cluster.start_worker("b")
     batch_id = cluster.submit("tiny")
@@ -33,6 +33,8 @@ def test_submit_publishes_a_version_and_moves_head(cluster: Cluster) -> None:
     assert version.number == 1 and version.fact_count == 6
     assert version.rule == "preserve" and version.relative_update_norm is not None
     assert {"efficacy", "paraphrase", "specificity", "abstention"} <= set(version.metrics)
+    # Evaluated on a sample of the edited facts, and the counts say so.
+    assert (version.metrics["counts"]["facts"], version.metrics["counts"]["edited"]) == (4, 6)
     with cluster.sessions() as session:
         model = repository.get_model(session, "tiny")
         assert repository.get_alias(session, model, "head").version_id == version.id
