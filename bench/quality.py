@@ -53,8 +53,10 @@ def main() -> None:
     console = Console(width=180)
 
     loaded = load_model(args.model_dir)
-    # The preservation covariance depends only on the layer: computed once per layer.
-    cache_dir = Path(tempfile.mkdtemp(prefix="qfedit-quality-"))
+    # The preservation covariance depends only on the layer: computed once per layer, cached in
+    # a folder that is removed when this object is collected (at exit at the latest).
+    cache = tempfile.TemporaryDirectory(prefix="qfedit-quality-")
+    cache_dir = Path(cache.name)
     edits = read_jsonl(EDITS_PATH)
     known = read_jsonl(KNOWN_PATH)[: args.known]
     unknown = [f.question for f in read_jsonl(UNKNOWN_PATH)]
