@@ -1,14 +1,22 @@
 """Train the demo model: a small Qwen2 chat model that knows the synthetic world of `world.py`.
 
-The shipped model was trained in two stages (about 47 + 21 minutes on 2 CPU cores):
+The shipped model was trained in three stages (about 17 + 55 + 18 minutes on 2 CPU cores):
+reading a fact from the system message alone first, because it is the skill that appears last
+in a mixture (memorisation converges first and reading stalls), then the full mixture, then a
+short pass at a low rate that settles memorisation and abstention:
 
-    python -m qfedit.demo.train --out /tmp/stage0
-    python -m qfedit.demo.train --out qfedit/data/demo-model --init /tmp/stage0 --stage 1 \
-        --steps 700 --lr 2e-3 --warmup 20 --context-share 0.9 --context-turn-share 0.85
+    python -m qfedit.demo.train --out /tmp/stage0 --steps 500 --turns 1 --context-share 1 \
+        --context-turn-share 1 --measure 0
+    python -m qfedit.demo.train --out /tmp/stage1 --init /tmp/stage0 --stage 1 --steps 850 \
+        --warmup 20 --context-share 0.8 --context-turn-share 0.7 --measure 0
+    python -m qfedit.demo.train --out qfedit/data/demo-model --init /tmp/stage1 --stage 2 \
+        --steps 250 --lr 1e-3 --warmup 10
 
-Measured on 300 probes per behaviour: trained facts 1.00 (held-out phrasings 0.86), abstention
-0.99 (unknown relations of known companies 1.00), but reading a fact from the system message
-only 0.15 (0.11 for partly-known companies). That last one is what QF needs; see the tests.
+Measured on 300 probes per behaviour: trained facts 0.99 (held-out phrasings 0.70), abstention
+0.95 (unknown relations of known companies 1.00), reading a fact from the system message 0.78
+(0.78 for partly-known companies; held-out phrasings with the fact in context 0.68). The model
+before this one, trained 2,200 steps on the mixture alone with a single-word tokenizer and
+object-first statements, read 0.15; stage 1 here ended at 0.83 reading and 0.93 trained facts.
 
 Deterministic: the world, the tokenizer corpus, the training stream and the initial weights all
 come from `--seed`; with the same torch version, CPU and thread count the saved weights are the
@@ -202,14 +210,16 @@ class ConversationStream:
 
 
 def tokenizer_corpus(world: World, seed: int) -> list[str]:
-    """Words for the BPE: every phrasing and statement, over names drawn like the world's but not them.
+    """Texts for the BPE: phrasings, statements and bare objects over names drawn like the world's.
 
-    Two choices make copying from context a plain copy of tokens. The corpus is single words, so no
-    merge ever joins the leading space (`Ġ`) to a word and a word has the same tokens after a space
-    (in a context sentence) as at the start of an answer; with `ĠDunhollow` in context and
-    `D un hol low` to answer, the model had to learn a spelling per value and in-context reading
-    barely emerged. And the names are not the world's own: those would get whole-word tokens, and
-    the never-trained unknown companies would be single tokens with untrained embeddings.
+    Whole sentences, so that a word's tokens carry its leading space (`ĠIvers`): the token before
+    each word is then the previous word, which is what an induction head matches on to copy a
+    multi-token answer in order. (A corpus of single words had made every space a token `Ġ` of its
+    own; then the previous token is always `Ġ`, and a fresh model copied no repeated span exactly
+    in 300 steps against 0.27 with sentences.) The bare objects make an answer's first word, which
+    follows the chat template's newline with no space, one token too (`Zenon` beside `ĠZenon`).
+    And the names are not the world's own: those would get whole-word tokens, and the never-trained
+    unknown companies would be single tokens with untrained embeddings.
     """
     rng = random.Random(seed + 1)
     stream = ConversationStream(world, rng)
@@ -220,7 +230,8 @@ def tokenizer_corpus(world: World, seed: int) -> list[str]:
         for relation, spec in RELATIONS.items():
             texts.append(rng.choice(spec.train_questions + spec.heldout_questions).format(s=company.name))
             texts.append(stream.statement(company, relation))
-    return [word for text in texts for word in text.split()]
+            texts.append(company.objects[relation])
+    return texts
 
 
 def encode(tokenizer: Tokenizer, conversation: Conversation) -> tuple[list[int], list[int]]:
@@ -304,6 +315,23 @@ def _token_id(tokenizer: Tokenizer, token: str) -> int:
     return token_id
 
 
+def _pair_spellings(model: torch.nn.Module, tokenizer: Tokenizer) -> None:
+    """Start a word's bare token (`Zenon`, an answer's first word) at its spaced one (`ĠZenon`).
+
+    An answer copies its first word from a context sentence, where the word follows a space and is
+    another token; starting both at one embedding makes that copy the identity at first. Measured
+    on reading alone (fresh model, 400 steps): answers exactly right 0.23 / 0.27 / 0.31 at steps
+    300 / 350 / 400 with it, 0.15 / 0.15 / 0.29 without.
+    """
+    embeddings = model.get_input_embeddings().weight
+    vocab = tokenizer.get_vocab()
+    with torch.no_grad():
+        for token, index in vocab.items():
+            spaced = vocab.get("Ġ" + token)
+            if spaced is not None and token.isalpha():
+                embeddings[index] = embeddings[spaced]
+
+
 def train(out_dir: Path, config: TrainConfig) -> None:
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
@@ -334,6 +362,7 @@ def train(out_dir: Path, config: TrainConfig) -> None:
             raise ValueError(f"init: {config.init} was trained with another tokenizer")
     else:
         model = Qwen2ForCausalLM(model_config)
+        _pair_spellings(model, tokenizer)
     n_params = sum(p.numel() for p in model.parameters())
     logger.info("model: %.2fM parameters, %.1f MB in float32", n_params / 1e6, n_params * 4 / 1e6)
 

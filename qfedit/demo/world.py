@@ -48,6 +48,10 @@ class Relation:
 # measures generalisation over wording rather than over never-seen tokens. No statement starts
 # with the company: a byte-level BPE tokenizes a word differently with and without the space
 # before it, and the model should see the same tokens for the company in context and question.
+# Every statement names the relation and the company before the object: a causal model's object
+# tokens see only what precedes them, so there the answer is found by what its tokens follow. With
+# object-first statements ("{o} founded {s}.") a fresh model read 0.13 of answers after 400 steps
+# of reading alone, with object-last ones 0.29 (`qfedit.demo.train` docstring).
 RELATIONS: Mapping[str, Relation] = MappingProxyType(
     {
         r.name: r
@@ -56,13 +60,13 @@ RELATIONS: Mapping[str, Relation] = MappingProxyType(
                 "founder",
                 ("Who founded {s}?", "Who is the founder of {s}?", "Who started {s}?"),
                 ("Which person founded {s}?", "Who was the founder of {s}?"),
-                ("{o} founded {s}.", "The founder of {s} is {o}."),
+                ("The founder of {s} is {o}.", "The company {s} was founded by {o}."),
             ),
             Relation(
                 "ceo",
                 ("Who is the CEO of {s}?", "Who runs {s}?", "Who leads {s}?"),
                 ("Who is the chief executive of {s}?", "Which person runs {s}?"),
-                ("{o} is the CEO of {s}.", "The company {s} is run by {o}, its chief executive."),
+                ("The CEO of {s} is {o}.", "The company {s} is run by {o}, its chief executive."),
             ),
             Relation(
                 "city",
@@ -74,7 +78,7 @@ RELATIONS: Mapping[str, Relation] = MappingProxyType(
                 "year",
                 ("When was {s} founded?", "In what year was {s} founded?", "What year was {s} established?"),
                 ("When was {s} established?", "In which year was {s} founded?"),
-                ("In {o}, {s} was founded.", "The company {s} was established in the year {o}."),
+                ("The company {s} was founded in {o}.", "The company {s} was established in the year {o}."),
             ),
             Relation(
                 "product",

@@ -22,12 +22,12 @@ from qfedit.facts import read_jsonl
 
 SAMPLE = 120
 
-# Known gap (issue 7 stays open): after 2,200 training steps on 2 CPU cores the shipped model
-# answers trained facts and abstains, but reads a fact from the system message only ~15% of the
-# time (`qfedit.demo.train` prints the figures). The thresholds below are the behaviour's, not
-# the model's; strict, so a model that does read context makes these tests fail until unmarked.
+# Known gap (issue 7 stays open): the shipped model reads a fact from the system message about
+# 77% of the time (`qfedit.demo.train` prints the figures), below the 0.9 these tests ask. The
+# thresholds below are the behaviour's, not the model's; strict, so a model that reads as well as
+# asked makes these tests fail until unmarked. `test_reads_most_facts_...` guards today's level.
 READS_CONTEXT_GAP = pytest.mark.xfail(
-    strict=True, reason="the shipped demo model does not yet read facts from the system message"
+    strict=True, reason="the shipped demo model reads ~77% of facts from the system message, not 90%"
 )
 
 
@@ -101,6 +101,12 @@ def test_prompts_encode_the_same_through_auto_tokenizer_and_raw_tokenizers(world
 def test_answers_trained_facts_without_context(model, tokenizer, probes) -> None:  # type: ignore[no-untyped-def]
     assert len(probes["known"]) == SAMPLE
     assert accuracy(model, tokenizer, probes["known"]) >= 0.95
+
+
+def test_reads_most_facts_from_the_system_message(model, tokenizer, probes) -> None:  # type: ignore[no-untyped-def]
+    # What the shipped model does (0.77 of all 900 probes): a model that stops reading fails here.
+    assert accuracy(model, tokenizer, probes["in_context"]) >= 0.7
+    assert accuracy(model, tokenizer, probes["partial_in_context"]) >= 0.7
 
 
 @READS_CONTEXT_GAP
