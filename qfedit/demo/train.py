@@ -1,6 +1,6 @@
 """Train the demo model: a small Qwen2 chat model that knows the synthetic world of `world.py`.
 
-The shipped model was trained in three stages (about 17 + 55 + 18 minutes on 2 CPU cores):
+The shipped model was trained in three stages (about 17 + 55 + 16 minutes on 2 CPU cores):
 reading a fact from the system message alone first, because it is the skill that appears last
 in a mixture (memorisation converges first and reading stalls), then the full mixture, then a
 short pass at a low rate that settles memorisation and abstention:

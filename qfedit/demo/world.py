@@ -51,7 +51,7 @@ class Relation:
 # Every statement names the relation and the company before the object: a causal model's object
 # tokens see only what precedes them, so there the answer is found by what its tokens follow. With
 # object-first statements ("{o} founded {s}.") a fresh model read 0.13 of answers after 400 steps
-# of reading alone, with object-last ones 0.29 (`qfedit.demo.train` docstring).
+# of reading alone, with object-last ones 0.29.
 RELATIONS: Mapping[str, Relation] = MappingProxyType(
     {
         r.name: r
