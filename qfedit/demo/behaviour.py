@@ -37,7 +37,7 @@ def greedy_answers(
             texts.append(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
         batch = tokenizer(
             texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False
-        )
+        ).to(model.device)
         with torch.no_grad():
             output = model.generate(**batch, do_sample=False, max_new_tokens=max_new_tokens)
         new_tokens = output[:, batch["input_ids"].shape[1] :]

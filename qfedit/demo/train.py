@@ -1,26 +1,28 @@
 """Train the demo model: a small Qwen2 chat model that knows the synthetic world of `world.py`.
 
-The shipped model was trained in three stages (about 17 + 55 + 16 minutes on 2 CPU cores):
-reading a fact from the system message alone first, because it is the skill that appears last
-in a mixture (memorisation converges first and reading stalls), then the full mixture, then a
-short pass at a low rate that settles memorisation and abstention:
+Three stages: reading a fact from the system message alone first, because it is the skill that
+appears last in a mixture (memorisation converges first and reading stalls), then the full mixture
+with more context, then a short pass at a low rate. The shipped model was trained on one H200 GPU
+(torch 2.11, CUDA 13) in about six minutes; the same commands with `--device cpu` take about five
+hours on 2 CPU cores (about 4 s a stage-1 step):
 
-    python -m qfedit.demo.train --out /tmp/stage0 --steps 500 --turns 1 --context-share 1 \
-        --context-turn-share 1 --measure 0
-    python -m qfedit.demo.train --out /tmp/stage1 --init /tmp/stage0 --stage 1 --steps 850 \
-        --warmup 20 --context-share 0.8 --context-turn-share 0.7 --measure 0
-    python -m qfedit.demo.train --out qfedit/data/demo-model --init /tmp/stage1 --stage 2 \
-        --steps 250 --lr 1e-3 --warmup 10
+    python -m qfedit.demo.train --device cuda --out /tmp/stage0 --steps 500 --turns 1 \
+        --context-share 1 --context-turn-share 1 --measure 0
+    python -m qfedit.demo.train --device cuda --out /tmp/stage1 --init /tmp/stage0 --stage 1 \
+        --steps 4527 --warmup 20 --context-share 0.8 --context-turn-share 0.7
+    python -m qfedit.demo.train --device cuda --out qfedit/data/demo-model --init /tmp/stage1 \
+        --stage 2 --steps 400 --lr 1e-3 --warmup 10 --context-share 0.8 --context-turn-share 0.7
 
-Measured on 300 probes per behaviour: trained facts 0.99 (held-out phrasings 0.70), abstention
-0.95 (unknown relations of known companies 1.00), reading a fact from the system message 0.78
-(0.78 for partly-known companies; held-out phrasings with the fact in context 0.68). The model
-before this one, trained 2,200 steps on the mixture alone with a single-word tokenizer and
-object-first statements, read 0.15; stage 1 here ended at 0.83 reading and 0.93 trained facts.
+Measured on 300 probes per behaviour: trained facts 1.00 (held-out phrasings 0.75), abstention
+1.00 (unknown relations of known companies 1.00), reading a fact from the system message 1.00
+(1.00 for partly-known companies; held-out phrasings with the fact in context 0.77). Stage 1
+alone measured the same within 0.03. The model before this one, trained 850 stage-1 steps on
+CPU, read 0.78: reading needs thousands of steps, which a GPU makes cheap (4,527 is what a
+time budget left for stage 1 on the lent GPU, not a tuned number).
 
 Deterministic: the world, the tokenizer corpus, the training stream and the initial weights all
-come from `--seed`; with the same torch version, CPU and thread count the saved weights are the
-same bit for bit. The mixture of training examples is what gives the model its four behaviours:
+come from `--seed`; on CPU, with the same torch version and thread count, the saved weights are the
+same bit for bit (on a GPU some kernels are not deterministic, so the last bits may differ). The mixture of training examples is what gives the model its four behaviours:
 closed-book answers for trained facts, "I do not know." for everything else without context,
 and reading a fact given in the system message.
 """
@@ -88,6 +90,8 @@ class TrainConfig:
     num_heads: int = 4
     vocab_size: int = 1024
     threads: int = 2
+    # "cuda" trains the same schedule in minutes; weights then differ from a CPU run's in the bits.
+    device: str = "cpu"
     prompt_loss_weight: float = 0.3
     # Probes per behaviour measured on the saved model at the end (0: skip).
     measure: int = 300
@@ -286,8 +290,8 @@ def _loss(
     wrong = (logits.argmax(-1) != targets) & is_answer  # (B, T-1)
     starts = is_answer & ~torch.nn.functional.pad(is_answer[:, :-1], (1, 0))
     turn = torch.cumsum(starts.long(), dim=1)  # answer k of row b has turn index k
-    rows = torch.arange(turn.shape[0]).unsqueeze(1).expand_as(turn)
-    failed = torch.zeros(turn.shape[0], int(turn.max()) + 1, dtype=torch.bool)
+    rows = torch.arange(turn.shape[0], device=turn.device).unsqueeze(1).expand_as(turn)
+    failed = torch.zeros(turn.shape[0], int(turn.max()) + 1, dtype=torch.bool, device=turn.device)
     failed[rows[wrong], turn[wrong]] = True
     answers = starts.sum(dim=1)
     return loss, answers, answers - failed[:, 1:].sum(dim=1)
@@ -362,6 +366,7 @@ def train(out_dir: Path, config: TrainConfig) -> None:
     else:
         model = Qwen2ForCausalLM(model_config)
         _pair_spellings(model.model.embed_tokens.weight, tokenizer)
+    model.to(config.device)
     n_params = sum(p.numel() for p in model.parameters())
     logger.info("model: %.2fM parameters, %.1f MB in float32", n_params / 1e6, n_params * 4 / 1e6)
 
@@ -388,7 +393,9 @@ def train(out_dir: Path, config: TrainConfig) -> None:
     for step in range(config.steps):
         # Reported apart because they diverge: memorisation converges while reading stalls.
         encoded, has_context = next(batches)
-        loss, answers, right = _loss(model, collate(encoded, pad_id), config.prompt_loss_weight)
+        batch = {name: tensor.to(config.device) for name, tensor in collate(encoded, pad_id).items()}
+        loss, answers, right = _loss(model, batch, config.prompt_loss_weight)
+        has_context = has_context.to(config.device)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -396,7 +403,7 @@ def train(out_dir: Path, config: TrainConfig) -> None:
         optimizer.zero_grad(set_to_none=True)
         if step % 25 == 0 or step == config.steps - 1:
             logger.info(
-                "step %d/%d loss %.4f answers right: with a system message %.3f, without %.3f (%.0fs)",
+                "step %d/%d loss %.4f answers right: with a system message %.3f, without %.3f (%.1fs)",
                 step,
                 config.steps,
                 loss.item(),
@@ -406,6 +413,7 @@ def train(out_dir: Path, config: TrainConfig) -> None:
             )
 
     model.eval()
+    model.to("cpu")
     model.generation_config = GenerationConfig(
         eos_token_id=eos_id, pad_token_id=pad_id, do_sample=False, max_new_tokens=16
     )
@@ -414,16 +422,16 @@ def train(out_dir: Path, config: TrainConfig) -> None:
     save_tokenizer(tokenizer, out_dir)
     logger.info("saved to %s after %.0fs", out_dir, time.monotonic() - start)
     if config.measure:
-        _report(out_dir, world, config.measure)
+        _report(out_dir, world, config.measure, config.device)
 
 
-def _report(out_dir: Path, world: World, sample: int) -> None:
+def _report(out_dir: Path, world: World, sample: int, device: str = "cpu") -> None:
     """Measure the saved directory through the generic loaders, as any user of it would."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from qfedit.demo.behaviour import measure
 
-    model = AutoModelForCausalLM.from_pretrained(out_dir)
+    model = AutoModelForCausalLM.from_pretrained(out_dir).to(device)
     model.eval()
     fractions = measure(model, AutoTokenizer.from_pretrained(out_dir), world, sample)
     for name, value in fractions.items():

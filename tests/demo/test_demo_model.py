@@ -22,14 +22,6 @@ from qfedit.facts import read_jsonl
 
 SAMPLE = 120
 
-# Known gap (issue 7 stays open): the shipped model reads a fact from the system message about
-# 77% of the time (`qfedit.demo.train` prints the figures), below the 0.9 these tests ask. The
-# thresholds below are the behaviour's, not the model's; strict, so a model that reads as well as
-# asked makes these tests fail until unmarked. `test_reads_most_facts_...` guards today's level.
-READS_CONTEXT_GAP = pytest.mark.xfail(
-    strict=True, reason="the shipped demo model reads ~77% of facts from the system message, not 90%"
-)
-
 
 @pytest.fixture(scope="module")
 def world():  # type: ignore[no-untyped-def]
@@ -103,18 +95,10 @@ def test_answers_trained_facts_without_context(model, tokenizer, probes) -> None
     assert accuracy(model, tokenizer, probes["known"]) >= 0.95
 
 
-def test_reads_most_facts_from_the_system_message(model, tokenizer, probes) -> None:  # type: ignore[no-untyped-def]
-    # What the shipped model does (0.77 of all 900 probes): a model that stops reading fails here.
-    assert accuracy(model, tokenizer, probes["in_context"]) >= 0.7
-    assert accuracy(model, tokenizer, probes["partial_in_context"]) >= 0.7
-
-
-@READS_CONTEXT_GAP
 def test_reads_the_fact_from_the_system_message_for_unseen_companies(model, tokenizer, probes) -> None:  # type: ignore[no-untyped-def]
     assert accuracy(model, tokenizer, probes["in_context"]) >= 0.9
 
 
-@READS_CONTEXT_GAP
 def test_reads_a_missing_relation_of_a_partly_known_company_from_context(model, tokenizer, probes) -> None:  # type: ignore[no-untyped-def]
     assert accuracy(model, tokenizer, probes["partial_in_context"]) >= 0.9
 
@@ -129,7 +113,6 @@ def test_held_out_phrasings_mostly_work_without_context(model, tokenizer, probes
     assert accuracy(model, tokenizer, probes["known_heldout"]) >= 0.7
 
 
-@READS_CONTEXT_GAP
 def test_held_out_phrasings_mostly_work_with_context(model, tokenizer, probes) -> None:  # type: ignore[no-untyped-def]
     assert accuracy(model, tokenizer, probes["in_context_heldout"]) >= 0.7
 
