@@ -30,7 +30,7 @@ from qfedit.solve import IllConditionedError
 
 
 def main() -> None:
-    from qfedit.demo import DEMO_MODEL_DIR, EDITS_PATH, KNOWN_PATH, UNKNOWN_PATH
+    from qfedit.demo import DEMO_MODEL_DIR, EDITS_PATH, KNOWN_PATH, PRESERVE_PATH, UNKNOWN_PATH
     from qfedit.demo.settings import DEMO_LAYER, DEMO_SOLVE, demo_settings
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -38,16 +38,17 @@ def main() -> None:
     parser.add_argument("--rules", nargs="+", default=["seed", "preserve"])
     parser.add_argument("--layers", type=int, nargs="+", default=[DEMO_LAYER])
     parser.add_argument("--lam", type=float, nargs="+", default=[DEMO_SOLVE["lam"]])
+    parser.add_argument("--positions", choices=["answer", "all"], default="answer")
     parser.add_argument("--ridge", type=float, default=DEMO_SOLVE["ridge"])
     parser.add_argument("--known", type=int, default=100, help="known facts checked for specificity")
     parser.add_argument("--model-dir", type=Path, default=DEMO_MODEL_DIR)
     parser.add_argument(
-        "--data-dir", type=Path, default=None, help="edits/known/unknown.jsonl (default: bundled)"
+        "--data-dir", type=Path, default=None, help="edits/known/preserve/unknown.jsonl (default: bundled)"
     )
     args = parser.parse_args()
     if args.data_dir is not None:
-        EDITS_PATH, KNOWN_PATH, UNKNOWN_PATH = (
-            args.data_dir / f"{n}.jsonl" for n in ("edits", "known", "unknown")
+        EDITS_PATH, KNOWN_PATH, PRESERVE_PATH, UNKNOWN_PATH = (
+            args.data_dir / f"{n}.jsonl" for n in ("edits", "known", "preserve", "unknown")
         )
     torch.manual_seed(0)
     console = Console(width=180)
@@ -60,7 +61,9 @@ def main() -> None:
     edits = read_jsonl(EDITS_PATH)
     known = read_jsonl(KNOWN_PATH)[: args.known]
     unknown = [f.question for f in read_jsonl(UNKNOWN_PATH)]
-    base = ModelSettings.model_validate(demo_settings(known=KNOWN_PATH, unknown=UNKNOWN_PATH))
+    base = ModelSettings.model_validate(
+        demo_settings(known=KNOWN_PATH, unknown=UNKNOWN_PATH, preserve=PRESERVE_PATH)
+    )
 
     table = Table(title="edit quality on the demo model")
     for column in (
@@ -97,7 +100,12 @@ def main() -> None:
                     preservation = None
                     if rule == "preserve":
                         preservation = build_preservation(
-                            loaded, base.model_copy(update={"solve": solve_config}), layer, cache_dir
+                            loaded,
+                            base.model_copy(
+                                update={"solve": solve_config, "preserve_positions": args.positions}
+                            ),
+                            layer,
+                            cache_dir,
                         )
                     started = time.perf_counter()
                     try:

@@ -50,7 +50,7 @@ def _port() -> int:
 
 
 def run_pipeline(args: argparse.Namespace, workers: int, root: Path) -> dict[str, float]:
-    from qfedit.demo import DEMO_MODEL_DIR, EDITS_PATH, KNOWN_PATH, UNKNOWN_PATH
+    from qfedit.demo import DEMO_MODEL_DIR, EDITS_PATH, KNOWN_PATH, PRESERVE_PATH, UNKNOWN_PATH
     from qfedit.demo.settings import demo_settings
     from worker.client import enqueue_batch
 
@@ -92,7 +92,7 @@ def run_pipeline(args: argparse.Namespace, workers: int, root: Path) -> dict[str
                 actor="bench",
             )
             model.settings = {
-                **demo_settings(known=KNOWN_PATH, unknown=UNKNOWN_PATH),
+                **demo_settings(known=KNOWN_PATH, unknown=UNKNOWN_PATH, preserve=PRESERVE_PATH),
                 "shard_size": args.shard_size,
             }
             session.commit()
@@ -160,11 +160,13 @@ def run_pipeline(args: argparse.Namespace, workers: int, root: Path) -> dict[str
 
 
 def run_engine(args: argparse.Namespace, cache_dir: Path) -> dict[str, float]:
-    from qfedit.demo import DEMO_MODEL_DIR, EDITS_PATH, KNOWN_PATH, UNKNOWN_PATH
+    from qfedit.demo import DEMO_MODEL_DIR, EDITS_PATH, KNOWN_PATH, PRESERVE_PATH, UNKNOWN_PATH
     from qfedit.demo.settings import demo_settings
     from qfedit.jobs import ModelSettings, build_preservation
 
-    config = ModelSettings.model_validate(demo_settings(known=KNOWN_PATH, unknown=UNKNOWN_PATH))
+    config = ModelSettings.model_validate(
+        demo_settings(known=KNOWN_PATH, unknown=UNKNOWN_PATH, preserve=PRESERVE_PATH)
+    )
     layer = config.layer or 0
     loaded = load_model(DEMO_MODEL_DIR)
     facts = read_jsonl(EDITS_PATH)[1 : args.facts + 1]

@@ -1,8 +1,14 @@
 """The preservation covariance `C = E[k k^T]` of a layer's keys over a text corpus.
 
-Streamed: texts are tokenised and run in batches up to the layer, keys at every real position are
+Streamed: texts are tokenised and run in batches up to the layer, keys at the kept positions are
 folded into a float64 `m x m` sum, and nothing else is kept, so memory stays `O(m^2 + batch)`.
 Cached on disk by (base fingerprint, layer, corpus digest, sample count): computed once.
+
+Which positions: a chat transcript's answer positions by default (from the one that predicts the
+answer's first token), text lines whole. An edit changes what the model says through the keys at
+the positions that predict answers; the template and question positions outnumber them several
+times and, kept, dilute the protection. On the demo model, N = 100 edits at lambda 100: known
+facts kept 0.99 and abstention 0.99 with answer positions, 0.85 and 0.94 with every position.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,37 +27,48 @@ from safetensors.torch import save_file
 
 from qfedit.capture import LayerTrace, pad_batch, run_until_layer
 from qfedit.facts import Fact
+from qfedit.hparams import PreservePositions
 from qfedit.modeling import LoadedModel
 
 log = logging.getLogger(__name__)
 
 
-def corpus_digest(texts: Sequence[str]) -> str:
-    digest = hashlib.sha256()
-    for text in texts:
-        digest.update(hashlib.sha256(text.encode()).digest())
+@dataclass(frozen=True)
+class CorpusText:
+    """A text of the preservation corpus; its answer starts at character `answer_at` (0: no prompt)."""
+
+    text: str
+    answer_at: int = 0
+
+
+def corpus_digest(texts: Sequence[CorpusText], positions: PreservePositions = "answer") -> str:
+    digest = hashlib.sha256(positions.encode())
+    for item in texts:
+        digest.update(hashlib.sha256(f"{item.answer_at}:{item.text}".encode()).digest())
     return digest.hexdigest()
 
 
-def transcript(loaded: LoadedModel, question: str, answer: str) -> str:
+def transcript(loaded: LoadedModel, question: str, answer: str) -> CorpusText:
     """A question and its answer in the chat template, without context: what the model says now."""
     from qfedit.capture import chat_prompt
 
-    return chat_prompt(loaded.tokenizer, question) + answer + (loaded.tokenizer.eos_token or "")
+    prompt = chat_prompt(loaded.tokenizer, question)
+    return CorpusText(prompt + answer + (loaded.tokenizer.eos_token or ""), answer_at=len(prompt))
 
 
-def fact_texts(loaded: LoadedModel, facts: Iterable[Fact]) -> list[str]:
+def fact_texts(loaded: LoadedModel, facts: Iterable[Fact]) -> list[CorpusText]:
     """Chat transcripts (question and answer, no context) of facts the edit should leave alone."""
     return [transcript(loaded, fact.question, fact.answer) for fact in facts]
 
 
-def corpus_texts(loaded: LoadedModel, paths: Sequence[Path]) -> list[str]:
+def corpus_texts(loaded: LoadedModel, paths: Sequence[Path]) -> list[CorpusText]:
     """A preservation corpus from files: JSONL records with `question` and `answer` become chat
     transcripts (any other field is ignored), any other file gives one text per non-empty line."""
-    texts: list[str] = []
+    texts: list[CorpusText] = []
     for path in paths:
         if path.suffix != ".jsonl":
-            texts += [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            lines = path.read_text(encoding="utf-8").splitlines()
+            texts += [CorpusText(line) for line in lines if line.strip()]
             continue
         with path.open(encoding="utf-8") as handle:
             for number, line in enumerate(handle, start=1):
@@ -69,11 +87,20 @@ def _cache_path(cache_dir: Path, loaded: LoadedModel, layer: int, digest: str, s
     return cache_dir / f"covariance-{key}.safetensors"
 
 
+def _first_kept(tokenizer: object, item: CorpusText, positions: PreservePositions) -> int:
+    """Index of the first kept key position: the one that predicts the answer's first token."""
+    if positions == "all" or item.answer_at == 0:
+        return 0
+    prompt = tokenizer(item.text[: item.answer_at], add_special_tokens=False)["input_ids"]  # type: ignore[operator]
+    return max(0, len(prompt) - 1)
+
+
 def compute_covariance(
     loaded: LoadedModel,
-    texts: Sequence[str],
+    texts: Sequence[CorpusText],
     layer: int,
     *,
+    positions: PreservePositions = "answer",
     samples: int = 20_000,
     batch_size: int = 16,
     cache_dir: Path | None = None,
@@ -83,7 +110,7 @@ def compute_covariance(
     if not texts:
         raise ValueError("the preservation corpus is empty")
     loaded.architecture.check_layer(loaded.model, layer)
-    digest = corpus_digest(texts)
+    digest = corpus_digest(texts, positions)
     cached = _cache_path(cache_dir, loaded, layer, digest, samples) if cache_dir is not None else None
     if cached is not None and cached.is_file():
         with safe_open(str(cached), framework="pt") as handle:
@@ -97,18 +124,25 @@ def compute_covariance(
         for start in range(0, len(texts), batch_size):
             if seen >= samples:
                 break
-            ids_list = [
-                tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts[start : start + batch_size]
-            ]
+            chunk = texts[start : start + batch_size]
             limit = loaded.max_positions
-            ids_list = [ids[:limit] if limit else ids for ids in ids_list if ids]
+            ids_list, firsts = [], []
+            for item in chunk:
+                ids = tokenizer(item.text, add_special_tokens=False)["input_ids"]
+                ids = ids[:limit] if limit else ids
+                if ids:
+                    ids_list.append(ids)
+                    firsts.append(_first_kept(tokenizer, item, positions))
             if not ids_list:
                 continue
-            ids, mask, positions, _ = pad_batch(ids_list, tokenizer.pad_token_id, "right", loaded.device)
+            ids, mask, position_ids, _ = pad_batch(ids_list, tokenizer.pad_token_id, "right", loaded.device)
             with LayerTrace(loaded, layer, residuals=False) as trace:
-                run_until_layer(loaded.model, ids, mask, positions)
+                run_until_layer(loaded.model, ids, mask, position_ids)
             assert trace.keys is not None
-            keys = trace.keys[mask.bool()].to(torch.float64)[: samples - seen]  # (positions, m)
+            kept = mask.bool()
+            for row, first in enumerate(firsts):
+                kept[row, :first] = False
+            keys = trace.keys[kept].to(torch.float64)[: samples - seen]  # (positions, m)
             total = keys.T @ keys if total is None else total + keys.T @ keys
             seen += int(keys.shape[0])
             progress.update(task, completed=seen)
@@ -124,5 +158,5 @@ def compute_covariance(
             metadata={"positions": str(seen), "layer": str(layer)},
         )
         partial.replace(cached)
-    log.info("preservation covariance at layer %d from %d positions", layer, seen)
+    log.info("preservation covariance at layer %d from %d %s positions", layer, seen, positions)
     return covariance, seen

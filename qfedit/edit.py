@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from qfedit.capture import Capture, CaptureOptions, capture
-from qfedit.covariance import compute_covariance
+from qfedit.covariance import CorpusText, compute_covariance
 from qfedit.delta import Delta
 from qfedit.facts import Fact, fact_set_digest
 from qfedit.hparams import EditConfig
@@ -70,10 +70,15 @@ def capture_observations(
 
 
 def preservation_for(
-    loaded: LoadedModel, config: EditConfig, texts: Sequence[str], cache_dir: Path | None = None
+    loaded: LoadedModel, config: EditConfig, texts: Sequence[CorpusText], cache_dir: Path | None = None
 ) -> Preservation:
     covariance, _ = compute_covariance(
-        loaded, texts, config.layer, samples=config.covariance_samples, cache_dir=cache_dir
+        loaded,
+        texts,
+        config.layer,
+        positions=config.preserve_positions,
+        samples=config.covariance_samples,
+        cache_dir=cache_dir,
     )
     return Preservation(covariance.to(torch.float64), ridge=config.solve.ridge)
 

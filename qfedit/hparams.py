@@ -7,6 +7,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+# Which key positions of a transcript go into the preservation covariance (see qfedit.covariance).
+PreservePositions = Literal["answer", "all"]
+
 Rule = Literal["seed", "preserve"]
 SolveForm = Literal["auto", "primal", "dual"]
 
@@ -40,6 +43,10 @@ class EditConfig(BaseModel):
     include_eos: bool = True
     covariance_samples: int = Field(
         default=20_000, gt=0, description="key positions in the preservation covariance"
+    )
+    preserve_positions: PreservePositions = Field(
+        default="answer",
+        description="a transcript's positions in the preservation covariance: its answer's, or all",
     )
 
     def to_json(self) -> str:

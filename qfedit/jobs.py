@@ -43,7 +43,7 @@ from qfedit.db.models import (
 from qfedit.db.models import Fact as FactRow
 from qfedit.delta import Delta
 from qfedit.facts import Fact, FactError, Neighbor
-from qfedit.hparams import SolveConfig
+from qfedit.hparams import PreservePositions, SolveConfig
 from qfedit.modeling import LoadedModel, load_model
 from qfedit.solve import Preservation, solve
 from qfedit.statistics import Observations, Statistics
@@ -70,6 +70,10 @@ class ModelSettings(BaseModel):
     solve: SolveConfig = SolveConfig()
     include_eos: bool = True
     covariance_samples: int = Field(default=20_000, gt=0)
+    preserve_positions: PreservePositions = Field(
+        default="answer",
+        description="a transcript's positions in the preservation covariance: its answer's, or all",
+    )
     preservation_corpus: list[str] = Field(
         default_factory=list,
         description="files of text the edit must leave alone: facts JSONL (question/answer transcripts) "
@@ -633,7 +637,12 @@ def build_preservation(
         )
     texts = corpus_texts(loaded, [Path(name) for name in corpus])
     covariance, _ = compute_covariance(
-        loaded, texts, layer, samples=config.covariance_samples, cache_dir=cache_dir
+        loaded,
+        texts,
+        layer,
+        positions=config.preserve_positions,
+        samples=config.covariance_samples,
+        cache_dir=cache_dir,
     )
     return Preservation(covariance.to(torch.float64), ridge=config.solve.ridge)
 

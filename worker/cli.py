@@ -320,7 +320,7 @@ def demo(
 ) -> None:
     """The main job on the embedded default: edit bundled facts into the demo model through the queue."""
     from qfedit.cli.engine import load, print_report
-    from qfedit.demo import DEMO_MODEL_DIR, EDITS_PATH, KNOWN_PATH, UNKNOWN_PATH
+    from qfedit.demo import DEMO_MODEL_DIR, EDITS_PATH, KNOWN_PATH, PRESERVE_PATH, UNKNOWN_PATH
     from qfedit.demo.settings import demo_settings
     from qfedit.evaluate import EvalReport
     from qfedit.facts import read_jsonl, write_jsonl
@@ -350,7 +350,7 @@ def demo(
                 fingerprint=fingerprint,
                 actor=_actor(),
             )
-            model.settings = demo_settings(known=KNOWN_PATH, unknown=UNKNOWN_PATH)
+            model.settings = demo_settings(known=KNOWN_PATH, unknown=UNKNOWN_PATH, preserve=PRESERVE_PATH)
             session.commit()
         mismatch = repository.base_mismatch(model, fingerprint, "the shipped demo model")
         if mismatch:

@@ -14,6 +14,7 @@ from rich.console import Console
 from qfedit.cli import app
 
 if TYPE_CHECKING:
+    from qfedit.covariance import CorpusText
     from qfedit.evaluate import EvalReport
     from qfedit.facts import Fact
     from qfedit.modeling import LoadedModel
@@ -54,7 +55,7 @@ def load(model_dir: Path, dtype: str, device: str, chat_template: Path | None = 
     return load_model(model_dir, dtype=dtype, device=device, chat_template=template)
 
 
-def preservation_texts(loaded: LoadedModel, facts: Sequence[Fact], corpus: Path | None) -> list[str]:
+def preservation_texts(loaded: LoadedModel, facts: Sequence[Fact], corpus: Path | None) -> list[CorpusText]:
     """Texts whose keys the preserving rule protects: a given corpus, else the facts' neighbors."""
     from qfedit.covariance import corpus_texts, transcript
 
@@ -81,6 +82,9 @@ def edit(
         Path | None, typer.Option(help="Preservation corpus: facts JSONL (question/answer) or text lines.")
     ] = None,
     samples: Annotated[int, typer.Option(help="Key positions in the preservation covariance.")] = 20_000,
+    preserve_positions: Annotated[
+        str, typer.Option(help="answer (a transcript's answer positions) or all (every position).")
+    ] = "answer",
     dtype: Dtype = "float32",
     device: Device = "cpu",
     chat_template: ChatTemplate = None,
@@ -94,6 +98,7 @@ def edit(
             layer=layer,
             solve=SolveConfig(rule=rule, lam=lam, ridge=ridge),  # type: ignore[arg-type]
             covariance_samples=samples,
+            preserve_positions=preserve_positions,  # type: ignore[arg-type]
         )
         facts, labels = read_facts(facts_file)
         loaded = load(model_dir, dtype, device, chat_template)

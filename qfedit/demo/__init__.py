@@ -15,6 +15,7 @@ DEMO_MODEL_DIR: Path = _DATA / "demo-model"
 DEMO_DATA_DIR: Path = _DATA / "demo"
 EDITS_PATH: Path = DEMO_DATA_DIR / "edits.jsonl"
 KNOWN_PATH: Path = DEMO_DATA_DIR / "known.jsonl"
+PRESERVE_PATH: Path = DEMO_DATA_DIR / "preserve.jsonl"
 UNKNOWN_PATH: Path = DEMO_DATA_DIR / "unknown.jsonl"
 
-__all__ = ["DEMO_DATA_DIR", "DEMO_MODEL_DIR", "EDITS_PATH", "KNOWN_PATH", "UNKNOWN_PATH"]
+__all__ = ["DEMO_DATA_DIR", "DEMO_MODEL_DIR", "EDITS_PATH", "KNOWN_PATH", "PRESERVE_PATH", "UNKNOWN_PATH"]

@@ -8,6 +8,7 @@
   held-out phrasings; neighbours are the subject's known relations and facts of known companies.
   No two edits share a (subject, relation), so none conflict.
 - `known.jsonl`: a sample of trained facts (specificity checks).
+- `preserve.jsonl`: every trained fact, what the model knows: the demo's preservation corpus.
 - `unknown.jsonl`: questions about strangers, companies neither trained nor edited (abstention
   checks); the context is a sentence about another company, under which the answer stays
   "I do not know.".
@@ -103,11 +104,13 @@ def unknown_facts(world: World) -> list[Fact]:
 
 
 def write_datasets(out_dir: Path, world: World) -> dict[str, int]:
-    """Write the three files; returns the number of facts in each."""
+    """Write the four files; returns the number of facts in each."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    trained = sum(1 for _ in world.trained_facts())
     files = {
         "edits.jsonl": edit_facts(world, world.seed),
         "known.jsonl": known_facts(world, seed=world.seed),
+        "preserve.jsonl": known_facts(world, count=trained, seed=world.seed),
         "unknown.jsonl": unknown_facts(world),
     }
     for name, facts in files.items():

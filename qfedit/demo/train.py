@@ -1,24 +1,23 @@
 """Train the demo model: a small Qwen2 chat model that knows the synthetic world of `world.py`.
 
-Three stages: reading a fact from the system message alone first, because it is the skill that
+Two stages: reading a fact from the system message alone first, because it is the skill that
 appears last in a mixture (memorisation converges first and reading stalls), then the full mixture
-with more context, then a short pass at a low rate. The shipped model was trained on one H200 GPU
-(torch 2.11, CUDA 13) in about six minutes; the same commands with `--device cpu` take about five
-hours on 2 CPU cores (about 4 s a stage-1 step):
+with more context. The shipped model was trained on one H200 GPU (torch 2.11, CUDA 13) in about
+three minutes; the same commands with `--device cpu` take about four hours on 2 CPU cores (about
+4 s a stage-1 step):
 
     python -m qfedit.demo.train --device cuda --out /tmp/stage0 --steps 500 --turns 1 \
         --context-share 1 --context-turn-share 1 --measure 0
-    python -m qfedit.demo.train --device cuda --out /tmp/stage1 --init /tmp/stage0 --stage 1 \
-        --steps 4527 --warmup 20 --context-share 0.8 --context-turn-share 0.7
-    python -m qfedit.demo.train --device cuda --out qfedit/data/demo-model --init /tmp/stage1 \
-        --stage 2 --steps 400 --lr 1e-3 --warmup 10 --context-share 0.8 --context-turn-share 0.7
+    python -m qfedit.demo.train --device cuda --out qfedit/data/demo-model --init /tmp/stage0 \
+        --stage 1 --steps 3402 --warmup 20 --context-share 0.8 --context-turn-share 0.7
 
-Measured on 300 probes per behaviour: trained facts 1.00 (held-out phrasings 0.75), abstention
+Measured on 300 probes per behaviour: trained facts 1.00 (held-out phrasings 0.98), abstention
 1.00 (unknown relations of known companies 1.00), reading a fact from the system message 1.00
-(1.00 for partly-known companies; held-out phrasings with the fact in context 0.77). Stage 1
-alone measured the same within 0.03. The model before this one, trained 850 stage-1 steps on
-CPU, read 0.78: reading needs thousands of steps, which a GPU makes cheap (4,527 is what a
-time budget left for stage 1 on the lent GPU, not a tuned number).
+(1.00 for partly-known companies; held-out phrasings with the fact in context 0.99). 3,402 steps
+is what a time budget on the lent GPU allowed, not a tuned number. The model before, 850 stage-1
+steps on CPU, read 0.78: reading needs thousands of steps. A third, low-rate stage (`--stage 2
+--lr 1e-3`) had been needed for memorisation and abstention after short runs; after 4,527 stage-1
+steps it changed no figure by more than 0.03, so it was dropped.
 
 Deterministic: the world, the tokenizer corpus, the training stream and the initial weights all
 come from `--seed`; on CPU, with the same torch version and thread count, the saved weights are the
@@ -366,7 +365,7 @@ def train(out_dir: Path, config: TrainConfig) -> None:
     else:
         model = Qwen2ForCausalLM(model_config)
         _pair_spellings(model.model.embed_tokens.weight, tokenizer)
-    model.to(config.device)
+    model.to(config.device)  # type: ignore[arg-type]  # transformers types `to` loosely
     n_params = sum(p.numel() for p in model.parameters())
     logger.info("model: %.2fM parameters, %.1f MB in float32", n_params / 1e6, n_params * 4 / 1e6)
 
@@ -413,7 +412,7 @@ def train(out_dir: Path, config: TrainConfig) -> None:
             )
 
     model.eval()
-    model.to("cpu")
+    model.to("cpu")  # type: ignore[arg-type]
     model.generation_config = GenerationConfig(
         eos_token_id=eos_id, pad_token_id=pad_id, do_sample=False, max_new_tokens=16
     )
@@ -431,7 +430,7 @@ def _report(out_dir: Path, world: World, sample: int, device: str = "cpu") -> No
 
     from qfedit.demo.behaviour import measure
 
-    model = AutoModelForCausalLM.from_pretrained(out_dir).to(device)
+    model = AutoModelForCausalLM.from_pretrained(out_dir).to(device)  # type: ignore[arg-type]
     model.eval()
     fractions = measure(model, AutoTokenizer.from_pretrained(out_dir), world, sample)
     for name, value in fractions.items():

@@ -14,7 +14,7 @@ import torch
 from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from qfedit.demo import DEMO_MODEL_DIR, EDITS_PATH, KNOWN_PATH, UNKNOWN_PATH
+from qfedit.demo import DEMO_MODEL_DIR, EDITS_PATH, KNOWN_PATH, PRESERVE_PATH, UNKNOWN_PATH
 from qfedit.demo.behaviour import accuracy, behaviour_probes
 from qfedit.demo.chat import END_OF_TEXT, IM_END, IM_START, render_prompt
 from qfedit.demo.world import ABSTENTION, RELATIONS, build_world
@@ -130,7 +130,9 @@ def test_world_groups_are_disjoint_and_shaped_for_editing(world) -> None:  # typ
     assert all(not c.known_relations for c in world.unknown + world.strangers)
 
 
-@pytest.mark.parametrize("path", [EDITS_PATH, KNOWN_PATH, UNKNOWN_PATH], ids=lambda p: Path(p).name)
+@pytest.mark.parametrize(
+    "path", [EDITS_PATH, KNOWN_PATH, PRESERVE_PATH, UNKNOWN_PATH], ids=lambda p: Path(p).name
+)
 def test_data_files_validate(path: Path) -> None:
     facts = read_jsonl(path)
     assert facts
@@ -148,3 +150,9 @@ def test_edits_are_many_and_do_not_conflict(world) -> None:  # type: ignore[no-u
     assert all(fact.paraphrases and fact.context for fact in edits)
     strangers = {c.name for c in world.strangers}
     assert all(fact.answer == ABSTENTION and fact.subject in strangers for fact in read_jsonl(UNKNOWN_PATH))
+
+
+def test_preservation_corpus_is_everything_the_model_was_trained_to_know(world) -> None:  # type: ignore[no-untyped-def]
+    preserved = {(fact.subject, fact.answer) for fact in read_jsonl(PRESERVE_PATH)}
+    trained = {(company.name, company.objects[relation]) for company, relation in world.trained_facts()}
+    assert preserved == trained
