@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,12 +120,16 @@ def compute_covariance(
     tokenizer = loaded.tokenizer
     total: torch.Tensor | None = None
     seen = 0
+    # A seeded shuffle: when `samples` cuts the corpus short, every file of it is still sampled (in
+    # file order the cut drops the last files whole: the demo's abstentions come after its facts).
+    order = list(texts)
+    random.Random(digest).shuffle(order)
     with Progress(disable=not show_progress, transient=True) as progress:
         task = progress.add_task(f"covariance at layer {layer}", total=samples)
-        for start in range(0, len(texts), batch_size):
+        for start in range(0, len(order), batch_size):
             if seen >= samples:
                 break
-            chunk = texts[start : start + batch_size]
+            chunk = order[start : start + batch_size]
             limit = loaded.max_positions
             ids_list, firsts = [], []
             for item in chunk:

@@ -8,7 +8,8 @@
   held-out phrasings; neighbours are the subject's known relations and facts of known companies.
   No two edits share a (subject, relation), so none conflict.
 - `known.jsonl`: a sample of trained facts (specificity checks).
-- `preserve.jsonl`: every trained fact, what the model knows: the demo's preservation corpus.
+- `preserve.jsonl`: every trained fact under every training phrasing, what the model knows: the
+  demo's preservation corpus.
 - `unknown.jsonl`: questions about strangers, companies neither trained nor edited (abstention
   checks); the context is a sentence about another company, under which the answer stays
   "I do not know.".
@@ -81,6 +82,23 @@ def known_facts(world: World, count: int = 200, seed: int = 0) -> list[Fact]:
     ]
 
 
+def preserve_facts(world: World) -> list[Fact]:
+    """Every trained fact under every training phrasing. With one phrasing a fact (a sample of
+    them), N = 100 edits kept 0.94 of known facts at lambda 60; with all, 0.95 (and the edited
+    subjects' other relations 0.97 against 0.95)."""
+    return [
+        Fact(
+            id=f"preserve-{company.name}-{relation}-{index}",
+            subject=company.name,
+            context=RELATIONS[relation].state(company.name, company.objects[relation]),
+            question=RELATIONS[relation].ask(company.name, index),
+            answer=company.objects[relation],
+        )
+        for company, relation in world.trained_facts()
+        for index in range(len(RELATIONS[relation].train_questions))
+    ]
+
+
 def unknown_facts(world: World) -> list[Fact]:
     facts = []
     strangers = world.strangers
@@ -106,11 +124,10 @@ def unknown_facts(world: World) -> list[Fact]:
 def write_datasets(out_dir: Path, world: World) -> dict[str, int]:
     """Write the four files; returns the number of facts in each."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    trained = sum(1 for _ in world.trained_facts())
     files = {
         "edits.jsonl": edit_facts(world, world.seed),
         "known.jsonl": known_facts(world, seed=world.seed),
-        "preserve.jsonl": known_facts(world, count=trained, seed=world.seed),
+        "preserve.jsonl": preserve_facts(world),
         "unknown.jsonl": unknown_facts(world),
     }
     for name, facts in files.items():

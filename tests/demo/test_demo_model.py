@@ -153,6 +153,8 @@ def test_edits_are_many_and_do_not_conflict(world) -> None:  # type: ignore[no-u
 
 
 def test_preservation_corpus_is_everything_the_model_was_trained_to_know(world) -> None:  # type: ignore[no-untyped-def]
-    preserved = {(fact.subject, fact.answer) for fact in read_jsonl(PRESERVE_PATH)}
+    preserved = read_jsonl(PRESERVE_PATH)
     trained = {(company.name, company.objects[relation]) for company, relation in world.trained_facts()}
-    assert preserved == trained
+    assert {(fact.subject, fact.answer) for fact in preserved} == trained
+    phrasings = sum(len(RELATIONS[relation].train_questions) for _, relation in world.trained_facts())
+    assert len({fact.question for fact in preserved}) == len(preserved) == phrasings

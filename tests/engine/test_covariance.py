@@ -75,3 +75,12 @@ def test_text_lines_are_kept_whole_and_the_cache_tells_the_modes_apart(
     assert len(list(tmp_path.glob("covariance-*.safetensors"))) == 4
     torch.testing.assert_close(cached_all, fresh_all)
     assert not torch.allclose(cached_answer, cached_all)
+
+
+def test_a_sample_cap_draws_from_the_whole_corpus_not_its_first_texts(loaded: LoadedModel) -> None:
+    first = [CorpusText("the founder of Ardent Works is Lio Park")] * 10
+    last = [CorpusText("what city is Brindle Labs in ?")] * 10
+    first_only, count = compute_covariance(loaded, first, LAYER, positions="all")
+    capped, capped_count = compute_covariance(loaded, first + last, LAYER, positions="all", samples=count)
+    assert capped_count == count
+    assert float((capped - first_only).norm() / first_only.norm()) > 1e-3
