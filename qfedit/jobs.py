@@ -43,7 +43,7 @@ from qfedit.db.models import (
 from qfedit.db.models import Fact as FactRow
 from qfedit.delta import Delta
 from qfedit.facts import Fact, FactError, Neighbor
-from qfedit.hparams import PreservePositions, SolveConfig
+from qfedit.hparams import PreservePositionsSetting, SolveConfig
 from qfedit.modeling import LoadedModel, load_model
 from qfedit.solve import Preservation, solve
 from qfedit.statistics import Observations, Statistics
@@ -70,10 +70,7 @@ class ModelSettings(BaseModel):
     solve: SolveConfig = SolveConfig()
     include_eos: bool = True
     covariance_samples: int = Field(default=20_000, gt=0)
-    preserve_positions: PreservePositions = Field(
-        default="answer",
-        description="a transcript's positions in the preservation covariance: its answer's, or all",
-    )
+    preserve_positions: PreservePositionsSetting = "answer"
     preservation_corpus: list[str] = Field(
         default_factory=list,
         description="files of text the edit must leave alone: facts JSONL (question/answer transcripts) "

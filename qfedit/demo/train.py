@@ -21,9 +21,10 @@ steps it changed no figure by more than 0.03, so it was dropped.
 
 Deterministic: the world, the tokenizer corpus, the training stream and the initial weights all
 come from `--seed`; on CPU, with the same torch version and thread count, the saved weights are the
-same bit for bit (on a GPU some kernels are not deterministic, so the last bits may differ). The mixture of training examples is what gives the model its four behaviours:
-closed-book answers for trained facts, "I do not know." for everything else without context,
-and reading a fact given in the system message.
+same bit for bit. On a GPU some kernels are not deterministic and round differently from CPU ones,
+so a rerun gives close, not identical, weights. The mixture of training examples is what gives the
+model its four behaviours: closed-book answers for trained facts, "I do not know." for everything
+else without context, and reading a fact given in the system message.
 """
 
 from __future__ import annotations
@@ -89,7 +90,8 @@ class TrainConfig:
     num_heads: int = 4
     vocab_size: int = 1024
     threads: int = 2
-    # "cuda" trains the same schedule in minutes; weights then differ from a CPU run's in the bits.
+    # "cuda" trains the same schedule in minutes; other kernels round differently, so the weights
+    # are not a CPU run's (see the module docstring).
     device: str = "cpu"
     prompt_loss_weight: float = 0.3
     # Probes per behaviour measured on the saved model at the end (0: skip).

@@ -47,8 +47,8 @@ class Relation:
 # The held-out phrasings recombine words the training phrasings use, so that a paraphrase check
 # measures generalisation over wording rather than over never-seen tokens. When "Which person"
 # and "chief executive" were in no training question, the model answered "Which person founded
-# {s}?" 0.04 of the time and "Which person runs {s}?" 0.05; with the fourth and fifth training
-# phrasings below, held-out phrasings are answered 0.99. No statement starts
+# {s}?" 0.04 of the time and "Which person runs {s}?" 0.05; with the training phrasings below that
+# use them ("Which person started {s}?", "Name the chief executive of {s}." ...), 0.99 overall. No statement starts
 # with the company: a byte-level BPE tokenizes a word differently with and without the space
 # before it, and the model should see the same tokens for the company in context and question.
 # Every statement names the relation and the company before the object: a causal model's object
