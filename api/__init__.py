@@ -1,4 +1,4 @@
-"""The HTTP service (FastAPI): thin routes over `qfedit.repository`, `qfedit.importing` and `qfedit.jobs`.
+"""The HTTP service (FastAPI): thin routes over `qfedit.registry`, `qfedit.importing` and `qfedit.pipeline`.
 
 `create_app(settings)` in `api.app` builds it; nothing is created at import.
 """

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from api.errors import ApiError
 from api.schemas import NAME_PATTERN
-from qfedit import repository
+from qfedit import registry
 from qfedit.config import Settings
 from qfedit.db.models import Model
 from qfedit.store import CheckpointStore, store_from_settings
@@ -113,7 +113,7 @@ WriteAccess = Annotated[Principal, Depends(require("write"))]
 def get_model(
     model: Annotated[str, Path(pattern=NAME_PATTERN, description="Model name.")], session: SessionDep
 ) -> Model:
-    return repository.get_model(session, model)
+    return registry.get_model(session, model)
 
 
 ModelDep = Annotated[Model, Depends(get_model)]

@@ -17,9 +17,10 @@ from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from qfedit.db.guards import ImmutableRowError
+from qfedit.errors import ConflictError, NotFoundError
 from qfedit.facts import FactError
 from qfedit.importing import ImportFileError
-from qfedit.repository import AliasConflictError, InvalidTransitionError, NotFoundError
+from qfedit.pipeline.lifecycle import InvalidTransitionError
 from qfedit.store import StoreError
 
 logger = logging.getLogger(__name__)
@@ -125,7 +126,7 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, _api_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(NotFoundError, _translate(404, "not_found"))
-    app.add_exception_handler(AliasConflictError, _translate(409, "conflict"))
+    app.add_exception_handler(ConflictError, _translate(409, "conflict"))
     app.add_exception_handler(InvalidTransitionError, _translate(409, "conflict"))
     app.add_exception_handler(ImmutableRowError, _translate(409, "conflict"))
     app.add_exception_handler(ImportFileError, _translate(422, "invalid", "body"))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 
-from qfedit import repository
+from qfedit import registry
 from qfedit.config import Settings
 from qfedit.db.models import Model, Version
 from qfedit.serving import Answer, VersionedModel, load_version_delta
@@ -50,7 +50,7 @@ class Generators:
                     raise ModelUnavailableError(
                         f"cannot load model {model.name!r} from {model.source}: {err}"
                     ) from err
-                mismatch = repository.base_mismatch(model, loaded.fingerprint, model.source)
+                mismatch = registry.base_mismatch(model, loaded.fingerprint, model.source)
                 if mismatch:
                     raise ModelUnavailableError(mismatch)
                 slot = _Slot(VersionedModel(loaded, base_label=f"{model.name}@0"), version_id=None)

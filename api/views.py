@@ -5,25 +5,25 @@ from __future__ import annotations
 from sqlalchemy.orm import Session
 
 from api.schemas import AliasMoveOut, AliasOut, BatchOut, FactDetail, FactOut, VersionDetail, VersionRefOut
-from qfedit import repository
-from qfedit.db.models import Alias, AliasMove, Batch, Fact, Version
+from qfedit import registry
+from qfedit.db.models import Alias, AliasMove, Batch, FactRow, Version
 
 
-def fact_out(fact: Fact) -> FactOut:
-    return FactOut.model_validate(repository.describe_fact(fact))
+def fact_out(fact: FactRow) -> FactOut:
+    return FactOut.model_validate(registry.describe_fact(fact))
 
 
-def fact_detail(session: Session, fact: Fact) -> FactDetail:
+def fact_detail(session: Session, fact: FactRow) -> FactDetail:
     versions = [
-        VersionRefOut(number=v.number, label=v.label) for v in repository.versions_with_fact(session, fact)
+        VersionRefOut(number=v.number, label=v.label) for v in registry.versions_with_fact(session, fact)
     ]
     return FactDetail.model_validate(
-        {**repository.describe_fact(fact), "model": fact.model.name, "versions": versions}
+        {**registry.describe_fact(fact), "model": fact.model.name, "versions": versions}
     )
 
 
 def batch_out(session: Session, batch: Batch) -> BatchOut:
-    version = repository.version_of_batch(session, batch)
+    version = registry.version_of_batch(session, batch)
     return BatchOut(
         id=batch.id,
         model=batch.model.name,
@@ -36,7 +36,7 @@ def batch_out(session: Session, batch: Batch) -> BatchOut:
         requested_by=batch.requested_by,
         idempotency_key=batch.idempotency_key,
         hyperparameters=batch.hyperparameters,
-        fact_count=repository.batch_fact_count(session, batch),
+        fact_count=registry.batch_fact_count(session, batch),
         version=version.label if version is not None else None,
         created_at=batch.created_at,
         updated_at=batch.updated_at,
@@ -46,12 +46,12 @@ def batch_out(session: Session, batch: Batch) -> BatchOut:
 
 
 def version_detail(session: Session, version: Version) -> VersionDetail:
-    aliases = repository.aliases_by_version(session, version.model).get(version.id, [])
-    facts = repository.version_fact_ids(session, version)
-    parent = repository.version_fact_ids(session, version.parent) if version.parent is not None else set()
+    aliases = registry.aliases_by_version(session, version.model).get(version.id, [])
+    facts = registry.version_fact_ids(session, version)
+    parent = registry.version_fact_ids(session, version.parent) if version.parent is not None else set()
     return VersionDetail.model_validate(
         {
-            **repository.describe_version(version, aliases),
+            **registry.describe_version(version, aliases),
             "facts_added": len(facts - parent),
             "facts_removed": len(parent - facts),
         }

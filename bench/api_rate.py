@@ -35,7 +35,7 @@ from sqlalchemy import text
 sys.path.insert(0, str(Path(__file__).parent))
 from import_rate import write_corpus
 
-from qfedit import importing, repository
+from qfedit import importing, registry
 from qfedit.db import make_engine, migrate, session_factory
 
 TOKEN = "bench-token-0123456789abcdef"
@@ -48,7 +48,7 @@ def _prepare(url: str) -> None:
     try:
         migrate.upgrade(engine)
         with session_factory(engine)() as session:
-            repository.add_model(session, name="bench", source="/bench", fingerprint="0" * 64, actor="bench")
+            registry.add_model(session, name="bench", source="/bench", fingerprint="0" * 64, actor="bench")
             session.commit()
     finally:
         engine.dispose()
@@ -85,7 +85,7 @@ def library_import(url: str, corpus: Path) -> float:
     engine = make_engine(url)
     try:
         with session_factory(engine)() as session:
-            model = repository.get_model(session, "bench")
+            model = registry.get_model(session, "bench")
             start = time.perf_counter()
             importing.import_facts(session, corpus, model, actor="bench")
             return time.perf_counter() - start
@@ -169,9 +169,9 @@ def _record_version(url: str, facts: int) -> None:
     engine = make_engine(url)
     try:
         with session_factory(engine)() as session:
-            model = repository.get_model(session, "bench")
-            ids = [f.id for f in repository.list_facts(session, model=model, limit=facts)]
-            repository.record_version(
+            model = registry.get_model(session, "bench")
+            ids = [f.id for f in registry.list_facts(session, model=model, limit=facts)]
+            registry.record_version(
                 session, model=model, fact_ids=ids, created_by="bench", reason="bench",
                 checkpoint=None, layer=None, rule=None,
             )  # fmt: skip

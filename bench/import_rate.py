@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 from sqlalchemy import text
 
-from qfedit import importing, repository
+from qfedit import importing, registry
 from qfedit.db import Base, make_engine, session_factory
 
 
@@ -55,7 +55,7 @@ def run_once(url: str, corpus: Path) -> tuple[float, importing.ImportSummary]:
     try:
         Base.metadata.create_all(engine)
         with session_factory(engine)() as session:
-            model = repository.add_model(
+            model = registry.add_model(
                 session, name="bench", source="/bench", fingerprint="0" * 64, actor="bench"
             )
             session.commit()

@@ -24,8 +24,9 @@ from qfedit.edit import capture_observations, make_delta
 from qfedit.evaluate import evaluate
 from qfedit.facts import read_jsonl
 from qfedit.hparams import EditConfig, SolveConfig
-from qfedit.jobs import ModelSettings, build_preservation
 from qfedit.modeling import load_model
+from qfedit.pipeline.publish import build_preservation
+from qfedit.pipeline.settings import validate_settings
 from qfedit.solve import IllConditionedError
 
 
@@ -61,9 +62,7 @@ def main() -> None:
     edits = read_jsonl(EDITS_PATH)
     known = read_jsonl(KNOWN_PATH)[: args.known]
     unknown = [f.question for f in read_jsonl(UNKNOWN_PATH)]
-    base = ModelSettings.model_validate(
-        demo_settings(known=KNOWN_PATH, unknown=UNKNOWN_PATH, preserve=PRESERVE_PATH)
-    )
+    base = validate_settings(demo_settings(known=KNOWN_PATH, unknown=UNKNOWN_PATH, preserve=PRESERVE_PATH))
 
     table = Table(title="edit quality on the demo model")
     for column in (
@@ -96,16 +95,12 @@ def main() -> None:
                         ridge=args.ridge,
                         max_condition=1e14,
                     )
-                    config = EditConfig(layer=layer, solve=solve_config)
+                    config = EditConfig(layer=layer, solve=solve_config, preserve_positions=args.positions)
                     preservation = None
                     if rule == "preserve":
+                        # The production path's corpus and covariance (`qfedit.pipeline.publish`).
                         preservation = build_preservation(
-                            loaded,
-                            base.model_copy(
-                                update={"solve": solve_config, "preserve_positions": args.positions}
-                            ),
-                            layer,
-                            cache_dir,
+                            loaded, base.model_copy(update={"edit": config}), cache_dir
                         )
                     started = time.perf_counter()
                     try:

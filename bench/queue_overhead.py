@@ -23,22 +23,19 @@ import time
 import uuid
 from pathlib import Path
 
-import torch
 from rich.console import Console
 from rich.table import Table
 from sqlalchemy import text
 
-from qfedit import jobs, repository
+from qfedit import registry
 from qfedit.config import Settings
 from qfedit.db import make_engine, migrate, session_factory
-from qfedit.edit import capture_observations
+from qfedit.edit import capture_observations, make_delta
 from qfedit.evaluate import evaluate
 from qfedit.facts import read_jsonl, write_jsonl
-from qfedit.hparams import EditConfig
 from qfedit.importing import import_facts
 from qfedit.modeling import load_model, weights_fingerprint
-from qfedit.solve import solve
-from qfedit.statistics import Statistics
+from qfedit.pipeline import lifecycle, submit
 
 POSTGRES = os.environ.get("QFEDIT_BENCH_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
@@ -84,7 +81,7 @@ def run_pipeline(args: argparse.Namespace, workers: int, root: Path) -> dict[str
         write_jsonl(facts[:1], warm)
         write_jsonl(facts[1:], timed)
         with sessions() as session:
-            model = repository.add_model(
+            model = registry.add_model(
                 session,
                 name="demo",
                 source=str(DEMO_MODEL_DIR),
@@ -118,17 +115,17 @@ def run_pipeline(args: argparse.Namespace, workers: int, root: Path) -> dict[str
 
         def batch_of(path: Path) -> tuple[float, int]:
             with sessions() as session:
-                model = repository.get_model(session, "demo")
+                model = registry.get_model(session, "demo")
                 import_facts(session, path, model, actor="bench")
-                batch = jobs.submit_batch(session, model=model, fact_ids=None, requested_by="bench")
+                batch = submit.submit_batch(session, model=model, fact_ids=None, requested_by="bench")
                 session.commit()
                 batch_id = batch.id
             started = time.perf_counter()
             enqueue_batch(batch_id, settings)
             while True:
                 with sessions() as session:
-                    status = repository.get_batch(session, batch_id).status
-                if status in jobs.FINAL:
+                    status = registry.get_batch(session, batch_id).status
+                if status in lifecycle.FINAL:
                     break
                 time.sleep(0.5)  # a tight poll steals CPU from the worker on 2 cores
             if status.value != "published":
@@ -162,26 +159,20 @@ def run_pipeline(args: argparse.Namespace, workers: int, root: Path) -> dict[str
 def run_engine(args: argparse.Namespace, cache_dir: Path) -> dict[str, float]:
     from qfedit.demo import DEMO_MODEL_DIR, EDITS_PATH, KNOWN_PATH, PRESERVE_PATH, UNKNOWN_PATH
     from qfedit.demo.settings import demo_settings
-    from qfedit.jobs import ModelSettings, build_preservation
+    from qfedit.pipeline.publish import build_preservation
+    from qfedit.pipeline.settings import validate_settings
 
-    config = ModelSettings.model_validate(
-        demo_settings(known=KNOWN_PATH, unknown=UNKNOWN_PATH, preserve=PRESERVE_PATH)
-    )
-    layer = config.layer or 0
+    config = validate_settings(demo_settings(known=KNOWN_PATH, unknown=UNKNOWN_PATH, preserve=PRESERVE_PATH))
     loaded = load_model(DEMO_MODEL_DIR)
     facts = read_jsonl(EDITS_PATH)[1 : args.facts + 1]
     started = time.perf_counter()
     observations = capture_observations(
-        loaded, facts, EditConfig(layer=layer), batch_size=config.capture_batch_size
+        loaded, facts, config.edit, shard_size=args.shard_size, batch_size=config.capture_batch_size
     )
     captured = time.perf_counter()
-    weight = loaded.architecture.down_proj_weight(loaded.model, layer).detach().to(torch.float64)
-    stats = Statistics.from_observations(observations, layer, loaded.fingerprint)
-    preservation = build_preservation(loaded, config, layer, cache_dir)
-    result = solve(weight, stats, config.solve, preservation)
-    from qfedit.delta import Delta
-
-    delta = Delta({loaded.architecture.down_proj_name(layer): result.delta.float()}, loaded.fingerprint)
+    preservation = build_preservation(loaded, config, cache_dir)
+    # The engine's own path, as `qfedit edit` runs it, from the capture above.
+    delta = make_delta(loaded, facts, config.edit, preservation=preservation, observations=observations).delta
     known = read_jsonl(KNOWN_PATH)[: config.known_sample]
     unknown = [f.question for f in read_jsonl(UNKNOWN_PATH)]
     evaluate(loaded, facts, delta, known=known, unknown=unknown)

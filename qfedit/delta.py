@@ -18,12 +18,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save
 
+from qfedit.errors import InvalidInputError
 from qfedit.modeling import LoadedModel
 
 FORMAT = "qfedit.delta/1"
 
 
-class DeltaMismatchError(ValueError):
+class DeltaMismatchError(InvalidInputError):
     """A delta that does not belong to the loaded base model."""
 
 

@@ -1,7 +1,13 @@
-"""One edit end to end in a process: capture, statistics, solve, delta.
+"""The one way an edit is made: capture observations, reduce them to statistics, solve a delta.
 
-The job queue runs the same steps as separate tasks; this module is what the CLI and the tests
-call directly.
+    edit = make_delta(loaded, facts, EditConfig(layer=4), preservation=preservation)
+    edit.delta.save(path)
+
+`make_delta` is the whole edit in one process (the CLI, the benchmarks, the tests). The queue runs
+the same steps as tasks: each capture task calls `capture_observations` on one shard, and the
+solve task reduces the stored observations with `Statistics.accumulate(fact_runs(...))` and calls
+`solve_delta`. Captured in the same shards and reduced in the same runs, the same facts and
+settings give bitwise the same delta on either path.
 """
 
 from __future__ import annotations
@@ -14,16 +20,22 @@ from pathlib import Path
 
 import torch
 
-from qfedit.capture import Capture, CaptureOptions, capture
-from qfedit.covariance import CorpusText, compute_covariance
+from qfedit.capture import CaptureOptions, capture
+from qfedit.covariance import CorpusText, compute_covariance, corpus_digest
 from qfedit.delta import Delta
 from qfedit.facts import Fact, fact_set_digest
 from qfedit.hparams import EditConfig
 from qfedit.modeling import LoadedModel
-from qfedit.solve import Preservation, SolveResult, solve
-from qfedit.statistics import Observations, Statistics
+from qfedit.solve import Preservation, SolveResult, pick_form, solve
+from qfedit.statistics import Observations, Statistics, fact_runs
 
 log = logging.getLogger(__name__)
+
+# Facts captured together, and sequences per forward pass. Capture pads and batches sequences by
+# length within a shard, so these decide the float rounding of a capture: the queue's defaults
+# (`ModelSettings.shard_size`, `capture_batch_size`) are these too.
+CAPTURE_SHARD = 64
+CAPTURE_BATCH = 16
 
 
 @dataclass(frozen=True)
@@ -45,33 +57,39 @@ def capture_observations(
     config: EditConfig,
     *,
     labels: Sequence[str] | None = None,
-    chunk: int = 256,
-    batch_size: int = 16,
+    fact_ids: Sequence[int] | None = None,
+    shard_size: int = CAPTURE_SHARD,
+    batch_size: int = CAPTURE_BATCH,
 ) -> Observations:
-    """Capture in chunks of facts so that activations of a large batch are never all held at once."""
+    """Observations of `facts` at `config.layer`, captured `shard_size` facts at a time so that a
+    large batch's activations are never all held at once; rows name `fact_ids` (default: the
+    facts' indexes)."""
+    ids = list(fact_ids) if fact_ids is not None else list(range(len(facts)))
+    if len(ids) != len(facts):
+        raise ValueError(f"{len(ids)} fact ids for {len(facts)} facts")
     weight = base_weight(loaded, config.layer)
     options = CaptureOptions(batch_size=batch_size, include_eos=config.include_eos)
     names = list(labels) if labels is not None else [f.id or f"fact {i + 1}" for i, f in enumerate(facts)]
     parts: list[Observations] = []
-    for start in range(0, len(facts), chunk):
-        part: Capture = capture(
+    for start in range(0, len(facts), shard_size):
+        captured = capture(
             loaded,
-            facts[start : start + chunk],
+            facts[start : start + shard_size],
             config.layer,
-            labels=names[start : start + chunk],
+            labels=names[start : start + shard_size],
             options=options,
         )
-        parts.append(Observations.from_capture(part, weight))
-    return Observations(
-        keys=torch.cat([p.keys for p in parts]),
-        errors=torch.cat([p.errors for p in parts]),
-        weights=torch.cat([p.weights for p in parts]),
-    )
+        part = Observations.from_capture(captured, weight)
+        assert part.facts is not None
+        shard_ids = torch.tensor(ids[start : start + shard_size], dtype=torch.int64)
+        parts.append(Observations(part.keys, part.errors, part.weights, shard_ids[part.facts]))
+    return Observations.concatenate(parts)
 
 
 def preservation_for(
     loaded: LoadedModel, config: EditConfig, texts: Sequence[CorpusText], cache_dir: Path | None = None
 ) -> Preservation:
+    """The preservation covariance of `texts` at the edit's layer (cached in `cache_dir`)."""
     covariance, _ = compute_covariance(
         loaded,
         texts,
@@ -80,7 +98,61 @@ def preservation_for(
         samples=config.covariance_samples,
         cache_dir=cache_dir,
     )
-    return Preservation(covariance.to(torch.float64), ridge=config.solve.ridge)
+    return Preservation(
+        covariance.to(torch.float64),
+        ridge=config.solve.ridge,
+        corpus_digest=corpus_digest(texts, config.preserve_positions),
+    )
+
+
+def solve_delta(
+    loaded: LoadedModel,
+    config: EditConfig,
+    statistics: Statistics,
+    *,
+    observations: Observations | None = None,
+    preservation: Preservation | None = None,
+    fact_set_digest: str,
+    facts: int,
+) -> tuple[Delta, SolveResult]:
+    """The delta of a fact set from its statistics (and, for the dual form, its observations).
+
+    Its metadata says exactly what made it: layer, edit settings, form, corpus and fact-set
+    digests, and the solve's norms."""
+    loaded.architecture.check_layer(loaded.model, config.layer)
+    weight = base_weight(loaded, config.layer)
+    m = weight.shape[1]
+    form = pick_form(config.solve.form, statistics.positions, m)
+    if form == "dual" and observations is None:
+        raise ValueError("the dual form needs the fact set's observations, not only its statistics")
+    source: Observations | Statistics = observations if form == "dual" and observations else statistics
+    result = solve(weight, source, config.solve.model_copy(update={"form": form}), preservation)
+    name = loaded.architecture.down_proj_name(config.layer)
+    delta = Delta(
+        tensors={name: loaded.architecture.to_parameter_layout(result.delta.to(torch.float32))},
+        base_fingerprint=loaded.fingerprint,
+        metadata={
+            "layer": config.layer,
+            "hparams": config.model_dump(mode="json"),
+            "form": result.form,
+            "corpus_digest": preservation.corpus_digest if preservation is not None else None,
+            "fact_set_digest": fact_set_digest,
+            "facts": facts,
+            "positions": result.positions,
+            "relative_norm": result.relative_norm,
+            "condition_number": result.condition_number,
+        },
+    )
+    log.info(
+        "solved %s (%s form) for %d facts, %d positions: |dW|/|W| = %.4g, condition %.3g",
+        result.rule,
+        result.form,
+        facts,
+        result.positions,
+        result.relative_norm,
+        result.condition_number,
+    )
+    return delta, result
 
 
 def make_delta(
@@ -90,49 +162,27 @@ def make_delta(
     *,
     labels: Sequence[str] | None = None,
     preservation: Preservation | None = None,
-    statistics: Statistics | None = None,
     observations: Observations | None = None,
 ) -> EditResult:
-    """Solve a delta that teaches `facts` at `config.layer`.
+    """Capture `facts`, reduce and solve: a delta that teaches them at `config.layer`.
 
-    `statistics` of facts already in the parent version are added to this capture's, so the
-    result is a function of the whole fact set; `preservation` is required by the preserving rule.
-    `observations` of `facts` at `config.layer`, if given, are used instead of capturing again
-    (a sweep over solve settings captures once).
-    """
+    `observations` of `facts` (from `capture_observations`), if given, are used instead of
+    capturing again: a sweep over solve settings captures once."""
     loaded.architecture.check_layer(loaded.model, config.layer)
     started = time.perf_counter()
     if observations is None:
         observations = capture_observations(loaded, facts, config, labels=labels)
     captured = time.perf_counter()
-    weight = base_weight(loaded, config.layer)
-    source: Observations | Statistics = observations
-    if statistics is not None:
-        source = statistics + Statistics.from_observations(observations, config.layer, loaded.fingerprint)
-    result = solve(weight, source, config.solve, preservation)
-    solved = time.perf_counter()
-    name = loaded.architecture.down_proj_name(config.layer)
-    delta = Delta(
-        tensors={name: loaded.architecture.to_parameter_layout(result.delta.to(torch.float32))},
-        base_fingerprint=loaded.fingerprint,
-        metadata={
-            "layer": config.layer,
-            "hparams": config.model_dump(mode="json"),
-            "fact_set_digest": fact_set_digest(facts),
-            "facts": len(facts),
-            "positions": result.positions,
-            "relative_norm": result.relative_norm,
-            "condition_number": result.condition_number,
-            "form": result.form,
-        },
+    d, m = base_weight(loaded, config.layer).shape
+    runs = list(fact_runs(observations, list(range(len(facts)))))
+    statistics = Statistics.accumulate(runs, d=d, m=m, layer=config.layer, fingerprint=loaded.fingerprint)
+    delta, result = solve_delta(
+        loaded,
+        config,
+        statistics,
+        observations=Observations.concatenate(runs),
+        preservation=preservation,
+        fact_set_digest=fact_set_digest(facts),
+        facts=len(facts),
     )
-    log.info(
-        "solved %s (%s form) for %d facts, %d positions: |dW|/|W| = %.4g, condition %.3g",
-        result.rule,
-        result.form,
-        len(facts),
-        result.positions,
-        result.relative_norm,
-        result.condition_number,
-    )
-    return EditResult(delta, result, captured - started, solved - captured)
+    return EditResult(delta, result, captured - started, time.perf_counter() - captured)

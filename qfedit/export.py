@@ -32,6 +32,7 @@ from safetensors.torch import save_file
 
 from qfedit.architectures import Architecture
 from qfedit.delta import Delta
+from qfedit.errors import InvalidInputError
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ EXPORT_INFO = "qfedit_export.json"
 LORA_INFO = "qfedit_lora.json"
 
 
-class ExportError(ValueError):
+class ExportError(InvalidInputError):
     """An export that cannot be made as asked (existing output, missing tensor, nothing to export)."""
 
 

@@ -16,15 +16,18 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
 
+from qfedit.errors import InvalidInputError
 
-class FactError(ValueError):
+
+class FactError(InvalidInputError):
     """A fact that cannot be used, naming where it came from and which field is wrong."""
+
+    field: str
 
     def __init__(self, where: str, field: str, reason: str) -> None:
         self.where = where
-        self.field = field
         self.reason = reason
-        super().__init__(f"{where}: field {field!r}: {reason}")
+        super().__init__(f"{where}: field {field!r}: {reason}", field=field)
 
 
 def _storable(value: str) -> str:

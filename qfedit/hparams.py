@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 # Which key positions of a transcript go into the preservation covariance (see qfedit.covariance).
 PreservePositions = Literal["answer", "all"]
-# The same as a setting, shared by `EditConfig` and the model settings of `qfedit.jobs`.
-PreservePositionsSetting = Annotated[
-    PreservePositions,
-    Field(description="a transcript's positions in the preservation covariance: its answer's, or all"),
-]
 
 Rule = Literal["seed", "preserve"]
 SolveForm = Literal["auto", "primal", "dual"]
@@ -49,7 +44,10 @@ class EditConfig(BaseModel):
     covariance_samples: int = Field(
         default=20_000, gt=0, description="key positions in the preservation covariance"
     )
-    preserve_positions: PreservePositionsSetting = "answer"
+    preserve_positions: PreservePositions = Field(
+        default="answer",
+        description="a transcript's positions in the preservation covariance: its answer's, or all",
+    )
 
     def to_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))

@@ -28,11 +28,14 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from qfedit import facts as fact_format
-from qfedit.db.models import Fact, FactStatus, Model, utcnow
+from qfedit.db.models import FactRow, Model
+from qfedit.errors import InvalidInputError
 from qfedit.facts import FactError, parse_fact
-from qfedit.repository import record_audit
+from qfedit.registry.audit import record_audit
+from qfedit.registry.facts import row_values
 
 logger = logging.getLogger(__name__)
+
 
 DEFAULT_CHUNK = 2000
 # A single JSON value bigger than this is refused rather than buffered without limit.
@@ -50,7 +53,7 @@ class Format(str, enum.Enum):
     REJECTS = "rejects"
 
 
-class ImportFileError(ValueError):
+class ImportFileError(InvalidInputError):
     """The file as a whole cannot be imported (unknown format, bad CSV header, broken JSON array)."""
 
 
@@ -251,7 +254,7 @@ def _iter_csv(handle: IO[bytes], name: str) -> Iterator[tuple[int, Any]]:
         text.detach()
 
 
-# -- converters: decoded record -> Fact --------------------------------------------------------------
+# -- converters: decoded record -> Fact -------------------------------------------------------------------
 
 
 def _field(record: Any, path: str, where: str, *, required: bool = True) -> Any:
@@ -428,25 +431,6 @@ def _unwrap_reject(line: int, path: Path, envelope: Any) -> _Item:
     )
 
 
-def _row(model_id: int, fact: fact_format.Fact, item: _Item) -> dict[str, Any]:
-    return {
-        "model_id": model_id,
-        "content_hash": fact.content_hash(),
-        "external_id": fact.id,
-        "question": fact.question,
-        "answer": fact.answer,
-        "context": fact.context,
-        "subject": fact.subject,
-        "significance": list(fact.significance) if fact.significance is not None else None,
-        "paraphrases": list(fact.paraphrases),
-        "neighbors": [n.model_dump() for n in fact.neighbors],
-        "source": item.source,
-        "source_line": item.line,
-        "status": FactStatus.PENDING,
-        "created_at": utcnow(),
-    }
-
-
 def _insert_new(session: Session, rows: list[dict[str, Any]]) -> int:
     """Insert rows whose (model, content hash) is new; return how many were inserted."""
     if not rows:
@@ -455,14 +439,14 @@ def _insert_new(session: Session, rows: list[dict[str, Any]]) -> int:
     if dialect == "postgresql":
         return _insert_new_postgresql(session, rows)
     if dialect == "sqlite":
-        statement: Any = sqlite_insert(Fact).on_conflict_do_nothing(
+        statement: Any = sqlite_insert(FactRow).on_conflict_do_nothing(
             index_elements=["model_id", "content_hash"]
         )
     else:
-        statement = insert(Fact)
+        statement = insert(FactRow)
     # RETURNING with many parameter sets is batched into multi-row INSERTs by SQLAlchemy
     # ("insertmanyvalues"); rows skipped by the conflict clause return nothing.
-    result = session.execute(statement.returning(Fact.id), rows)
+    result = session.execute(statement.returning(FactRow.id), rows)
     return len(result.all())
 
 
@@ -515,7 +499,7 @@ def import_facts(
 ) -> ImportSummary:
     """Import `path` into `model`'s facts, committing every `chunk_size` records.
 
-    Unlike the functions in `qfedit.repository`, this one commits (in chunks, so a large file
+    Unlike the functions in `qfedit.registry`, this one commits (in chunks, so a large file
     neither holds one huge transaction nor loses finished chunks to a late failure). Rejects go
     to `rejects_path` (default: next to the file, `NAME.rejects.jsonl`), written only if any.
     """
@@ -579,7 +563,7 @@ def import_facts(
                     except FactError as err:
                         reject(item, err.field, err.reason)
                     else:
-                        row = _row(model_id, fact, item)
+                        row = row_values(model_id, fact, source=item.source, line=item.line)
                         # Duplicates inside one chunk are dropped here; across chunks and
                         # earlier imports the database's unique key drops them.
                         pending.setdefault(row["content_hash"], row)

@@ -32,6 +32,7 @@ import torch
 
 from qfedit.capture import chat_prompt
 from qfedit.delta import FORMAT, Delta
+from qfedit.errors import InvalidInputError
 from qfedit.generate import answer_batch
 from qfedit.modeling import LoadedModel
 
@@ -44,7 +45,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class PromptTooLongError(ValueError):
+class PromptTooLongError(InvalidInputError):
     """A prompt that, with the tokens asked for, does not fit the model's context window."""
 
     def __init__(self, field: str, tokens: int, limit: int) -> None:
@@ -331,11 +332,11 @@ class AliasFollower:
             self._polling.release()
 
     def _poll(self) -> bool:
-        from qfedit import repository
+        from qfedit import registry
 
         with self.sessions() as session:
-            model = repository.get_model(session, self.model_name)
-            version = repository.get_alias(session, model, self.alias).version
+            model = registry.get_model(session, self.model_name)
+            version = registry.get_alias(session, model, self.alias).version
             if version.id == self.state.version_id:
                 self.state.last_error = None
                 return False
@@ -374,13 +375,13 @@ def follow_alias(
     Refuses a loaded model whose weights are not the registered base (by fingerprint): every
     version's delta was solved for those weights, and version 0 must be them.
     """
-    from qfedit import repository
+    from qfedit import registry
     from qfedit.delta import DeltaMismatchError
 
     with sessions() as session:
-        model = repository.get_model(session, model_name)
-        repository.get_alias(session, model, alias)  # a clear error now rather than at the first poll
-        mismatch = repository.base_mismatch(model, loaded.fingerprint, str(loaded.path))
+        model = registry.get_model(session, model_name)
+        registry.get_alias(session, model, alias)  # a clear error now rather than at the first poll
+        mismatch = registry.base_mismatch(model, loaded.fingerprint, str(loaded.path))
         base_label = f"{model.name}@0"
     if mismatch:
         raise DeltaMismatchError(mismatch)

@@ -19,13 +19,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from qfedit.errors import InvalidInputError
 from qfedit.hparams import SolveConfig, SolveForm
 from qfedit.statistics import Observations, Statistics
 
 _F64 = torch.float64
 
 
-class IllConditionedError(ValueError):
+class IllConditionedError(InvalidInputError):
     """The system is too ill-conditioned to trust; solving would give a huge, meaningless update."""
 
     def __init__(self, what: str, condition: float, limit: float) -> None:
@@ -83,6 +84,8 @@ class Preservation:
 
     covariance: torch.Tensor  # (m, m) float64
     ridge: float
+    corpus_digest: str | None = None
+    """Which corpus the covariance was measured on (`qfedit.covariance.corpus_digest`)."""
     _factor: torch.Tensor | None = field(default=None, repr=False)
 
     def regularised(self) -> torch.Tensor:
@@ -107,14 +110,19 @@ class SolveResult:
     positions: int
 
 
+def pick_form(form: SolveForm, positions: int, m: int) -> str:
+    """`auto` is the cheaper form: `n x n` systems (dual) while there are fewer positions than keys."""
+    if form != "auto":
+        return form
+    return "dual" if positions < m else "primal"
+
+
 def _pick_form(form: SolveForm, source: Observations | Statistics, m: int) -> str:
     if form == "dual" and isinstance(source, Statistics):
         raise ValueError("the dual form needs per-position observations, not statistics")
-    if form != "auto":
-        return form
-    if isinstance(source, Observations) and source.keys.shape[0] < m:
-        return "dual"
-    return "primal"
+    if isinstance(source, Statistics):
+        return "primal"
+    return pick_form(form, int(source.keys.shape[0]), m)
 
 
 def solve_seed(source: Observations | Statistics, config: SolveConfig) -> tuple[torch.Tensor, float, str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,13 +22,25 @@ from qfedit.capture import Capture
 FORMAT = "qfedit.statistics/1"
 
 
+# Facts reduced together into one term of a statistics sum. Floating-point addition is not
+# associative, so the same facts give bitwise the same statistics only when every path cuts them
+# into the same runs, in the same order, before adding: `fact_runs` is that cut.
+STATISTICS_RUN = 256
+
+
 @dataclass(frozen=True)
 class Observations:
-    """Per-position keys and errors in float64: what the dual solve needs and statistics reduce."""
+    """Per-position keys and errors: what the dual solve needs and statistics reduce.
+
+    Values are float32 numbers held in float64 tensors: float32 is what the store keeps, and
+    rounding once here makes observations read back from the store equal to fresh ones."""
 
     keys: torch.Tensor  # (n, m) y_i
     errors: torch.Tensor  # (n, d) e_i
     weights: torch.Tensor  # (n,) s_i
+    facts: torch.Tensor | None = None
+    """(n,) int64: the fact each row belongs to (an index into a fact list, or a database id);
+    rows of one fact are consecutive, in position order."""
 
     def __post_init__(self) -> None:
         n = self.keys.shape[0]
@@ -36,14 +49,40 @@ class Observations:
                 f"keys {tuple(self.keys.shape)}, errors {tuple(self.errors.shape)} and weights "
                 f"{tuple(self.weights.shape)} must have the same number of rows"
             )
+        if self.facts is not None and self.facts.shape != (n,):
+            raise ValueError(f"facts {tuple(self.facts.shape)} must have one entry per row ({n})")
 
     @staticmethod
-    def from_capture(capture: Capture, weight: torch.Tensor) -> Observations:
-        """Errors against `weight` (d x m), the base model's `down_proj` of the captured layer."""
+    def from_capture(capture: Capture, weight: torch.Tensor, offset: int = 0) -> Observations:
+        """Errors against `weight` (d x m), the base model's `down_proj` of the captured layer;
+        row `i` belongs to fact `offset + capture.fact_index[i]`."""
         return Observations(
-            keys=capture.keys_without.to(torch.float64),
-            errors=capture.errors(weight),
+            keys=_as_stored(capture.keys_without),
+            errors=_as_stored(capture.errors(weight)),
             weights=capture.weights.to(device=capture.keys_without.device, dtype=torch.float64),
+            facts=capture.fact_index.to(torch.int64) + offset,
+        )
+
+    def rows(self, selected: torch.Tensor) -> Observations:
+        return Observations(
+            self.keys[selected],
+            self.errors[selected],
+            self.weights[selected],
+            self.facts[selected] if self.facts is not None else None,
+        )
+
+    @staticmethod
+    def concatenate(parts: Sequence[Observations]) -> Observations:
+        if not parts:
+            raise ValueError("no observations to concatenate")
+        facts = [p.facts for p in parts]
+        return Observations(
+            keys=torch.cat([p.keys for p in parts]),
+            errors=torch.cat([p.errors for p in parts]),
+            weights=torch.cat([p.weights for p in parts]),
+            facts=torch.cat([f for f in facts if f is not None])
+            if all(f is not None for f in facts)
+            else None,
         )
 
     @property
@@ -80,6 +119,17 @@ class Statistics:
             layer=layer,
             fingerprint=fingerprint,
         )
+
+    @staticmethod
+    def accumulate(
+        runs: Iterable[Observations], *, d: int, m: int, layer: int, fingerprint: str
+    ) -> Statistics:
+        """The sum of each run's statistics, added left to right (see `fact_runs`)."""
+        total = Statistics.zeros(d, m, layer, fingerprint)
+        for run in runs:
+            if run.keys.shape[0]:
+                total = total + Statistics.from_observations(run, layer, fingerprint)
+        return total
 
     @staticmethod
     def zeros(d: int, m: int, layer: int, fingerprint: str) -> Statistics:
@@ -151,3 +201,27 @@ class Statistics:
     @staticmethod
     def load(path: Path) -> Statistics:
         return Statistics.from_bytes(path.read_bytes(), str(path))
+
+
+def _as_stored(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to(torch.float32).to(torch.float64)
+
+
+def fact_runs(
+    observations: Observations, facts: Sequence[int], run: int = STATISTICS_RUN
+) -> Iterator[Observations]:
+    """The rows of `facts`, in that order, cut into runs of `run` facts: the one way statistics
+    are reduced, so that a fact set captured at once and one read back from the store sum alike."""
+    if observations.facts is None:
+        raise ValueError("observations without fact ids cannot be cut into runs")
+    order = {fact: index for index, fact in enumerate(facts)}
+    if len(order) != len(facts):
+        raise ValueError("facts must be distinct")
+    ranks = torch.tensor([order.get(int(f), -1) for f in observations.facts.tolist()], dtype=torch.int64)
+    if bool((ranks < 0).any()):
+        raise ValueError("observations hold rows of facts that were not asked for")
+    # A stable sort keeps each fact's rows in position order.
+    ranks, permutation = torch.sort(ranks, stable=True)
+    for start in range(0, len(facts), run):
+        selected = permutation[(ranks >= start) & (ranks < start + run)]
+        yield observations.rows(selected)

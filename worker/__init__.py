@@ -1,1 +1,1 @@
-"""The Celery side of qfedit: the app, thin tasks over `qfedit.jobs`, and the client that enqueues."""
+"""The Celery side of qfedit: the app, thin tasks over `qfedit.pipeline`, and the client that enqueues."""

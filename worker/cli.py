@@ -21,11 +21,13 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from sqlalchemy.orm import Session
 
-from qfedit import jobs, repository
+from qfedit import registry
 from qfedit.cli import app
 from qfedit.cli.state import JsonOption, _actor, _emit_json, _in_session, model_app
 from qfedit.config import Settings, get_settings
 from qfedit.db.models import Batch, Version
+from qfedit.pipeline import lifecycle, submit
+from qfedit.pipeline.settings import nested, validate_settings
 from worker.app import DEFAULT_QUEUE, GPU_QUEUE
 from worker.client import app_for, enqueue_batch
 
@@ -60,7 +62,7 @@ def beat(
     app_for(settings).start(["beat", "--loglevel", loglevel, "--schedule", str(schedule)])
 
 
-def _describe(batch: Batch, progress: jobs.Progress | None = None) -> dict[str, object]:
+def _describe(batch: Batch, progress: lifecycle.Progress | None = None) -> dict[str, object]:
     info: dict[str, object] = {
         "id": batch.id,
         "model": batch.model.name,
@@ -117,12 +119,12 @@ def watch_batch(
         task = progress.add_task("queued", total=1.0, batch=batch_id)
         while True:
             with sessions() as session:
-                batch = repository.get_batch(session, batch_id)
-                state = jobs.batch_progress(session, batch)
+                batch = registry.get_batch(session, batch_id)
+                state = lifecycle.batch_progress(session, batch)
                 session.expunge_all()
             described = f"{state.stage}, {state.captured}/{state.facts} facts captured"
             progress.update(task, description=described, completed=batch.progress)
-            if batch.status in jobs.FINAL:
+            if batch.status in lifecycle.FINAL:
                 return batch
             if child is not None and child.poll() is not None:
                 raise RuntimeError(
@@ -168,8 +170,8 @@ def batch_submit(
     ids = None if wanted == ["pending"] else [int(item) for item in wanted]
 
     def work(session: Session) -> int:
-        model = repository.get_model(session, model_name)
-        batch = jobs.submit_batch(
+        model = registry.get_model(session, model_name)
+        batch = submit.submit_batch(
             session, model=model, fact_ids=ids, requested_by=_actor(), idempotency_key=idempotency_key
         )
         session.commit()
@@ -198,7 +200,7 @@ def retract(
         from qfedit.cli.state import _single_model
 
         model = _single_model(session, model_name)
-        batch = jobs.submit_retraction(
+        batch = submit.submit_retraction(
             session,
             model=model,
             fact_ids=fact_ids,
@@ -217,8 +219,8 @@ def batch_status(batch_id: int, as_json: JsonOption = False) -> None:
     """Show a batch: stage, progress, attempts, error."""
 
     def work(session: Session) -> None:
-        batch = repository.get_batch(session, batch_id)
-        info = _describe(batch, jobs.batch_progress(session, batch))
+        batch = registry.get_batch(session, batch_id)
+        info = _describe(batch, lifecycle.batch_progress(session, batch))
         if as_json:
             _emit_json(info)
             return
@@ -243,8 +245,8 @@ def batch_cancel(batch_id: int) -> None:
     """Cancel a batch that has not published."""
 
     def work(session: Session) -> None:
-        batch = repository.get_batch(session, batch_id, for_update=True)
-        jobs.cancel_batch(session, batch, actor=_actor())
+        batch = registry.get_batch(session, batch_id, for_update=True)
+        lifecycle.cancel_batch(session, batch, actor=_actor())
         session.commit()
         console.print(f"batch {batch_id} cancelled")
 
@@ -277,25 +279,19 @@ def model_configure(
     as_json: JsonOption = False,
 ) -> None:
     """Show or change how a model's batches are edited (layer, rule, corpora, promotion thresholds)."""
-    from pydantic import ValidationError
 
     def work(session: Session) -> None:
-        model = repository.get_model(session, name)
-        current = dict(model.settings or {})
+        model = registry.get_model(session, name)
+        current = nested(model.settings)
         for item in assignments or []:
             key, sep, raw = item.partition("=")
             if not sep:
                 raise ValueError(f"--set {item!r}: expected KEY=VALUE")
             _assign(current, key.strip(), raw)
-        try:
-            validated = jobs.ModelSettings.model_validate(current)
-        except ValidationError as error:
-            first = error.errors()[0]
-            field = ".".join(str(part) for part in first["loc"])
-            raise ValueError(f"setting {field!r}: {first['msg']}") from None
+        validated = validate_settings(current, default_layer=model.default_layer, field="settings")
         if assignments:
             model.settings = validated.model_dump(mode="json", exclude_defaults=True)
-            repository.record_audit(
+            registry.record_audit(
                 session,
                 actor=_actor(),
                 action="model.configure",
@@ -341,9 +337,9 @@ def demo(
     def prepare(session: Session) -> int:
         fingerprint = weights_fingerprint(DEMO_MODEL_DIR)
         try:
-            model = repository.get_model(session, "demo")
-        except repository.NotFoundError:
-            model = repository.add_model(
+            model = registry.get_model(session, "demo")
+        except registry.NotFoundError:
+            model = registry.add_model(
                 session,
                 name="demo",
                 source=str(DEMO_MODEL_DIR),
@@ -352,7 +348,7 @@ def demo(
             )
             model.settings = demo_settings(known=KNOWN_PATH, unknown=UNKNOWN_PATH, preserve=PRESERVE_PATH)
             session.commit()
-        mismatch = repository.base_mismatch(model, fingerprint, "the shipped demo model")
+        mismatch = registry.base_mismatch(model, fingerprint, "the shipped demo model")
         if mismatch:
             raise ValueError(
                 f"{mismatch} (data folder {settings.data_dir.resolve()}); run the demo with another "
@@ -363,9 +359,9 @@ def demo(
             f"imported {summary.imported} facts ({summary.duplicates} already known)", highlight=False
         )
         wanted = {f.content_hash() for f in chosen}
-        ids = [row.id for row in repository.list_facts(session, model=model) if row.content_hash in wanted]
-        key = f"demo:{repository.digest_of_hashes(wanted)}"
-        batch = jobs.submit_batch(
+        ids = [row.id for row in registry.list_facts(session, model=model) if row.content_hash in wanted]
+        key = f"demo:{registry.digest_of_hashes(wanted)}"
+        batch = submit.submit_batch(
             session, model=model, fact_ids=ids, requested_by=_actor(), idempotency_key=key
         )
         session.commit()

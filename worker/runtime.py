@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from qfedit.config import Settings
 from qfedit.db import engine_from_settings, session_factory
-from qfedit.jobs import ModelCache
+from qfedit.pipeline.steps import ModelCache
 from qfedit.store import CheckpointStore, store_from_settings
 
 

@@ -1,8 +1,9 @@
-"""Thin tasks: ids in, `qfedit.jobs` steps, and the next tasks out.
+"""Thin tasks: ids in, `qfedit.pipeline` steps, and the next tasks out.
 
-A failing step is retried up to `task_attempts` times (database or broker hiccups heal); a
-`PoisonBatchError` (a fact that cannot be captured, a model whose weights changed) fails its
-batch at once with the reason, and the queue moves on.
+Only a transient failure (`qfedit.errors.TransientError`, a lost database or broker connection)
+is retried, up to `task_attempts` times: anything else (a fact that cannot be captured, an
+ill-conditioned system, a model whose weights changed, a bug) would fail the same way again, so
+it fails its batch at once with the reason, and the queue moves on.
 """
 
 from __future__ import annotations
@@ -13,9 +14,12 @@ import time
 from datetime import datetime, timezone
 
 from celery import Celery, Task
+from sqlalchemy.exc import InterfaceError, OperationalError
 
-from qfedit import jobs, repository
+from qfedit import registry
 from qfedit.config import Settings
+from qfedit.errors import TransientError
+from qfedit.pipeline import lifecycle, publish, steps, submit
 from worker.runtime import Runtime, make_runtime
 
 log = logging.getLogger(__name__)
@@ -46,14 +50,18 @@ def _runtime(task: Task) -> Runtime:
 
 def _fail(rt: Runtime, batch_id: int, error: BaseException) -> None:
     with rt.sessions() as session:
-        batch = repository.get_batch(session, batch_id, for_update=True)
-        jobs.fail_batch(session, batch, f"{type(error).__name__}: {error}")
+        batch = registry.get_batch(session, batch_id, for_update=True)
+        lifecycle.fail_batch(session, batch, f"{type(error).__name__}: {error}")
         session.commit()
     log.error("batch %d failed: %s", batch_id, error)
 
 
+# What may succeed on another try: the database or a connection was away for a moment.
+TRANSIENT = (TransientError, OperationalError, InterfaceError, ConnectionError, TimeoutError)
+
+
 def _retry_or_fail(task: Task, rt: Runtime, batch_id: int, error: Exception) -> None:
-    if isinstance(error, jobs.PoisonBatchError) or task.request.retries + 1 >= rt.settings.task_attempts:
+    if not isinstance(error, TRANSIENT) or task.request.retries + 1 >= rt.settings.task_attempts:
         _fail(rt, batch_id, error)
         return
     log.warning("batch %d: %s; retrying", batch_id, error)
@@ -66,7 +74,7 @@ def register(app: Celery) -> None:
         rt = _runtime(self)
         try:
             with rt.sessions() as session:
-                nxt = jobs.start_batch(session, batch_id)
+                nxt = steps.start_batch(session, batch_id)
         except Exception as error:
             _retry_or_fail(self, rt, batch_id, error)
             return
@@ -82,7 +90,7 @@ def register(app: Celery) -> None:
         rt = _runtime(self)
         try:
             with rt.sessions() as session:
-                ready = jobs.capture_shard(
+                ready = steps.capture_shard(
                     session, rt.store, rt.models, shard_id, before_commit=lambda: _chaos_pause("capture")
                 )
         except Exception as error:
@@ -95,7 +103,7 @@ def register(app: Celery) -> None:
     def solve_batch(self: Task, batch_id: int) -> None:
         rt = _runtime(self)
         try:
-            jobs.solve_batch(
+            publish.solve_batch(
                 rt.sessions,
                 rt.store,
                 rt.models,
@@ -111,7 +119,7 @@ def register(app: Celery) -> None:
         rt = _runtime(self)
         day = datetime.now(timezone.utc).date().isoformat()
         with rt.sessions() as session:
-            batches = jobs.nightly_batches(session, day)
+            batches = submit.nightly_batches(session, day)
             ids = [batch.id for batch in batches]
             session.commit()
         for batch_id in ids:
@@ -122,7 +130,7 @@ def register(app: Celery) -> None:
     def resend_stalled(self: Task) -> list[int]:
         rt = _runtime(self)
         with rt.sessions() as session:
-            ids = jobs.stalled_batches(session, rt.settings.stall_after_s)
+            ids = lifecycle.stalled_batches(session, rt.settings.stall_after_s)
         for batch_id in ids:
             start_batch.apply_async(args=[batch_id])
         return ids

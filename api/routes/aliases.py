@@ -10,7 +10,7 @@ from api import views
 from api.deps import ModelDep, ReadAccess, SessionDep, WriteAccess
 from api.errors import ApiError
 from api.schemas import ERROR_RESPONSES, NAME_PATTERN, AliasMoveOut, AliasMoveRequest, AliasOut
-from qfedit import repository
+from qfedit import registry
 
 router = APIRouter(prefix="/v1/models/{model}/aliases", tags=["aliases"])
 AliasName = Annotated[str, Path(pattern=NAME_PATTERN, description="Alias name, e.g. production.")]
@@ -20,7 +20,7 @@ ADMIN_ALIASES = frozenset({"production"})
 
 @router.get("", response_model=list[AliasOut], summary="The model's aliases", responses=ERROR_RESPONSES)
 def list_aliases(_: ReadAccess, session: SessionDep, model: ModelDep) -> list[AliasOut]:
-    return [views.alias_out(a) for a in repository.list_aliases(session, model=model)]
+    return [views.alias_out(a) for a in registry.list_aliases(session, model=model)]
 
 
 @router.put(
@@ -31,9 +31,9 @@ def move_alias(
 ) -> AliasOut:
     if name in ADMIN_ALIASES and not principal.allows("admin"):
         raise ApiError(403, f"moving {name!r} needs an admin token", field="path.name")
-    version = repository.get_version(session, body.version, model=model)
-    expect = body.expect_revision if "expect_revision" in body.model_fields_set else repository.UNSET
-    alias = repository.set_alias(
+    version = registry.get_version(session, body.version, model=model)
+    expect = body.expect_revision if "expect_revision" in body.model_fields_set else registry.UNSET
+    alias = registry.set_alias(
         session, name=name, version=version, reason=body.reason, actor=principal.name, expect_revision=expect
     )
     session.commit()
@@ -47,4 +47,4 @@ def move_alias(
     responses=ERROR_RESPONSES,
 )
 def alias_history(_: ReadAccess, session: SessionDep, model: ModelDep, name: AliasName) -> list[AliasMoveOut]:
-    return [views.alias_move_out(m) for m in repository.alias_history(session, model, name)]
+    return [views.alias_move_out(m) for m in registry.alias_history(session, model, name)]

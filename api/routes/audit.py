@@ -8,7 +8,7 @@ from fastapi import APIRouter, Query
 
 from api.deps import ReadAccess, SessionDep
 from api.schemas import ERROR_RESPONSES, AuditOut, Moment, Text
-from qfedit import repository
+from qfedit import registry
 
 router = APIRouter(tags=["audit"])
 
@@ -29,7 +29,7 @@ def list_audit(
     since: Annotated[Moment | None, Query(description="At or after; UTC if no zone.")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> list[AuditOut]:
-    entries = repository.list_audit(
+    entries = registry.list_audit(
         session,
         actor=actor,
         action=action,

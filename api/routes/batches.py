@@ -10,8 +10,9 @@ from api import queue, views
 from api.deps import IdempotencyKey, ModelDep, ReadAccess, SessionDep, WriteAccess
 from api.errors import ApiError
 from api.schemas import DB_INT_MAX, ERROR_RESPONSES, NAME_PATTERN, BatchOut, BatchPage, BatchRequest, DbId
-from qfedit import jobs, repository
+from qfedit import registry
 from qfedit.db.models import BatchStatus
+from qfedit.pipeline import lifecycle, submit
 
 router = APIRouter(tags=["batches"])
 
@@ -34,7 +35,7 @@ def enqueue_batch(
     limit = request.app.state.settings.api_max_batch_facts
     if body.fact_ids is not None and len(body.fact_ids) > limit:
         raise ApiError(422, f"at most {limit} facts a batch", field="body.fact_ids")
-    batch = jobs.submit_batch(
+    batch = submit.submit_batch(
         session,
         model=model,
         fact_ids=body.fact_ids,
@@ -58,9 +59,9 @@ def list_batches(
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     offset: Annotated[int, Query(ge=0, le=DB_INT_MAX)] = 0,
 ) -> BatchPage:
-    found = repository.list_batches(
+    found = registry.list_batches(
         session,
-        model=repository.get_model(session, model) if model else None,
+        model=registry.get_model(session, model) if model else None,
         status=batch_status,
         limit=limit,
         offset=offset,
@@ -75,7 +76,7 @@ def list_batches(
     responses=ERROR_RESPONSES,
 )
 def get_batch(_: ReadAccess, session: SessionDep, batch_id: DbId) -> BatchOut:
-    return views.batch_out(session, repository.get_batch(session, batch_id))
+    return views.batch_out(session, registry.get_batch(session, batch_id))
 
 
 @router.post(
@@ -85,6 +86,6 @@ def get_batch(_: ReadAccess, session: SessionDep, batch_id: DbId) -> BatchOut:
     responses=ERROR_RESPONSES,
 )
 def cancel_batch(principal: WriteAccess, session: SessionDep, batch_id: DbId) -> BatchOut:
-    batch = jobs.cancel_batch(session, repository.get_batch(session, batch_id), actor=principal.name)
+    batch = lifecycle.cancel_batch(session, registry.get_batch(session, batch_id), actor=principal.name)
     session.commit()
     return views.batch_out(session, batch)

@@ -29,8 +29,9 @@ from api.schemas import (
     RetractRequest,
     Text,
 )
-from qfedit import importing, jobs, repository
+from qfedit import importing, registry
 from qfedit.db.models import FactStatus
+from qfedit.pipeline import submit
 
 router = APIRouter(tags=["facts"])
 
@@ -166,9 +167,9 @@ def list_facts(
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     offset: Annotated[int, Query(ge=0, le=DB_INT_MAX)] = 0,
 ) -> FactPage:
-    found = repository.list_facts(
+    found = registry.list_facts(
         session,
-        model=repository.get_model(session, model) if model else None,
+        model=registry.get_model(session, model) if model else None,
         status=fact_status,
         source=source,
         text=q,
@@ -185,7 +186,7 @@ def list_facts(
     responses=ERROR_RESPONSES,
 )
 def get_fact(_: ReadAccess, session: SessionDep, fact_id: DbId) -> FactDetail:
-    return views.fact_detail(session, repository.get_fact(session, fact_id))
+    return views.fact_detail(session, registry.get_fact(session, fact_id))
 
 
 @router.post(
@@ -206,7 +207,7 @@ def retract_facts(
     settings = request.app.state.settings
     if len(body.fact_ids) > settings.api_max_batch_facts:
         raise ApiError(422, f"at most {settings.api_max_batch_facts} facts a request", field="body.fact_ids")
-    batch = jobs.submit_retraction(
+    batch = submit.submit_retraction(
         session,
         model=model,
         fact_ids=body.fact_ids,

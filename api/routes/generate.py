@@ -8,7 +8,7 @@ from api.deps import ModelDep, ReadAccess, SessionDep, StoreDep
 from api.errors import ApiError
 from api.generation import ModelUnavailableError
 from api.schemas import ERROR_RESPONSES, GenerateRequest, GenerateResponse
-from qfedit import repository
+from qfedit import registry
 from qfedit.serving import PromptTooLongError
 
 router = APIRouter(tags=["generation"])
@@ -34,7 +34,7 @@ def generate(
             raise ApiError(
                 422, f"{name} is {len(value)} characters; the limit is {limit}", field=f"body.{name}"
             )
-    version = repository.get_version(session, body.version, model=model)
+    version = registry.get_version(session, body.version, model=model)
     try:
         reply = request.app.state.generators.answer(
             model, version, store, body.question, body.context, max_new_tokens=body.max_new_tokens

@@ -6,14 +6,14 @@ from fastapi import APIRouter
 
 from api.deps import ModelDep, ReadAccess, SessionDep
 from api.schemas import ERROR_RESPONSES, ModelOut
-from qfedit import repository
+from qfedit import registry
 
 router = APIRouter(prefix="/v1/models", tags=["models"], responses=ERROR_RESPONSES)
 
 
 @router.get("", response_model=list[ModelOut], summary="List base models")
 def list_models(_: ReadAccess, session: SessionDep) -> list[ModelOut]:
-    return [ModelOut.model_validate(m) for m in repository.list_models(session)]
+    return [ModelOut.model_validate(m) for m in registry.list_models(session)]
 
 
 @router.get("/{model}", response_model=ModelOut, summary="One base model")

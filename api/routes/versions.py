@@ -11,7 +11,7 @@ from api import views
 from api.deps import ModelDep, ReadAccess, SessionDep, StoreDep
 from api.errors import ApiError
 from api.schemas import ERROR_RESPONSES, MetricChange, VersionDetail, VersionDiffOut, VersionOut, VersionRef
-from qfedit import repository
+from qfedit import registry
 
 router = APIRouter(prefix="/v1/models/{model}", tags=["versions"])
 RefPath = Annotated[VersionRef, Path(description="A version number or an alias.")]
@@ -24,10 +24,10 @@ RefPath = Annotated[VersionRef, Path(description="A version number or an alias."
     responses=ERROR_RESPONSES,
 )
 def list_versions(_: ReadAccess, session: SessionDep, model: ModelDep) -> list[VersionOut]:
-    aliases = repository.aliases_by_version(session, model)
+    aliases = registry.aliases_by_version(session, model)
     return [
-        VersionOut.model_validate(repository.describe_version(v, aliases.get(v.id, [])))
-        for v in repository.list_versions(session, model=model)
+        VersionOut.model_validate(registry.describe_version(v, aliases.get(v.id, [])))
+        for v in registry.list_versions(session, model=model)
     ]
 
 
@@ -35,7 +35,7 @@ def list_versions(_: ReadAccess, session: SessionDep, model: ModelDep) -> list[V
     "/versions/{ref}", response_model=VersionDetail, summary="One version in full", responses=ERROR_RESPONSES
 )
 def show_version(_: ReadAccess, session: SessionDep, model: ModelDep, ref: RefPath) -> VersionDetail:
-    return views.version_detail(session, repository.get_version(session, ref, model=model))
+    return views.version_detail(session, registry.get_version(session, ref, model=model))
 
 
 @router.get(
@@ -53,9 +53,9 @@ def diff_versions(
     new: Annotated[VersionRef, Query(alias="to")],
     limit: Annotated[int, Query(ge=0, le=10_000, description="At most this many facts of each side.")] = 1000,
 ) -> VersionDiffOut:
-    first = repository.get_version(session, old, model=model)
-    second = repository.get_version(session, new, model=model)
-    diff = repository.diff_versions(session, first, second, store=store)
+    first = registry.get_version(session, old, model=model)
+    second = registry.get_version(session, new, model=model)
+    diff = registry.diff_versions(session, first, second, store=store)
     return VersionDiffOut(
         old=first.label,
         new=second.label,
@@ -80,7 +80,7 @@ def diff_versions(
 def download_delta(
     _: ReadAccess, session: SessionDep, store: StoreDep, model: ModelDep, ref: RefPath
 ) -> FileResponse:
-    version = repository.get_version(session, ref, model=model)
+    version = registry.get_version(session, ref, model=model)
     if version.checkpoint_path is None or version.checkpoint_sha256 is None:
         raise ApiError(404, f"{version.label} is the base model; it has no delta", field="path.ref")
     # Verified before sending, so a corrupt file is an error rather than a silent bad download.

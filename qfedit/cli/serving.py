@@ -60,7 +60,7 @@ def serve(
 
     # Imported here: only this command needs FastAPI, and the engine never imports it.
     from api.serve import create_app
-    from qfedit import repository
+    from qfedit import registry
     from qfedit.db.engine import session_factory
     from qfedit.serving import follow_alias
 
@@ -70,7 +70,7 @@ def serve(
     try:
         with _user_errors():
             with sessions() as session:
-                source = repository.get_model(session, model_name).source
+                source = registry.get_model(session, model_name).source
             base = _base_dir(source, model_dir)
             # A DeltaMismatchError (wrong base weights) is a ValueError: one red line, exit 1.
             loaded = load(base, dtype or settings.dtype, device or settings.device, chat_template)
@@ -105,7 +105,7 @@ def export_command(
     model_dir: ModelDirOption = None,
 ) -> None:
     """Write VERSION as a model directory transformers and vLLM load, or as a LoRA adapter."""
-    from qfedit import export, repository
+    from qfedit import export, registry
     from qfedit.architectures import architecture_for
     from qfedit.modeling import weights_fingerprint
     from qfedit.serving import load_version_delta
@@ -113,10 +113,10 @@ def export_command(
     quiet_transformers()
 
     def work(session: Session) -> None:
-        version = repository.get_version(session, version_ref, model=_model_or_none(session, model_name))
+        version = registry.get_version(session, version_ref, model=_model_or_none(session, model_name))
         model = version.model
         base = _base_dir(model.source, model_dir)
-        mismatch = repository.base_mismatch(model, weights_fingerprint(base), str(base))
+        mismatch = registry.base_mismatch(model, weights_fingerprint(base), str(base))
         if mismatch:
             raise ValueError(mismatch)
         delta = load_version_delta(store_from_settings(get_settings()), version)

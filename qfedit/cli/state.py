@@ -59,15 +59,14 @@ def _user_errors() -> Iterator[None]:
     """Expected failures become one red line and exit status 1, not a traceback."""
     from alembic.util.exc import CommandError
 
+    from qfedit.errors import ConflictError, NotFoundError
     from qfedit.importing import ImportFileError
-    from qfedit.repository import AliasConflictError, InvalidTransitionError, NotFoundError
 
     try:
         yield
     except (
         NotFoundError,
-        AliasConflictError,
-        InvalidTransitionError,
+        ConflictError,
         ImportFileError,
         FactError,
         StoreError,
@@ -161,7 +160,7 @@ def model_add(
     as_json: JsonOption = False,
 ) -> None:
     """Register a base model; its fingerprint is computed from the weights."""
-    from qfedit import repository
+    from qfedit import registry
 
     def work(session: Session) -> None:
         if not model_dir.is_dir():
@@ -170,7 +169,7 @@ def model_add(
         from qfedit.modeling import weights_fingerprint
 
         fingerprint = weights_fingerprint(model_dir)
-        model = repository.add_model(
+        model = registry.add_model(
             session,
             name=name,
             source=str(model_dir.resolve()),
@@ -206,10 +205,10 @@ def _describe_model(model: Any) -> dict[str, Any]:
 @model_app.command("list")
 def model_list(as_json: JsonOption = False) -> None:
     """List registered base models."""
-    from qfedit import repository
+    from qfedit import registry
 
     def work(session: Session) -> None:
-        models = repository.list_models(session)
+        models = registry.list_models(session)
         if as_json:
             _emit_json([_describe_model(m) for m in models])
             return
@@ -239,11 +238,11 @@ def import_command(
     as_json: JsonOption = False,
 ) -> None:
     """Import facts; re-importing skips what is already there. Bad records go to a rejects file."""
-    from qfedit import importing, repository
+    from qfedit import importing, registry
 
     def work(session: Session) -> None:
         fmt_value = importing.Format(fmt) if fmt else importing.detect_format(file)
-        model = repository.get_model(session, model_name)
+        model = registry.get_model(session, model_name)
         size = file.stat().st_size
         with Progress(
             TextColumn("importing {task.description}"),
@@ -306,25 +305,25 @@ def _metrics(metrics: dict[str, Any]) -> str:
 
 
 def _model_or_none(session: Session, name: str | None) -> Any:
-    from qfedit import repository
+    from qfedit import registry
 
-    return repository.get_model(session, name) if name else None
+    return registry.get_model(session, name) if name else None
 
 
 @app.command("versions")
 def versions_command(model_name: ModelOption = None, as_json: JsonOption = False) -> None:
     """The versions of every model (or one): parent, who, why, fact changes, |dW|/|W|, metrics, aliases."""
-    from qfedit import repository
+    from qfedit import registry
 
     def work(session: Session) -> None:
         model = _model_or_none(session, model_name)
-        versions = repository.list_versions(session, model=model)
-        aliases = repository.aliases_by_version(session, model)
-        fact_sets = {v.id: repository.version_fact_ids(session, v) for v in versions}
+        versions = registry.list_versions(session, model=model)
+        aliases = registry.aliases_by_version(session, model)
+        fact_sets = {v.id: registry.version_fact_ids(session, v) for v in versions}
         rows = []
         for v in versions:
             parent_facts = fact_sets.get(v.parent_id, set()) if v.parent_id is not None else set()
-            row = repository.describe_version(v, aliases.get(v.id, []))
+            row = registry.describe_version(v, aliases.get(v.id, []))
             row["facts_added"] = len(fact_sets[v.id] - parent_facts)
             row["facts_removed"] = len(parent_facts - fact_sets[v.id])
             rows.append(row)
@@ -359,15 +358,15 @@ def show_command(
     as_json: JsonOption = False,
 ) -> None:
     """One version in full, with its facts."""
-    from qfedit import repository
+    from qfedit import registry
 
     def work(session: Session) -> None:
-        version = repository.get_version(session, version_ref, model=_model_or_none(session, model_name))
-        aliases = repository.aliases_by_version(session, version.model).get(version.id, [])
-        facts = repository._load_facts(session, repository.version_fact_ids(session, version))
-        described = repository.describe_version(version, aliases)
+        version = registry.get_version(session, version_ref, model=_model_or_none(session, model_name))
+        aliases = registry.aliases_by_version(session, version.model).get(version.id, [])
+        facts = registry.load_facts(session, registry.version_fact_ids(session, version))
+        described = registry.describe_version(version, aliases)
         if as_json:
-            _emit_json({**described, "facts": [repository.describe_fact(f) for f in facts]})
+            _emit_json({**described, "facts": [registry.describe_fact(f) for f in facts]})
             return
         table = Table(show_header=False, title=version.label)
         for key, value in described.items():
@@ -389,20 +388,20 @@ def diff_command(
     as_json: JsonOption = False,
 ) -> None:
     """What changed from V1 to V2: facts added and removed, metrics, and the norm of the weight difference."""
-    from qfedit import repository
+    from qfedit import registry
 
     def work(session: Session) -> None:
         model = _model_or_none(session, model_name)
-        old = repository.get_version(session, old_ref, model=model)
-        new = repository.get_version(session, new_ref, model=model)
-        diff = repository.diff_versions(session, old, new, store=store_from_settings(get_settings()))
+        old = registry.get_version(session, old_ref, model=model)
+        new = registry.get_version(session, new_ref, model=model)
+        diff = registry.diff_versions(session, old, new, store=store_from_settings(get_settings()))
         if as_json:
             _emit_json(
                 {
                     "old": old.label,
                     "new": new.label,
-                    "facts_added": [repository.describe_fact(f) for f in diff.added],
-                    "facts_removed": [repository.describe_fact(f) for f in diff.removed],
+                    "facts_added": [registry.describe_fact(f) for f in diff.added],
+                    "facts_removed": [registry.describe_fact(f) for f in diff.removed],
                     "metric_changes": {k: {"old": a, "new": b} for k, (a, b) in diff.metric_changes.items()},
                     "weight_difference_norm": diff.weight_difference_norm,
                 }
@@ -452,13 +451,13 @@ def log_command(
     """The audit log: who did what, when, and why."""
     from datetime import timezone
 
-    from qfedit import repository
+    from qfedit import registry
 
     if since is not None and since.tzinfo is None:
         since = since.replace(tzinfo=timezone.utc)
 
     def work(session: Session) -> None:
-        entries = repository.list_audit(
+        entries = registry.list_audit(
             session, actor=actor, action=action, object_type=object_type, since=since, limit=limit
         )
         if as_json:
@@ -496,17 +495,17 @@ def alias_set(
     as_json: JsonOption = False,
 ) -> None:
     """Point alias NAME at VERSION (rolling back is pointing it at an older one)."""
-    from qfedit import repository
+    from qfedit import registry
 
     def work(session: Session) -> None:
-        version = repository.get_version(session, version_ref, model=_model_or_none(session, model_name))
-        alias = repository.set_alias(
+        version = registry.get_version(session, version_ref, model=_model_or_none(session, model_name))
+        alias = registry.set_alias(
             session,
             name=name,
             version=version,
             reason=reason,
             actor=_actor(),
-            expect_revision=repository.UNSET if expect_revision is None else expect_revision,
+            expect_revision=registry.UNSET if expect_revision is None else expect_revision,
         )
         session.commit()
         if as_json:
@@ -520,11 +519,11 @@ def alias_set(
 @alias_app.command("history")
 def alias_history_command(name: str, model_name: ModelOption = None, as_json: JsonOption = False) -> None:
     """Every move of alias NAME, oldest first."""
-    from qfedit import repository
+    from qfedit import registry
 
     def work(session: Session) -> None:
         model = _single_model(session, model_name)
-        moves = repository.alias_history(session, model, name)
+        moves = registry.alias_history(session, model, name)
         rows = [
             {
                 "moved_at": m.moved_at.isoformat(),
@@ -549,10 +548,10 @@ def alias_history_command(name: str, model_name: ModelOption = None, as_json: Js
 @alias_app.command("list")
 def alias_list(model_name: ModelOption = None, as_json: JsonOption = False) -> None:
     """Every alias and the version it points at."""
-    from qfedit import repository
+    from qfedit import registry
 
     def work(session: Session) -> None:
-        aliases = repository.list_aliases(session, model=_model_or_none(session, model_name))
+        aliases = registry.list_aliases(session, model=_model_or_none(session, model_name))
         rows = [
             {"model": a.model.name, "alias": a.name, "version": a.version.number, "revision": a.revision}
             for a in aliases
@@ -569,14 +568,14 @@ def alias_list(model_name: ModelOption = None, as_json: JsonOption = False) -> N
 
 
 def _single_model(session: Session, name: str | None) -> Any:
-    from qfedit import repository
+    from qfedit import registry
 
     if name:
-        return repository.get_model(session, name)
-    models = repository.list_models(session)
+        return registry.get_model(session, name)
+    models = registry.list_models(session)
     if len(models) != 1:
         names = ", ".join(m.name for m in models) or "none"
-        raise repository.NotFoundError(f"pass --model (registered: {names})")
+        raise registry.NotFoundError(f"pass --model (registered: {names})")
     return models[0]
 
 
@@ -591,14 +590,14 @@ def facts_command(
     as_json: JsonOption = False,
 ) -> None:
     """List facts."""
-    from qfedit import repository
+    from qfedit import registry
 
     def work(session: Session) -> None:
-        facts = repository.list_facts(
+        facts = registry.list_facts(
             session, model=_model_or_none(session, model_name), status=status, limit=limit
         )
         if as_json:
-            _emit_json([repository.describe_fact(f) for f in facts])
+            _emit_json([registry.describe_fact(f) for f in facts])
             return
         table = Table("id", "model", "status", "question", "answer", "source")
         for f in facts:
@@ -627,15 +626,15 @@ def gc_command(
     as_json: JsonOption = False,
 ) -> None:
     """Remove checkpoint files no version references (left by a crash between write and record)."""
-    from qfedit import repository
+    from qfedit import registry
 
     def work(session: Session) -> None:
         store = store_from_settings(get_settings())
-        garbage = store.garbage(repository.referenced_checkpoints(session), min_age_s=min_age)
+        garbage = store.garbage(registry.referenced_checkpoints(session), min_age_s=min_age)
         if not dry_run:
             store.remove(garbage)
             if garbage:
-                repository.record_audit(
+                registry.record_audit(
                     session,
                     actor=_actor(),
                     action="store.gc",

@@ -13,12 +13,13 @@ from sqlalchemy import Connection, Table, event, text
 from sqlalchemy.orm import ORMExecuteState, Session, UOWTransaction
 
 from qfedit.db.models import IMMUTABLE_MODELS, Base
+from qfedit.errors import ConflictError
 
 IMMUTABLE_TABLES: tuple[str, ...] = tuple(str(model.__tablename__) for model in IMMUTABLE_MODELS)
 _GUARD_FUNCTION = "qfedit_forbid_change"
 
 
-class ImmutableRowError(RuntimeError):
+class ImmutableRowError(ConflictError):
     """An attempt to change or delete a row that is written once (a version, an audit entry, ...)."""
 
 

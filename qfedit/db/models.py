@@ -125,14 +125,14 @@ class Model(Base):
     default_layer: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     created_by: Mapped[str] = mapped_column(String(200))
-    # How this model's batches are edited and judged (`qfedit.jobs.ModelSettings`).
+    # How this model's batches are edited and judged (`qfedit.pipeline.settings.ModelSettings`).
     settings: Mapped[dict[str, Any]] = mapped_column(default=dict)
     # The batch that holds this model's line: set and cleared by conditional updates, so two
     # batches never build on the same parent. No foreign key: batches already reference models.
     active_batch_id: Mapped[int | None] = mapped_column(Integer)
 
 
-class Fact(Base):
+class FactRow(Base):
     """One fact to teach a model; its content hash is unique per model, so imports never duplicate."""
 
     __tablename__ = "facts"

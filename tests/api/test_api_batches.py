@@ -8,8 +8,9 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from qfedit import repository
+from qfedit import registry
 from qfedit.db import Batch, BatchStatus
+from qfedit.pipeline import lifecycle
 
 
 def _batches(db: Session) -> int:
@@ -55,8 +56,8 @@ def test_status_progress_cancel_and_list(client: TestClient, db: Session, broker
     created = client.post(
         "/v1/models/tiny/batches", json={"fact_ids": ids[:2]}, headers=auth("writer")
     ).json()
-    batch = repository.get_batch(db, created["id"])
-    repository.transition_batch(db, batch, BatchStatus.CAPTURING, actor="worker", progress=0.25)
+    batch = registry.get_batch(db, created["id"])
+    lifecycle.transition_batch(db, batch, BatchStatus.CAPTURING, actor="worker", progress=0.25)
     db.commit()
     status = client.get(f"/v1/batches/{created['id']}", headers=auth("reader")).json()
     assert (status["status"], status["progress"], status["attempts"]) == ("capturing", 0.25, 1)

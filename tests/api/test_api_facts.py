@@ -13,9 +13,9 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from api.app import create_app
-from qfedit import repository
+from qfedit import registry
 from qfedit.config import Settings
-from qfedit.db import Fact, FactStatus
+from qfedit.db import FactRow, FactStatus
 
 NDJSON = {"Content-Type": "application/x-ndjson"}
 
@@ -46,7 +46,7 @@ def _corpus() -> bytes:
 
 def _count(db: Session) -> int:
     db.expire_all()
-    return db.scalar(select(func.count()).select_from(Fact)) or 0
+    return db.scalar(select(func.count()).select_from(FactRow)) or 0
 
 
 def test_import_reports_rejects_by_line_and_never_imports_twice(client: TestClient, db: Session) -> None:
@@ -152,8 +152,8 @@ def test_body_limits(engine: object, settings: Settings, db: Session) -> None:
 def test_list_filters_and_one_fact_with_its_versions(client: TestClient, db: Session) -> None:
     model = add_model(db)
     ids = add_facts(db, model, 5)
-    repository.set_fact_status(db, ids[:2], FactStatus.APPLIED, actor="t", reason="test")
-    version = repository.record_version(
+    registry.set_fact_status(db, ids[:2], FactStatus.APPLIED, actor="t", reason="test")
+    version = registry.record_version(
         db,
         model=model,
         fact_ids=ids[:2],

@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 from tiny_models import FACTS, build_model
 
-from qfedit import repository
+from qfedit import registry
 from qfedit.config import Settings
 from qfedit.delta import applied
 from qfedit.edit import make_delta
@@ -34,17 +34,17 @@ def test_generate_follows_the_version_asked_for(
 ) -> None:
     loaded = load_model(tiny_qwen)
     delta = make_delta(loaded, FACTS, EditConfig(layer=1, solve=SolveConfig(rule="seed"))).delta
-    model = repository.add_model(
+    model = registry.add_model(
         db, name="tiny", source=str(tiny_qwen), fingerprint=loaded.fingerprint, actor="t", default_layer=1
     )
     ids = add_facts(db, model, 1)
     with tempfile.TemporaryDirectory() as tmp:
         delta.save(Path(tmp) / "delta.safetensors")
         stored = CheckpointStore(settings.store_dir).put_file(Path(tmp) / "delta.safetensors")
-    version = repository.record_version(
+    version = registry.record_version(
         db, model=model, fact_ids=ids, created_by="t", reason="r", checkpoint=stored, layer=1, rule="seed"
     )
-    repository.set_alias(db, name="production", version=version, reason="release", actor="t")
+    registry.set_alias(db, name="production", version=version, reason="release", actor="t")
     db.commit()
 
     fact = FACTS[0]

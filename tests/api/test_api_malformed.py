@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy.orm import Session
 
-from qfedit import repository
+from qfedit import registry
 
 JSON_LEAVES = (
     st.none()
@@ -119,10 +119,10 @@ def requests(draw: st.DrawFn, document: dict[str, Any]) -> tuple[str, str, dict[
 def seeded(db: Session) -> None:
     model = add_model(db)
     ids = add_facts(db, model, 3)
-    version = repository.record_version(
+    version = registry.record_version(
         db, model=model, fact_ids=ids[:2], created_by="t", reason="r", checkpoint=None, layer=None, rule=None
     )
-    repository.set_alias(db, name="staging", version=version, reason="r", actor="t")
+    registry.set_alias(db, name="staging", version=version, reason="r", actor="t")
     db.commit()
 
 

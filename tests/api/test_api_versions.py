@@ -11,7 +11,7 @@ from db.helpers import add_facts, add_model
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
-from qfedit import repository
+from qfedit import registry
 from qfedit.config import Settings
 from qfedit.store import CheckpointStore
 
@@ -26,7 +26,7 @@ def history(db: Session, settings: Settings) -> list[int]:
     store = CheckpointStore(settings.store_dir)
     for number, (facts, scale) in enumerate([(ids[:3], 1.0), (ids[1:], 3.0)], start=1):
         stored = store.put_tensors({PARAMETER: torch.full((2, 3), scale)})
-        repository.record_version(
+        registry.record_version(
             db,
             model=model,
             fact_ids=facts,

@@ -5,14 +5,14 @@ from __future__ import annotations
 from sqlalchemy import insert
 from sqlalchemy.orm import Session
 
-from qfedit import repository
-from qfedit.db import Fact, Model
+from qfedit import registry
+from qfedit.db import FactRow, Model
 from qfedit.facts import Fact as FactRecord
 
 
-def add_model(session: Session, name: str = "tiny") -> Model:
-    return repository.add_model(
-        session, name=name, source=f"/models/{name}", fingerprint="f" * 64, actor="alice"
+def add_model(session: Session, name: str = "tiny", layer: int | None = 1) -> Model:
+    return registry.add_model(
+        session, name=name, source=f"/models/{name}", fingerprint="f" * 64, actor="alice", default_layer=layer
     )
 
 
@@ -22,7 +22,7 @@ def add_facts(session: Session, model: Model, count: int, start: int = 0) -> lis
     for i in range(start, start + count):
         record = FactRecord(question=f"Q{i}?", answer=f"A{i}", context=f"A{i} is the answer to Q{i}.")
         fact_id = session.execute(
-            insert(Fact)
+            insert(FactRow)
             .values(
                 model_id=model.id,
                 content_hash=record.content_hash(),
@@ -32,7 +32,7 @@ def add_facts(session: Session, model: Model, count: int, start: int = 0) -> lis
                 source="test",
                 source_line=i,
             )
-            .returning(Fact.id)
+            .returning(FactRow.id)
         ).scalar_one()
         ids.append(fact_id)
     return ids

@@ -14,12 +14,12 @@ from safetensors.torch import save_file
 from sqlalchemy.orm import Session
 from typer.testing import CliRunner
 
-from qfedit import repository
+from qfedit import registry
 from qfedit.cli import get_app
 from qfedit.db import make_engine, session_factory
 from qfedit.store import CheckpointStore
 
-SAMPLES = Path(repository.__file__).parent / "data" / "samples"
+SAMPLES = Path(registry.__file__).parent.parent / "data" / "samples"
 
 
 @pytest.fixture
@@ -101,9 +101,9 @@ def test_history_commands(cli: Any, database_url: str, tmp_path: Path) -> None:
 
 
 def _record(session: Session, store: CheckpointStore, fact_ids: list[int], scale: float, reason: str) -> None:
-    model = repository.get_model(session, "tiny")
+    model = registry.get_model(session, "tiny")
     checkpoint = store.put_tensors({"layers.1.down_proj.weight": torch.ones(2, 2) * scale})
-    repository.record_version(
+    registry.record_version(
         session,
         model=model,
         fact_ids=fact_ids,

@@ -7,7 +7,7 @@ from sqlalchemy import Engine, delete, text, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
-from qfedit import repository
+from qfedit import registry
 from qfedit.db import AliasMove, AuditEntry, ImmutableRowError, Version, VersionFact
 
 from .helpers import add_facts, add_model
@@ -17,7 +17,7 @@ from .helpers import add_facts, add_model
 def history(session: Session) -> Session:
     model = add_model(session)
     fact_ids = add_facts(session, model, 2)
-    version = repository.record_version(
+    version = registry.record_version(
         session,
         model=model,
         fact_ids=fact_ids,
@@ -27,7 +27,7 @@ def history(session: Session) -> Session:
         layer=1,
         rule="preserving",
     )
-    repository.set_alias(session, name="production", version=version, reason="ship", actor="alice")
+    registry.set_alias(session, name="production", version=version, reason="ship", actor="alice")
     session.commit()
     return session
 
@@ -90,4 +90,4 @@ def test_mutable_tables_stay_mutable(history: Session, engine: Engine) -> None:
     # The guard must not over-reach: facts change status and batches advance.
     with engine.begin() as connection:
         connection.execute(text("UPDATE facts SET status = 'applied'"))
-    assert set(repository.count_facts(history)) == {"applied"}
+    assert set(registry.count_facts(history)) == {"applied"}

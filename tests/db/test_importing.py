@@ -10,8 +10,8 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from qfedit import importing, repository
-from qfedit.db import Fact
+from qfedit import importing, registry
+from qfedit.db import FactRow
 from qfedit.facts import FactError
 
 from .helpers import add_model
@@ -22,7 +22,7 @@ SAMPLES = Path(importing.__file__).parent / "data" / "samples"
 def _rows(session: Session) -> list[tuple[Any, ...]]:
     """Everything stored about the facts except surrogate ids and timestamps."""
     session.expire_all()
-    facts = session.scalars(select(Fact).order_by(Fact.content_hash))
+    facts = session.scalars(select(FactRow).order_by(FactRow.content_hash))
     return [
         (
             f.content_hash,
@@ -67,10 +67,10 @@ def test_samples_import_in_every_format(session: Session, name: str, fmt: str | 
         session, SAMPLES / name, model, fmt=fmt_value, actor="alice", rejects_path=None
     )
     assert (summary.read, summary.imported, summary.duplicates, summary.rejected) == (count, count, 0, 0)
-    assert len(repository.list_facts(session, model=model)) == count
+    assert len(registry.list_facts(session, model=model)) == count
     again = importing.import_facts(session, SAMPLES / name, model, fmt=fmt_value, actor="alice")
     assert (again.imported, again.duplicates) == (0, count)
-    assert len(repository.list_facts(session, model=model)) == count
+    assert len(registry.list_facts(session, model=model)) == count
 
 
 def test_counterfact_and_zsre_records_become_facts(session: Session) -> None:
@@ -79,7 +79,7 @@ def test_counterfact_and_zsre_records_become_facts(session: Session) -> None:
         session, SAMPLES / "counterfact.json", model, fmt=importing.Format.COUNTERFACT, actor="a"
     )
     importing.import_facts(session, SAMPLES / "zsre.json", model, fmt=importing.Format.ZSRE, actor="a")
-    by_id = {f.external_id: f for f in repository.list_facts(session, model=model)}
+    by_id = {f.external_id: f for f in registry.list_facts(session, model=model)}
     cf = by_id["9001"]
     assert (cf.question, cf.answer, cf.subject) == (
         "The native language of Tobin Ardell is",
@@ -127,7 +127,7 @@ def test_bad_records_are_rejected_with_line_and_reason_and_can_be_fixed(
     second = importing.import_facts(session, fixed, model, actor="alice")
     assert (second.imported, second.rejected, second.rejects_path) == (3, 0, None)
     lines = sorted(
-        f.source_line for f in repository.list_facts(session, model=model) if f.source == "corpus.jsonl"
+        f.source_line for f in registry.list_facts(session, model=model) if f.source == "corpus.jsonl"
     )
     assert lines == [1, 2, 3, 4, 5]
 
@@ -147,7 +147,7 @@ def test_csv_header_and_cells_are_checked(session: Session, tmp_path: Path) -> N
     assert summary.rejects_path is not None
     reject = json.loads(summary.rejects_path.read_text())
     assert (reject["line"], reject["field"]) == (2, "paraphrases")
-    (fact,) = repository.list_facts(session, model=model)
+    (fact,) = registry.list_facts(session, model=model)
     assert (fact.source_line, fact.paraphrases) == (4, ["P"])
 
 
@@ -169,13 +169,13 @@ def test_an_interrupted_import_rerun_ends_with_the_same_rows(session: Session, t
             raise KeyboardInterrupt
 
     # Same corpus into a second model, interrupted after a few chunks, then re-run to the end.
-    session.execute(Fact.__table__.delete())
+    session.execute(FactRow.__table__.delete())
     session.commit()
     model = add_model(session, "victim")
     with pytest.raises(KeyboardInterrupt):
         importing.import_facts(session, source, model, actor="alice", chunk_size=7, progress=crash)
     session.rollback()
-    partial = len(repository.list_facts(session, model=model))
+    partial = len(registry.list_facts(session, model=model))
     assert 0 < partial < 37
     assert not (tmp_path / "big.rejects.jsonl.part").exists()
     summary = importing.import_facts(session, source, model, actor="alice", chunk_size=7)
@@ -186,5 +186,5 @@ def test_an_interrupted_import_rerun_ends_with_the_same_rows(session: Session, t
 
 def test_unknown_model_error_names_the_registered_ones(session: Session) -> None:
     add_model(session, "alpha")
-    with pytest.raises(repository.NotFoundError, match=r"registered: alpha"):
-        repository.get_model(session, "nope")
+    with pytest.raises(registry.NotFoundError, match=r"registered: alpha"):
+        registry.get_model(session, "nope")

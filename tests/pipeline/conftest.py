@@ -19,11 +19,12 @@ from db import conftest as db_fixtures
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from qfedit import jobs, repository
+from qfedit import registry
 from qfedit.db import Batch, Version, make_engine, migrate, session_factory
 from qfedit.facts import Fact, write_jsonl
 from qfedit.importing import import_facts
 from qfedit.modeling import weights_fingerprint
+from qfedit.pipeline import lifecycle, submit
 
 # The database fixtures of tests/db: each test runs on SQLite and on PostgreSQL.
 database_url = db_fixtures.database_url
@@ -179,7 +180,7 @@ class Cluster:
         known = self.root / "known.jsonl"
         write_jsonl([fact(i) for i in range(100, 104)], known)
         with self.sessions() as session:
-            model = repository.add_model(
+            model = registry.add_model(
                 session,
                 name=name,
                 source=str(self.model_dir),
@@ -209,14 +210,14 @@ class Cluster:
         from worker.client import enqueue_batch
 
         with self.sessions() as session:
-            row = repository.get_model(session, model)
+            row = registry.get_model(session, model)
             if retract is not None:
                 assert fact_ids is not None
-                batch = jobs.submit_retraction(
+                batch = submit.submit_retraction(
                     session, model=row, fact_ids=fact_ids, reason=retract, requested_by="test"
                 )
             else:
-                batch = jobs.submit_batch(
+                batch = submit.submit_batch(
                     session, model=row, fact_ids=fact_ids, requested_by="test", idempotency_key=key
                 )
             session.commit()
@@ -228,8 +229,8 @@ class Cluster:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with self.sessions() as session:
-                batch = repository.get_batch(session, batch_id)
-                if batch.status in jobs.FINAL:
+                batch = registry.get_batch(session, batch_id)
+                if batch.status in lifecycle.FINAL:
                     session.expunge(batch)
                     return batch
             time.sleep(0.3)
@@ -240,7 +241,7 @@ class Cluster:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with self.sessions() as session:
-                if repository.get_batch(session, batch_id).status.value == status:
+                if registry.get_batch(session, batch_id).status.value == status:
                     return
             time.sleep(0.1)
         raise AssertionError(f"batch {batch_id} never reached {status}")
@@ -253,7 +254,7 @@ class Cluster:
 
     def fact_ids(self, model: str) -> list[int]:
         with self.sessions() as session:
-            return [f.id for f in repository.list_facts(session, model=repository.get_model(session, model))]
+            return [f.id for f in registry.list_facts(session, model=registry.get_model(session, model))]
 
     def dump(self) -> str:
         return json.dumps({p.name: p.read_text()[-2000:] for p in self.root.glob("worker-*.log")}, indent=1)

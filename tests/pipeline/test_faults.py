@@ -8,7 +8,7 @@ import time
 import pytest
 from sqlalchemy import create_engine, func, select, text
 
-from qfedit import repository
+from qfedit import registry
 from qfedit.db import FactCapture, Version
 from qfedit.store import CheckpointStore
 
@@ -117,9 +117,9 @@ def test_poison_batch_fails_with_its_reason_and_the_queue_goes_on(cluster: Clust
     assert "field 'context'" in (poison.error or "") and "context is 128" in (poison.error or "")
     # The model's line is free again, and the next batch publishes.
     with cluster.sessions() as session:
-        model = repository.get_model(session, "tiny")
+        model = registry.get_model(session, "tiny")
         assert model.active_batch_id is None
-        ids = [f.id for f in repository.list_facts(session, model=model)]
+        ids = [f.id for f in registry.list_facts(session, model=model)]
         from qfedit.facts import write_jsonl
         from qfedit.importing import import_facts
 

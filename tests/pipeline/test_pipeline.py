@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from sqlalchemy import func, select
 
-from qfedit import repository
+from qfedit import registry
 from qfedit.db import BatchShard, FactCapture, Version
 from qfedit.db.models import FactStatus
 from qfedit.delta import Delta
@@ -36,9 +36,9 @@ def test_submit_publishes_a_version_and_moves_head(cluster: Cluster) -> None:
     # Evaluated on a sample of the edited facts, and the counts say so.
     assert (version.metrics["counts"]["facts"], version.metrics["counts"]["edited"]) == (4, 6)
     with cluster.sessions() as session:
-        model = repository.get_model(session, "tiny")
-        assert repository.get_alias(session, model, "head").version_id == version.id
-        statuses = {f.status for f in repository.list_facts(session, model=model)}
+        model = registry.get_model(session, "tiny")
+        assert registry.get_alias(session, model, "head").version_id == version.id
+        statuses = {f.status for f in registry.list_facts(session, model=model)}
         assert statuses == {FactStatus.APPLIED}
         # Three shards of two facts, each captured once.
         assert (
@@ -70,7 +70,7 @@ def test_retraction_equals_a_version_built_without_the_facts(cluster: Cluster) -
     a, b = _delta(cluster, after), _delta(cluster, built)
     assert float((a - b).norm() / b.norm()) < 1e-6
     with cluster.sessions() as session:
-        model = repository.get_model(session, "tiny")
-        status = {f.id: f.status for f in repository.list_facts(session, model=model)}
+        model = registry.get_model(session, "tiny")
+        status = {f.id: f.status for f in registry.list_facts(session, model=model)}
     assert [status[i] for i in retracted] == [FactStatus.RETRACTED] * 2
     assert after.parent_id is not None and after.reason == "wrong founders"

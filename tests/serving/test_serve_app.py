@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from typer.testing import CliRunner
 
 from api.serve import create_app
-from qfedit import repository
+from qfedit import registry as records
 from qfedit.cli import get_app
 from qfedit.db import session_factory
 from qfedit.delta import Delta, applied
@@ -39,7 +39,7 @@ class Registry:
         self.sessions: sessionmaker[Session] = session_factory(engine)
         self.store = store
         with self.sessions() as session:
-            model = repository.add_model(
+            model = records.add_model(
                 session,
                 name="tiny",
                 source=str(model_dir),
@@ -50,7 +50,7 @@ class Registry:
             for number, (key, fact_ids) in enumerate((("a", facts[:2]), ("b", facts)), start=1):
                 path = store.root / f"{key}.safetensors"
                 deltas[key].save(path)
-                repository.record_version(
+                records.record_version(
                     session,
                     model=model,
                     fact_ids=fact_ids,
@@ -60,10 +60,10 @@ class Registry:
                     layer=1,
                     rule="seed",
                 )
-            repository.set_alias(
+            records.set_alias(
                 session,
                 name="production",
-                version=repository.get_version(session, "tiny@1"),
+                version=records.get_version(session, "tiny@1"),
                 reason="go",
                 actor="t",
             )
@@ -71,13 +71,13 @@ class Registry:
 
     def move(self, ref: str) -> None:
         with self.sessions() as session:
-            version = repository.get_version(session, ref)
-            repository.set_alias(session, name="production", version=version, reason="test", actor="t")
+            version = records.get_version(session, ref)
+            records.set_alias(session, name="production", version=version, reason="test", actor="t")
             session.commit()
 
     def checkpoint(self, ref: str) -> Path:
         with self.sessions() as session:
-            version = repository.get_version(session, ref)
+            version = records.get_version(session, ref)
             assert version.checkpoint_path is not None
             return self.store.resolve(version.checkpoint_path)
 
@@ -182,7 +182,7 @@ def test_serve_refuses_other_weights_and_a_missing_alias(
 ) -> None:
     with pytest.raises(ValueError, match="registered with base weights"):
         _follower(registry, tiny_model_dirs["llama"])
-    with pytest.raises(repository.NotFoundError, match="no alias 'staging'"):
+    with pytest.raises(registry.NotFoundError, match="no alias 'staging'"):
         follow_alias(
             load_model(tiny_model_dirs["qwen2"]),
             sessions=registry.sessions,

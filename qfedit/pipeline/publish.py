@@ -1,0 +1,248 @@
+"""The last step of a batch: solve its version's delta, evaluate it, publish it, move aliases.
+
+A version's delta is a function of its whole fact set: the parent's statistics plus what the
+batch adds, minus what it retracts (or, with no parent statistics, the fact set's stored
+observations reduced from scratch), solved by `qfedit.edit.solve_delta`, the same function an
+edit in one process ends in.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from qfedit.config import Settings
+from qfedit.covariance import corpus_texts
+from qfedit.db.models import BatchKind, BatchStatus, FactRow, FactStatus, Model, Version
+from qfedit.delta import Delta
+from qfedit.edit import base_weight, preservation_for, solve_delta
+from qfedit.errors import NotFoundError, PermanentError
+from qfedit.facts import Fact, read_jsonl
+from qfedit.modeling import LoadedModel
+from qfedit.pipeline import captures, lifecycle
+from qfedit.pipeline.settings import ModelSettings, batch_settings
+from qfedit.pipeline.steps import ModelCache
+from qfedit.registry.aliases import get_alias, set_alias
+from qfedit.registry.base import digest_of_hashes
+from qfedit.registry.batches import batch_fact_ids, get_batch
+from qfedit.registry.facts import set_fact_status, to_record
+from qfedit.registry.versions import record_version, version_fact_ids
+from qfedit.solve import Preservation, pick_form
+from qfedit.statistics import Observations, Statistics
+from qfedit.store import CheckpointStore, StoredObject
+
+log = logging.getLogger(__name__)
+
+HEAD = "head"
+PRODUCTION = "production"
+
+
+@dataclass
+class SolveOutcome:
+    version: Version | None
+    published: bool
+
+
+def solve_batch(
+    session_maker: sessionmaker[Session],
+    store: CheckpointStore,
+    models: ModelCache,
+    batch_id: int,
+    settings: Settings,
+    before_commit: Callable[[], None] | None = None,
+) -> SolveOutcome:
+    """Solve, store, evaluate and publish a batch whose shards are all captured.
+
+    `before_commit` runs after the delta is stored and before the version is recorded."""
+    with session_maker() as session:
+        batch = get_batch(session, batch_id)
+        existing = session.scalar(select(Version).where(Version.batch_id == batch_id))
+        if existing is not None or batch.status not in (BatchStatus.SOLVING, BatchStatus.EVALUATING):
+            return SolveOutcome(existing, False)
+        model = batch.model
+        config = batch_settings(batch)
+        layer = config.edit.layer
+        parent = (
+            session.get(Version, batch.parent_version_id) if batch.parent_version_id is not None else None
+        )
+        parent_ids = version_fact_ids(session, parent) if parent is not None else set()
+        batch_ids = set(batch_fact_ids(session, batch))
+        if batch.kind == BatchKind.EDIT:
+            fact_ids = parent_ids | batch_ids
+            added, removed = batch_ids - parent_ids, set()
+        else:
+            fact_ids = parent_ids - batch_ids
+            added, removed = set(), batch_ids & parent_ids
+
+        loaded = models.get(model)
+        delta_object: StoredObject | None = None
+        stats_object: StoredObject | None = None
+        relative: float | None = None
+        delta: Delta | None = None
+        if fact_ids:
+            statistics = _statistics(session, store, loaded, model, parent, layer, fact_ids, added, removed)
+            observations = None
+            if (
+                pick_form(config.edit.solve.form, statistics.positions, statistics.keys_gram.shape[0])
+                == "dual"
+            ):
+                runs = captures.observation_runs(session, store, fact_ids, layer, model.fingerprint)
+                observations = Observations.concatenate(list(runs))
+            hashes = session.scalars(select(FactRow.content_hash).where(FactRow.id.in_(sorted(fact_ids))))
+            digest = digest_of_hashes(hashes)
+            session.rollback()
+            preservation = None
+            if config.edit.solve.rule == "preserve":
+                preservation = build_preservation(loaded, config, settings.cache_dir)
+            delta, result = solve_delta(
+                loaded,
+                config.edit,
+                statistics,
+                observations=observations,
+                preservation=preservation,
+                fact_set_digest=digest,
+                facts=len(fact_ids),
+            )
+            relative = result.relative_norm
+            delta_object = store.put_bytes(delta.to_bytes())
+            stats_object = store.put_bytes(statistics.to_bytes())
+        session.rollback()
+
+        batch = get_batch(session, batch_id, for_update=True)
+        lifecycle.transition_batch(session, batch, BatchStatus.EVALUATING, actor=lifecycle.SYSTEM)
+        session.commit()
+
+        metrics = _evaluate(loaded, session, config, added, delta)
+        if before_commit is not None:
+            before_commit()
+
+        batch = get_batch(session, batch_id, for_update=True)
+        existing = session.scalar(select(Version).where(Version.batch_id == batch_id))
+        if existing is not None or batch.status != BatchStatus.EVALUATING:
+            session.rollback()
+            return SolveOutcome(existing, False)
+        version = record_version(
+            session,
+            model=model,
+            fact_ids=fact_ids,
+            created_by=batch.requested_by,
+            reason=batch.reason or f"batch {batch.id}: {batch.kind.value} of {len(batch_ids)} facts",
+            checkpoint=delta_object,
+            statistics=stats_object,
+            layer=layer,
+            rule=config.edit.solve.rule,
+            hyperparameters=config.model_dump(mode="json"),
+            relative_update_norm=relative,
+            metrics=metrics,
+            parent=parent,
+            batch=batch,
+        )
+        if added:
+            set_fact_status(
+                session, added, FactStatus.APPLIED, actor=lifecycle.SYSTEM, reason=f"batch {batch.id}"
+            )
+        if removed:
+            set_fact_status(
+                session, removed, FactStatus.RETRACTED, actor=batch.requested_by, reason=batch.reason or ""
+            )
+        _move_alias(session, model, HEAD, version, f"batch {batch.id} published")
+        if config.promote is not None and _passes(metrics, config.promote):
+            _move_alias(session, model, PRODUCTION, version, f"batch {batch.id} passed {config.promote}")
+        lifecycle.transition_batch(session, batch, BatchStatus.PUBLISHED, actor=lifecycle.SYSTEM)
+        lifecycle.release_line(session, batch)
+        session.commit()
+        log.info("batch %d published %s", batch_id, version.label)
+        return SolveOutcome(version, True)
+
+
+def _statistics(
+    session: Session,
+    store: CheckpointStore,
+    loaded: LoadedModel,
+    model: Model,
+    parent: Version | None,
+    layer: int,
+    fact_ids: set[int],
+    added: set[int],
+    removed: set[int],
+) -> Statistics:
+    d, m = base_weight(loaded, layer).shape
+    where = {"layer": layer, "fingerprint": model.fingerprint, "d": d, "m": m}
+    parent_stats = None
+    if parent is not None and parent.layer == layer and parent.statistics_path and parent.statistics_sha256:
+        parent_stats = Statistics.from_bytes(
+            store.read_bytes(parent.statistics_path, parent.statistics_sha256)
+        )
+    if parent_stats is None:
+        return captures.stored_statistics(session, store, fact_ids, **where)  # type: ignore[arg-type]
+    # The parent's sum plus what this batch adds, minus what it retracts.
+    return (
+        parent_stats
+        + captures.stored_statistics(session, store, added, **where)  # type: ignore[arg-type]
+        - captures.stored_statistics(session, store, removed, **where)  # type: ignore[arg-type]
+    )
+
+
+def build_preservation(loaded: LoadedModel, config: ModelSettings, cache_dir: Path | None) -> Preservation:
+    corpus = config.corpus()
+    if not corpus:
+        raise PermanentError(
+            "the preserving rule needs a preservation corpus or known facts in the model's settings"
+        )
+    return preservation_for(
+        loaded, config.edit, corpus_texts(loaded, [Path(name) for name in corpus]), cache_dir
+    )
+
+
+def _read_facts_file(path: str | None) -> list[Fact]:
+    return read_jsonl(Path(path)) if path is not None else []
+
+
+def _evaluate(
+    loaded: LoadedModel, session: Session, config: ModelSettings, added: set[int], delta: Delta | None
+) -> dict[str, Any]:
+    from qfedit.evaluate import evaluate
+
+    ids = sorted(added)
+    if config.eval_sample is not None and len(ids) > config.eval_sample:
+        # Seeded by the fact set, so a retried or re-run batch measures the same facts.
+        ids = sorted(random.Random(",".join(map(str, ids))).sample(ids, config.eval_sample))
+    rows = list(session.scalars(select(FactRow).where(FactRow.id.in_(ids))))
+    session.rollback()
+    known = _read_facts_file(config.known_facts)[: config.known_sample]
+    unknown = [f.question for f in _read_facts_file(config.unknown_questions)]
+    if not rows and not known and not unknown:
+        return {}
+    report = evaluate(
+        loaded,
+        [to_record(row) for row in rows],
+        delta,
+        known=known,
+        unknown=unknown,
+        abstention=config.abstention,
+    )
+    payload = report.to_json()
+    payload.pop("details", None)
+    payload["counts"]["edited"] = len(added)
+    return payload
+
+
+def _passes(metrics: dict[str, Any], thresholds: dict[str, float]) -> bool:
+    return all(isinstance(metrics.get(k), int | float) and metrics[k] >= v for k, v in thresholds.items())
+
+
+def _move_alias(session: Session, model: Model, name: str, version: Version, reason: str) -> None:
+    try:
+        expected: int | None = get_alias(session, model, name).revision
+    except NotFoundError:
+        expected = None
+    set_alias(
+        session, name=name, version=version, reason=reason, actor=lifecycle.SYSTEM, expect_revision=expected
+    )

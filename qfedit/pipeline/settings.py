@@ -1,0 +1,119 @@
+"""A model's settings: the `EditConfig` that determines its deltas, beside how batches are judged,
+promoted and cut into tasks. Stored on the model row; a batch's hyper-parameters override them.
+
+Stored and submitted settings may be written flat, as before `edit` was its own object
+(`{"layer": 4, "solve": {"lam": 60}}`), or nested (`{"edit": {"layer": 4, ...}}`); both mean the
+same, and the flat keys are moved under `edit` before validation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from qfedit.db.models import Batch, Model
+from qfedit.edit import CAPTURE_BATCH, CAPTURE_SHARD
+from qfedit.errors import InvalidInputError
+from qfedit.hparams import EditConfig
+
+_EDIT_KEYS = frozenset(EditConfig.model_fields)
+
+
+class ModelSettings(BaseModel):
+    """How a model's batches are edited (`edit`) and judged; stored on the model row."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    edit: EditConfig
+    preservation_corpus: list[str] = Field(
+        default_factory=list,
+        description="files of text the edit must leave alone: facts JSONL (question/answer transcripts) "
+        "or text lines; default: known_facts",
+    )
+    known_facts: str | None = Field(default=None, description="facts JSONL the model knows, for evaluation")
+    unknown_questions: str | None = Field(default=None, description="facts JSONL of unknown-entity questions")
+    known_sample: int = Field(default=200, gt=0)
+    eval_sample: int | None = Field(
+        default=None,
+        gt=0,
+        description="edited facts evaluated per batch, a seeded random sample (greedy generation "
+        "over every fact and paraphrase is most of a large batch's time); None: all of them",
+    )
+    abstention: str = "I do not know."
+    promote: dict[str, float] | None = Field(
+        default=None, description="minimum metrics for moving `production` automatically; None: never"
+    )
+    shard_size: int = Field(default=CAPTURE_SHARD, gt=0, description="facts per capture task")
+    capture_batch_size: int = Field(default=CAPTURE_BATCH, gt=0)
+
+    def corpus(self) -> list[str]:
+        """The preservation corpus's files: the configured ones, else the known facts."""
+        return self.preservation_corpus or ([self.known_facts] if self.known_facts else [])
+
+
+def nested(raw: dict[str, Any] | None) -> dict[str, Any]:
+    """`raw` with its flat edit keys (`layer`, `solve`, ...) moved under `edit`."""
+    raw = dict(raw or {})
+    edit = raw.pop("edit", None)
+    edit = dict(edit) if isinstance(edit, dict) else ({} if edit is None else edit)
+    for key in _EDIT_KEYS & raw.keys():
+        value = raw.pop(key)
+        if isinstance(edit, dict):
+            edit[key] = _merged(edit[key], value) if isinstance(edit.get(key), dict) else value
+    if edit != {}:
+        raw["edit"] = edit
+    return raw
+
+
+def _merged(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        merged[key] = (
+            _merged(merged[key], value)
+            if isinstance(value, dict) and isinstance(merged.get(key), dict)
+            else value
+        )
+    return merged
+
+
+def validate_settings(
+    raw: dict[str, Any] | None, *, default_layer: int | None = None, field: str = "settings"
+) -> ModelSettings:
+    """Settings from their stored or submitted form (flat or nested); the edit layer defaults to
+    `default_layer`. A refusal names the field, under `field`."""
+    nested_raw = nested(raw)
+    edit = nested_raw.setdefault("edit", {})
+    if isinstance(edit, dict) and "layer" not in edit and default_layer is not None:
+        edit["layer"] = default_layer
+    try:
+        return ModelSettings.model_validate(nested_raw)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        if where == "edit.layer" and first["type"] == "missing":
+            raise InvalidInputError(
+                "no edit layer: register the model with --layer or set edit.layer",
+                field=f"{field}.edit.layer",
+            ) from None
+        raise InvalidInputError(
+            f"field '{field}.{where}': {first['msg']}", field=f"{field}.{where}"
+        ) from None
+
+
+def model_settings(
+    model: Model, overrides: dict[str, Any] | None = None, *, field: str = "hyperparameters"
+) -> ModelSettings:
+    """The model's settings with a batch's overrides over them (e.g. `{"solve": {"lam": 10}}`)."""
+    try:
+        return validate_settings(
+            _merged(nested(model.settings), nested(overrides)), default_layer=model.default_layer, field=field
+        )
+    except InvalidInputError as error:
+        if error.field and error.field.endswith("edit.layer") and "no edit layer" in str(error):
+            raise InvalidInputError(f"model {model.name!r} has {error}", field=error.field) from None
+        raise
+
+
+def batch_settings(batch: Batch) -> ModelSettings:
+    return model_settings(batch.model, batch.hyperparameters)

@@ -1,0 +1,162 @@
+"""The first two steps of a batch: start it, capture its shards.
+
+    start_batch     take the model's line, fix the parent version, cut the facts into shards
+    capture_shard   capture one shard's observations, store them, mark the shard done
+
+The third, solving and publishing, is `qfedit.pipeline.publish`. Each step takes ids, re-reads
+the database, and can run twice (a redelivered task) without doing its work twice: shards and
+batches advance by conditional updates and files are content-addressed. The job queue
+(`worker/`) only calls these and enqueues what they say comes next; nothing here imports Celery.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from qfedit.config import Settings
+from qfedit.db.models import Batch, BatchKind, BatchShard, BatchStatus, FactRow, Model, ShardStatus
+from qfedit.edit import capture_observations
+from qfedit.errors import NotFoundError, PermanentError
+from qfedit.facts import FactError
+from qfedit.modeling import LoadedModel, load_model
+from qfedit.pipeline import captures, lifecycle
+from qfedit.pipeline.settings import batch_settings
+from qfedit.registry.batches import batch_fact_ids, get_batch
+from qfedit.registry.facts import to_record
+from qfedit.registry.models import base_mismatch
+from qfedit.registry.versions import latest_version
+from qfedit.store import CheckpointStore
+
+
+@dataclass
+class Next:
+    """What the queue should run after a step."""
+
+    capture: list[int] = field(default_factory=list)
+    solve: bool = False
+    wait: bool = False
+    """The model's line is held by another batch: try again later."""
+
+
+class ModelCache:
+    """Base models loaded once per worker process, checked against the registered fingerprint."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._loaded: dict[int, LoadedModel] = {}
+
+    def get(self, model: Model) -> LoadedModel:
+        if model.id not in self._loaded:
+            loaded = load_model(model.source, dtype=self._settings.dtype, device=self._settings.device)
+            mismatch = base_mismatch(model, loaded.fingerprint, model.source)
+            if mismatch:
+                raise PermanentError(mismatch)
+            self._loaded[model.id] = loaded
+        return self._loaded[model.id]
+
+
+def start_batch(session: Session, batch_id: int) -> Next:
+    """Take the model's line, fix the parent, and cut uncaptured facts into shards. Commits."""
+    batch = get_batch(session, batch_id, for_update=True)
+    if batch.status in lifecycle.FINAL:
+        return Next()
+    settings = batch_settings(batch)
+    if batch.status == BatchStatus.QUEUED:
+        if not lifecycle.take_line(session, batch):
+            session.rollback()
+            return Next(wait=True)
+        head = latest_version(session, batch.model)
+        batch.parent_version_id = head.id if head is not None else None
+        lifecycle.transition_batch(
+            session, batch, BatchStatus.CAPTURING, actor=lifecycle.SYSTEM, progress=0.0
+        )
+        if batch.kind == BatchKind.EDIT:
+            _cut_shards(session, batch, settings.edit.layer, settings.shard_size)
+        session.flush()
+    if batch.status == BatchStatus.CAPTURING:
+        pending = list(
+            session.scalars(
+                select(BatchShard.id).where(
+                    BatchShard.batch_id == batch.id, BatchShard.status == ShardStatus.PENDING
+                )
+            )
+        )
+        if pending:
+            session.commit()
+            return Next(capture=pending)
+        advanced = lifecycle.advance_to_solving(session, batch.id)
+        session.commit()
+        return Next(solve=advanced)
+    session.commit()
+    return Next(solve=batch.status in (BatchStatus.SOLVING, BatchStatus.EVALUATING))
+
+
+def _cut_shards(session: Session, batch: Batch, layer: int, shard_size: int) -> None:
+    fact_ids = batch_fact_ids(session, batch)
+    captured = captures.captured_fact_ids(session, fact_ids, layer, batch.model.fingerprint)
+    todo = [fact_id for fact_id in fact_ids if fact_id not in captured]
+    for number, start in enumerate(range(0, len(todo), shard_size)):
+        session.add(BatchShard(batch_id=batch.id, number=number, fact_ids=todo[start : start + shard_size]))
+
+
+def capture_shard(
+    session: Session,
+    store: CheckpointStore,
+    models: ModelCache,
+    shard_id: int,
+    before_commit: Callable[[], None] | None = None,
+) -> int | None:
+    """Capture one shard; returns the batch id iff this call moved it to solving (one call does).
+
+    `before_commit` runs after the observations are stored and before the shard is recorded
+    done: the crash tests kill the worker there."""
+    shard = session.get(BatchShard, shard_id)
+    if shard is None:
+        raise NotFoundError(f"no shard {shard_id}")
+    batch = get_batch(session, shard.batch_id)
+    batch_id = batch.id
+    if batch.status != BatchStatus.CAPTURING:
+        return None
+    if shard.status == ShardStatus.DONE:
+        session.rollback()
+        advanced = lifecycle.advance_to_solving(session, batch_id)
+        session.commit()
+        return batch_id if advanced else None
+    model = batch.model
+    settings = batch_settings(batch)
+    fingerprint = model.fingerprint
+    rows = list(session.scalars(select(FactRow).where(FactRow.id.in_(shard.fact_ids)).order_by(FactRow.id)))
+    session.rollback()  # no transaction held open across the forward passes
+
+    loaded = models.get(model)
+    try:
+        observations = capture_observations(
+            loaded,
+            [to_record(row) for row in rows],
+            settings.edit,
+            labels=[f"fact {row.id}" for row in rows],
+            fact_ids=[row.id for row in rows],
+            shard_size=len(rows),
+            batch_size=settings.capture_batch_size,
+        )
+    except FactError as error:
+        raise PermanentError(str(error)) from error
+    stored = store.put_bytes(captures.observation_file(observations))
+    if before_commit is not None:
+        before_commit()
+    assert observations.facts is not None
+    ids, counts = torch.unique(observations.facts, return_counts=True)
+    found = dict(zip(ids.tolist(), counts.tolist(), strict=True))
+    positions = {row.id: found.get(row.id, 0) for row in rows}
+
+    # Record where each fact's observations are, then mark the shard done; both only once.
+    captures.record_captures(session, stored, positions, settings.edit.layer, fingerprint)
+    lifecycle.finish_shard(session, shard_id, batch_id)
+    advanced = lifecycle.advance_to_solving(session, batch_id)
+    session.commit()
+    return batch_id if advanced else None

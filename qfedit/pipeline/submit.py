@@ -1,0 +1,92 @@
+"""Asking for work: edit batches, retractions, and the nightly batch of pending facts."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from qfedit.db.models import Batch, BatchKind, BatchStatus, FactRow, FactStatus, Model
+from qfedit.errors import ConflictError, InvalidInputError
+from qfedit.pipeline.settings import model_settings
+from qfedit.registry.batches import create_batch
+from qfedit.registry.models import list_models
+
+
+class NothingPendingError(InvalidInputError):
+    """A batch of "every pending fact" of a model that has none."""
+
+
+def submit_batch(
+    session: Session,
+    *,
+    model: Model,
+    fact_ids: Sequence[int] | None,
+    requested_by: str,
+    idempotency_key: str | None = None,
+    hyperparameters: dict[str, Any] | None = None,
+) -> Batch:
+    """A queued edit batch; `fact_ids=None` takes every pending fact of the model.
+
+    `hyperparameters` override the model's settings for this batch (validated here, so a typo is
+    refused at submission rather than failing the batch later)."""
+    model_settings(model, hyperparameters)
+    if idempotency_key is not None:
+        existing = session.scalar(select(Batch).where(Batch.idempotency_key == idempotency_key))
+        if existing is not None and fact_ids is None:
+            return existing  # "all pending" was resolved when the batch was first made
+    if fact_ids is None:
+        fact_ids = list(
+            session.scalars(
+                select(FactRow.id).where(FactRow.model_id == model.id, FactRow.status == FactStatus.PENDING)
+            )
+        )
+        if not fact_ids:
+            raise NothingPendingError(f"model {model.name!r} has no pending facts to edit", field="fact_ids")
+    return create_batch(
+        session,
+        model=model,
+        fact_ids=fact_ids,
+        requested_by=requested_by,
+        hyperparameters=hyperparameters,
+        idempotency_key=idempotency_key,
+    )
+
+
+def submit_retraction(
+    session: Session,
+    *,
+    model: Model,
+    fact_ids: Sequence[int],
+    reason: str,
+    requested_by: str,
+    idempotency_key: str | None = None,
+) -> Batch:
+    """A queued batch that publishes a version without `fact_ids` (subtracting their statistics)."""
+    if not reason.strip():
+        raise InvalidInputError("a retraction needs a reason", field="reason")
+    batch = create_batch(
+        session, model=model, fact_ids=fact_ids, requested_by=requested_by, idempotency_key=idempotency_key
+    )
+    if batch.kind != BatchKind.RETRACT:
+        if batch.status != BatchStatus.QUEUED or batch.attempts:
+            raise ConflictError(f"idempotency key {idempotency_key!r} names edit batch {batch.id}")
+        batch.kind = BatchKind.RETRACT
+        batch.reason = reason
+    return batch
+
+
+def nightly_batches(session: Session, day: str, *, actor: str = "qfedit-beat") -> list[Batch]:
+    """One batch of pending facts per model, keyed by model and day: re-runs make no second batch."""
+    batches = []
+    for model in list_models(session):
+        key = f"nightly:{model.name}:{day}"
+        try:
+            batches.append(
+                submit_batch(session, model=model, fact_ids=None, requested_by=actor, idempotency_key=key)
+            )
+        except NothingPendingError:
+            continue
+    return batches

@@ -1,0 +1,56 @@
+"""The append-only audit log: who changed what, when and why."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from qfedit.db.models import (
+    AuditEntry,
+)
+
+
+def record_audit(
+    session: Session,
+    *,
+    actor: str,
+    action: str,
+    object_type: str,
+    object_id: str | int,
+    details: dict[str, Any] | None = None,
+) -> AuditEntry:
+    entry = AuditEntry(
+        actor=actor, action=action, object_type=object_type, object_id=str(object_id), details=details or {}
+    )
+    session.add(entry)
+    return entry
+
+
+def list_audit(
+    session: Session,
+    *,
+    actor: str | None = None,
+    action: str | None = None,
+    object_type: str | None = None,
+    object_id: str | None = None,
+    since: datetime | None = None,
+    limit: int | None = 100,
+) -> list[AuditEntry]:
+    """Newest first. `action` matches a prefix, so `alias` finds `alias.set`."""
+    query = select(AuditEntry).order_by(AuditEntry.id.desc())
+    if actor is not None:
+        query = query.where(AuditEntry.actor == actor)
+    if action is not None:
+        query = query.where(AuditEntry.action.startswith(action, autoescape=True))
+    if object_type is not None:
+        query = query.where(AuditEntry.object_type == object_type)
+    if object_id is not None:
+        query = query.where(AuditEntry.object_id == object_id)
+    if since is not None:
+        query = query.where(AuditEntry.at >= since)
+    if limit is not None:
+        query = query.limit(limit)
+    return list(session.scalars(query))

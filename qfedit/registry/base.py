@@ -1,0 +1,42 @@
+"""What every room of the registry shares: name rules, id chunks, the fact-set digest."""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import re
+from collections.abc import Iterable, Iterator, Sequence
+
+from qfedit.errors import InvalidInputError
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+# Keeps `IN (...)` lists under SQLite's bound-parameter limit.
+ID_CHUNK = 5000
+
+
+class _Unset(enum.Enum):
+    TOKEN = 0
+
+
+UNSET = _Unset.TOKEN
+"""An argument not given (where None means something)."""
+
+
+def check_name(kind: str, name: str) -> str:
+    # `@` separates model and version in references (`qwen@3`), so names cannot hold it.
+    if not _NAME.match(name):
+        raise InvalidInputError(
+            f"{kind} name {name!r}: use 1-100 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def chunks(ids: Sequence[int], size: int = ID_CHUNK) -> Iterator[Sequence[int]]:
+    for start in range(0, len(ids), size):
+        yield ids[start : start + size]
+
+
+def digest_of_hashes(content_hashes: Iterable[str]) -> str:
+    """Same value as `qfedit.facts.fact_set_digest` over the facts with these content hashes."""
+    return hashlib.sha256("\n".join(sorted(content_hashes)).encode()).hexdigest()
