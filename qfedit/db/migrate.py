@@ -1,18 +1,38 @@
-"""Apply, revert and check the Alembic migrations shipped in `qfedit/migrations`."""
+"""Apply, revert and check the Alembic migrations (the repository's `migrations/` folder).
+
+In a checkout (an editable install included) Alembic reads the folder beside `alembic.ini`; an
+installed wheel carries the same folder as the package `qfedit.migrations` (pyproject.toml maps it).
+"""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Connection, Engine
 
+# The repository root when the package is imported from a checkout.
+_CHECKOUT = Path(__file__).resolve().parents[2]
+
+
+def script_location() -> str:
+    """The checkout's `migrations/` folder, else the packaged `qfedit.migrations`.
+
+    The checkout comes first so that a checkout never runs migrations found elsewhere on the path
+    (an editable install of another checkout would otherwise provide `qfedit.migrations`).
+    """
+    if (_CHECKOUT / "alembic.ini").is_file() and (_CHECKOUT / "migrations" / "env.py").is_file():
+        return str(_CHECKOUT / "migrations")
+    return "qfedit:migrations"
+
 
 def alembic_config(connection: Connection | None = None, url: str | None = None) -> Config:
-    """A config pointing at the packaged migrations, bound to `connection` (preferred) or `url`."""
+    """A config pointing at the migrations, bound to `connection` (preferred) or `url`."""
     config = Config()
-    config.set_main_option("script_location", "qfedit:migrations")
+    # ConfigParser interpolation would read a `%` in a path or a password as a reference.
+    config.set_main_option("script_location", script_location().replace("%", "%%"))
     if url is not None:
-        # ConfigParser interpolation would read a `%` in a password as a reference.
         config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     if connection is not None:
         config.attributes["connection"] = connection

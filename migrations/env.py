@@ -1,6 +1,13 @@
-"""Alembic environment: runs against a connection handed in by `qfedit.db.migrate`, or the settings' URL."""
+"""Alembic environment: runs against a connection handed in by `qfedit.db.migrate`, or a URL.
+
+From the command line (`alembic upgrade head` in the repository root, which reads `alembic.ini`)
+the URL is `-x url=...`, else `sqlalchemy.url`, else the settings' (`QFEDIT_DATABASE_URL`, or the
+SQLite file in `QFEDIT_DATA_DIR`).
+"""
 
 from __future__ import annotations
+
+from logging.config import fileConfig
 
 from alembic import context
 from sqlalchemy import Connection
@@ -12,6 +19,10 @@ from qfedit.db.models import Base
 
 config = context.config
 target_metadata = Base.metadata
+
+# Only the command line has an ini file; `qfedit.db.migrate` leaves the process's logging alone.
+if config.config_file_name is not None and config.file_config.has_section("loggers"):
+    fileConfig(config.config_file_name, disable_existing_loggers=False)
 
 
 def _run(connection: Connection) -> None:
@@ -31,7 +42,11 @@ def run_migrations_online() -> None:
     if connection is not None:
         _run(connection)
         return
-    url = config.get_main_option("sqlalchemy.url") or get_settings().resolved_database_url
+    url = (
+        context.get_x_argument(as_dictionary=True).get("url")
+        or config.get_main_option("sqlalchemy.url")
+        or get_settings().resolved_database_url
+    )
     engine = make_engine(url)
     try:
         with engine.connect() as connection:

@@ -1,1 +1,0 @@
-"""Alembic environment and revisions, shipped inside the package so `qfedit db upgrade` works installed."""
