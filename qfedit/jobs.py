@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 from sqlalchemy import and_, exists, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
@@ -472,7 +473,7 @@ def _statistics_from_captures(
     for item in captures:
         by_file.setdefault((item.object_path, item.object_sha256), set()).add(item.fact_id)
     for (path, sha), ids in sorted(by_file.items()):
-        tensors = store.load_tensors(path, sha)
+        tensors = load_tensors(store.read_bytes(path, sha))
         rows = torch.isin(tensors["fact_ids"], torch.tensor(sorted(ids), dtype=torch.int64))
         part = Observations(
             keys=tensors["keys"][rows].to(torch.float64),
