@@ -1,8 +1,10 @@
 """Deltas: the changed tensors of a version, as weight differences under their parameter names.
 
 A delta file is safetensors (never pickle) holding `dW` in float32, in the stored parameter's
-layout, e.g. `model.layers.23.mlp.down_proj.weight`, with metadata naming the base weights it
-was solved for. Applying keeps the original tensors, so reverting restores them bitwise.
+layout, e.g. `model.layers.23.mlp.down_proj.weight`, with metadata naming the format
+(`qfedit.delta/1`) and the base weights it was solved for. `Delta.to_bytes` writes it and
+`Delta.from_bytes` is its one reader (`Delta.load` reads a file's bytes and parses those).
+Applying keeps the original tensors, so reverting restores them bitwise.
 """
 
 from __future__ import annotations
@@ -15,8 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save
+from safetensors.torch import load, save
 
 from qfedit.errors import InvalidInputError
 from qfedit.modeling import LoadedModel
@@ -26,6 +27,18 @@ FORMAT = "qfedit.delta/1"
 
 class DeltaMismatchError(InvalidInputError):
     """A delta that does not belong to the loaded base model."""
+
+
+def _safetensors_metadata(data: bytes, where: str) -> dict[str, str]:
+    """The `__metadata__` of safetensors bytes: an 8-byte little-endian header length, then JSON.
+
+    safetensors reads metadata only from a file (`safe_open`); deltas come from the store as bytes.
+    """
+    length = int.from_bytes(data[:8], "little") if len(data) >= 8 else 0
+    if len(data) < 8 or 8 + length > len(data):
+        raise ValueError(f"{where}: {len(data)} bytes, not a safetensors file")
+    header = json.loads(data[8 : 8 + length])
+    return dict(header.get("__metadata__") or {})
 
 
 @dataclass(frozen=True)
@@ -44,16 +57,18 @@ class Delta:
     def save(self, path: Path) -> None:
         path.write_bytes(self.to_bytes())
 
-    @staticmethod
-    def load(path: Path) -> Delta:
-        with safe_open(str(path), framework="pt") as handle:
-            header = dict(handle.metadata() or {})
-            if header.get("format") != FORMAT:
-                raise ValueError(f"{path}: not a qfedit delta (format {header.get('format')!r})")
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+    @classmethod
+    def from_bytes(cls, data: bytes, where: str = "delta") -> Delta:
+        """The delta `to_bytes` wrote; anything else (bare tensors included) is a ValueError naming `where`."""
+        header = _safetensors_metadata(data, where)
+        if header.pop("format", None) != FORMAT or "base_fingerprint" not in header:
+            raise ValueError(f"{where}: not a qfedit delta ({FORMAT} with a base fingerprint)")
         fingerprint = header.pop("base_fingerprint")
-        header.pop("format")
-        return Delta(tensors, fingerprint, {key: json.loads(value) for key, value in header.items()})
+        return cls(load(data), fingerprint, {key: json.loads(value) for key, value in header.items()})
+
+    @classmethod
+    def load(cls, path: Path) -> Delta:
+        return cls.from_bytes(Path(path).read_bytes(), str(path))
 
     def check_base(self, loaded: LoadedModel) -> None:
         if self.base_fingerprint != loaded.fingerprint:

@@ -18,9 +18,7 @@ and the version an answer reports is the one that produced it.
 
 from __future__ import annotations
 
-import json
 import logging
-import struct
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -31,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from qfedit.capture import chat_prompt
-from qfedit.delta import FORMAT, Delta
+from qfedit.delta import Delta
 from qfedit.errors import InvalidInputError
 from qfedit.generate import answer_batch
 from qfedit.modeling import LoadedModel
@@ -230,35 +228,12 @@ class VersionedModel:
 # -- deltas from the store -------------------------------------------------------------------
 
 
-def delta_from_bytes(data: bytes, *, fallback_fingerprint: str | None = None) -> Delta:
-    """Parse a delta file already read (and sha256-verified) from the store.
-
-    A file written by `Delta.save` names its base weights; a bare tensor file (`put_tensors`)
-    takes `fallback_fingerprint`, the fingerprint the database records for the version's model.
-    """
-    from safetensors.torch import load
-
-    if len(data) < 8:
-        raise ValueError(f"delta file is {len(data)} bytes, too short for safetensors")
-    (header_size,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8 : 8 + header_size])
-    metadata: dict[str, str] = dict(header.get("__metadata__") or {})
-    tensors = load(data)
-    form = metadata.pop("format", None)
-    if form == FORMAT:
-        fingerprint = metadata.pop("base_fingerprint")
-        return Delta(tensors, fingerprint, {key: json.loads(value) for key, value in metadata.items()})
-    if fallback_fingerprint is None:
-        raise ValueError(f"not a qfedit delta (format {form!r}) and no base fingerprint to assume")
-    return Delta(tensors, fallback_fingerprint, dict(metadata))
-
-
 def load_version_delta(store: CheckpointStore, version: Version) -> Delta | None:
     """The version's delta, read from the store with its sha256 checked; None for version 0."""
     if version.checkpoint_path is None or version.checkpoint_sha256 is None:
         return None
     data = store.read_bytes(version.checkpoint_path, version.checkpoint_sha256)
-    return delta_from_bytes(data, fallback_fingerprint=version.model.fingerprint)
+    return Delta.from_bytes(data, f"{version.label} ({version.checkpoint_path})")
 
 
 # -- following an alias ------------------------------------------------------------------

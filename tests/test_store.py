@@ -1,4 +1,4 @@
-"""The checkpoint store: atomic content-addressed writes, verified reads, confined paths, gc."""
+"""The folder store: atomic content-addressed writes, verified reads, confined paths, gc."""
 
 from __future__ import annotations
 
@@ -9,32 +9,33 @@ from pathlib import Path
 import pytest
 import torch
 
-from qfedit.store import CheckpointStore, ChecksumMismatch, StoreError
+from qfedit.delta import Delta
+from qfedit.store import ChecksumMismatch, LocalStore, ObjectStore, StoreError, open_store
 
 
 def test_put_and_load_round_trip_by_content(tmp_path: Path) -> None:
-    store = CheckpointStore(tmp_path)
-    delta = {"model.layers.1.mlp.down_proj.weight": torch.randn(3, 5)}
-    stored = store.put_tensors(delta, metadata={"layer": "1"})
+    store = LocalStore(tmp_path)
+    name = "model.layers.1.mlp.down_proj.weight"
+    data = Delta({name: torch.randn(3, 5)}, base_fingerprint="f" * 64, metadata={"layer": 1}).to_bytes()
+    stored = store.put_bytes(data)
     assert stored.path == f"objects/{stored.sha256[:2]}/{stored.sha256}.safetensors"
-    loaded = store.load_tensors(stored.path, stored.sha256)
-    assert torch.equal(
-        loaded["model.layers.1.mlp.down_proj.weight"], delta["model.layers.1.mlp.down_proj.weight"]
-    )
-    assert store.put_tensors(delta, metadata={"layer": "1"}) == stored  # same bytes, same object
+    assert stored.size == len(data)
+    assert store.read_bytes(stored.path, stored.sha256) == data
+    assert store.verified_local_file(stored.path, stored.sha256).read_bytes() == data
+    assert store.put_bytes(data) == stored  # same bytes, same object
     assert list(store.iter_objects()) == [stored.path]
     assert not list((tmp_path / "tmp").iterdir())
 
 
 def test_a_corrupt_file_is_an_error_naming_it(tmp_path: Path) -> None:
-    store = CheckpointStore(tmp_path)
+    store = LocalStore(tmp_path)
     stored = store.put_bytes(b"delta bytes")
     path = tmp_path / stored.path
     path.write_bytes(b"delta bytez")
     with pytest.raises(ChecksumMismatch, match=str(path)):
         store.read_bytes(stored.path, stored.sha256)
     with pytest.raises(ChecksumMismatch, match="corrupt"):
-        store.verify(stored.path, stored.sha256)
+        store.verified_local_file(stored.path, stored.sha256)
     path.unlink()
     with pytest.raises(StoreError, match="missing"):
         store.read_bytes(stored.path, stored.sha256)
@@ -44,13 +45,13 @@ def test_a_corrupt_file_is_an_error_naming_it(tmp_path: Path) -> None:
     "bad", ["/etc/passwd", "../outside.safetensors", "objects/../../x", "tmp/abc.part", "x"]
 )
 def test_paths_never_leave_the_objects_folder(tmp_path: Path, bad: str) -> None:
-    store = CheckpointStore(tmp_path / "store")
+    store = LocalStore(tmp_path / "store")
     with pytest.raises(StoreError):
         store.resolve(bad)
 
 
 def test_a_symlink_out_of_the_store_is_refused(tmp_path: Path) -> None:
-    store = CheckpointStore(tmp_path / "store")
+    store = LocalStore(tmp_path / "store")
     (tmp_path / "secret").write_bytes(b"s")
     (tmp_path / "store" / "objects").mkdir(parents=True)
     (tmp_path / "store" / "objects" / "link").symlink_to(tmp_path / "secret")
@@ -59,7 +60,7 @@ def test_a_symlink_out_of_the_store_is_refused(tmp_path: Path) -> None:
 
 
 def test_a_crash_before_the_rename_leaves_no_object(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    store = CheckpointStore(tmp_path)
+    store = LocalStore(tmp_path)
 
     def power_cut(src: object, dst: object) -> None:
         raise OSError("power cut")
@@ -73,7 +74,7 @@ def test_a_crash_before_the_rename_leaves_no_object(tmp_path: Path, monkeypatch:
 
 
 def test_gc_lists_only_old_unreferenced_files(tmp_path: Path) -> None:
-    store = CheckpointStore(tmp_path)
+    store = LocalStore(tmp_path)
     kept, orphan, fresh = store.put_bytes(b"kept"), store.put_bytes(b"orphan"), store.put_bytes(b"fresh")
     stale_tmp = tmp_path / "tmp" / "dead.part"
     stale_tmp.write_bytes(b"x")
@@ -88,3 +89,16 @@ def test_gc_lists_only_old_unreferenced_files(tmp_path: Path) -> None:
     assert list(store.iter_objects()) == sorted([kept.path, fresh.path])
     with pytest.raises(StoreError):
         store.remove(["../../etc/passwd"])
+
+
+def test_open_store_picks_the_implementation_by_url(tmp_path: Path) -> None:
+    folder = open_store(tmp_path / "nfs")
+    assert type(folder) is LocalStore and folder.root == tmp_path / "nfs"
+    as_url = open_store(f"file://{tmp_path / 'nfs'}")
+    assert type(as_url) is LocalStore and as_url.root == tmp_path / "nfs"
+    with pytest.raises(ValueError, match="cache_dir"):
+        open_store("memory://bucket/checkpoints")
+    with pytest.raises(ValueError, match="s3://"):
+        open_store("memory://bucket/checkpoints", cache_dir=tmp_path / "cache", endpoint_url="http://x")
+    remote = open_store("memory://bucket/checkpoints", cache_dir=tmp_path / "cache")
+    assert isinstance(remote, ObjectStore) and remote.cache.root == tmp_path / "cache"

@@ -84,7 +84,7 @@ def download_delta(
     if version.checkpoint_path is None or version.checkpoint_sha256 is None:
         raise ApiError(404, f"{version.label} is the base model; it has no delta", field="path.ref")
     # Verified before sending, so a corrupt file is an error rather than a silent bad download.
-    path = store.verify(version.checkpoint_path, version.checkpoint_sha256)
+    path = store.verified_local_file(version.checkpoint_path, version.checkpoint_sha256)
     return FileResponse(
         path,
         media_type="application/octet-stream",

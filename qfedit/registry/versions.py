@@ -220,10 +220,13 @@ def weight_difference_norm(store: CheckpointStore, old: Version, new: Version) -
     """|W_new - W_old|_F over all parameters either delta touches (the base model's delta is zero)."""
     import torch
 
+    from qfedit.delta import Delta
+
     def load(version: Version) -> dict[str, torch.Tensor]:
         if version.checkpoint_path is None or version.checkpoint_sha256 is None:
             return {}
-        return store.load_tensors(version.checkpoint_path, version.checkpoint_sha256)
+        data = store.read_bytes(version.checkpoint_path, version.checkpoint_sha256)
+        return dict(Delta.from_bytes(data, version.label).tensors)
 
     old_delta, new_delta = load(old), load(new)
     total = torch.zeros((), dtype=torch.float64)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,7 @@ from qfedit.edit import make_delta
 from qfedit.generate import answer
 from qfedit.hparams import EditConfig, SolveConfig
 from qfedit.modeling import load_model
-from qfedit.store import CheckpointStore
+from qfedit.store import LocalStore
 
 pytestmark = pytest.mark.backends("sqlite")  # the model, not the database, is what this exercises
 
@@ -38,9 +37,7 @@ def test_generate_follows_the_version_asked_for(
         db, name="tiny", source=str(tiny_qwen), fingerprint=loaded.fingerprint, actor="t", default_layer=1
     )
     ids = add_facts(db, model, 1)
-    with tempfile.TemporaryDirectory() as tmp:
-        delta.save(Path(tmp) / "delta.safetensors")
-        stored = CheckpointStore(settings.store_dir).put_file(Path(tmp) / "delta.safetensors")
+    stored = LocalStore(settings.store_dir).put_bytes(delta.to_bytes())
     version = registry.record_version(
         db, model=model, fact_ids=ids, created_by="t", reason="r", checkpoint=stored, layer=1, rule="seed"
     )

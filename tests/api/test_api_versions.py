@@ -13,7 +13,8 @@ from sqlalchemy.orm import Session
 
 from qfedit import registry
 from qfedit.config import Settings
-from qfedit.store import CheckpointStore
+from qfedit.delta import Delta
+from qfedit.store import LocalStore
 
 PARAMETER = "model.layers.0.mlp.down_proj.weight"
 
@@ -23,9 +24,10 @@ def history(db: Session, settings: Settings) -> list[int]:
     """tiny@1 holds facts 0-2 (delta 1), tiny@2 holds 1-3 (delta 2); returns the fact ids."""
     model = add_model(db)
     ids = add_facts(db, model, 4)
-    store = CheckpointStore(settings.store_dir)
+    store = LocalStore(settings.store_dir)
     for number, (facts, scale) in enumerate([(ids[:3], 1.0), (ids[1:], 3.0)], start=1):
-        stored = store.put_tensors({PARAMETER: torch.full((2, 3), scale)})
+        delta = Delta({PARAMETER: torch.full((2, 3), scale)}, base_fingerprint=model.fingerprint)
+        stored = store.put_bytes(delta.to_bytes())
         registry.record_version(
             db,
             model=model,
@@ -76,7 +78,7 @@ def test_delta_download_is_the_verified_file(
     base = client.get("/v1/models/tiny/versions/0/delta", headers=auth("reader"))
     assert (base.status_code, base.json()["field"]) == (404, "path.ref")
     # A corrupted file is refused, not served.
-    path = CheckpointStore(settings.store_dir).resolve(CheckpointStore.relative_path(sha))
+    path = LocalStore(settings.store_dir).resolve(LocalStore.relative_path(sha))
     path.write_bytes(b"garbage")
     corrupt = client.get("/v1/models/tiny/versions/1/delta", headers=auth("reader"))
     assert corrupt.status_code == 500

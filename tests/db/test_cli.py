@@ -17,7 +17,8 @@ from typer.testing import CliRunner
 from qfedit import registry
 from qfedit.cli import get_app
 from qfedit.db import make_engine, session_factory
-from qfedit.store import CheckpointStore
+from qfedit.delta import Delta
+from qfedit.store import LocalStore
 
 SAMPLES = Path(registry.__file__).parent.parent / "data" / "samples"
 
@@ -58,7 +59,7 @@ def test_history_commands(cli: Any, database_url: str, tmp_path: Path) -> None:
     assert [f["source_line"] for f in facts] == [1, 2, 3, 4]
 
     # A worker would do this: store the delta, then record the version.
-    store = CheckpointStore(tmp_path / "data" / "store")
+    store = LocalStore(tmp_path / "data" / "store")
     engine = make_engine(database_url)
     with session_factory(engine)() as session:
         _record(session, store, [f["id"] for f in facts[:2]], 1.0, "two facts")
@@ -100,9 +101,10 @@ def test_history_commands(cli: Any, database_url: str, tmp_path: Path) -> None:
         assert cli(*args).stdout.strip()
 
 
-def _record(session: Session, store: CheckpointStore, fact_ids: list[int], scale: float, reason: str) -> None:
+def _record(session: Session, store: LocalStore, fact_ids: list[int], scale: float, reason: str) -> None:
     model = registry.get_model(session, "tiny")
-    checkpoint = store.put_tensors({"layers.1.down_proj.weight": torch.ones(2, 2) * scale})
+    delta = Delta({"layers.1.down_proj.weight": torch.ones(2, 2) * scale}, base_fingerprint=model.fingerprint)
+    checkpoint = store.put_bytes(delta.to_bytes())
     registry.record_version(
         session,
         model=model,

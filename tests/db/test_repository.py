@@ -8,10 +8,11 @@ from sqlalchemy.orm import Session
 
 from qfedit import registry
 from qfedit.db import BatchStatus, FactStatus, Version
+from qfedit.delta import Delta
 from qfedit.facts import Fact as FactRecord
 from qfedit.facts import fact_set_digest
 from qfedit.pipeline import lifecycle
-from qfedit.store import CheckpointStore
+from qfedit.store import LocalStore
 
 from .helpers import add_facts, add_model
 
@@ -71,7 +72,7 @@ def test_versions_count_up_per_model_and_keep_their_fact_sets(session: Session) 
 
 
 def test_diff_reports_facts_metrics_and_weight_difference(session: Session, tmp_path: object) -> None:
-    store = CheckpointStore(tmp_path / "store")  # type: ignore[operator]
+    store = LocalStore(tmp_path / "store")  # type: ignore[operator]
     model = add_model(session)
     facts = add_facts(session, model, 3)
     d1 = {"layers.1.down_proj.weight": torch.ones(2, 3)}
@@ -80,10 +81,18 @@ def test_diff_reports_facts_metrics_and_weight_difference(session: Session, tmp_
         "layers.2.down_proj.weight": torch.full((1, 4), 2.0),
     }
     v1 = _version(
-        session, model, facts[:2], checkpoint=store.put_tensors(d1), metrics={"acc": 0.5, "keep": 0.9}
+        session,
+        model,
+        facts[:2],
+        checkpoint=store.put_bytes(Delta(d1, model.fingerprint).to_bytes()),
+        metrics={"acc": 0.5, "keep": 0.9},
     )
     v2 = _version(
-        session, model, facts[1:], checkpoint=store.put_tensors(d2), metrics={"acc": 0.75, "keep": 0.9}
+        session,
+        model,
+        facts[1:],
+        checkpoint=store.put_bytes(Delta(d2, model.fingerprint).to_bytes()),
+        metrics={"acc": 0.75, "keep": 0.9},
     )
     diff = registry.diff_versions(session, v1, v2, store=store)
     assert [f.id for f in diff.added] == [facts[2]]

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from qfedit.config import Settings
-from qfedit.object_store import ObjectCheckpointStore
-from qfedit.store import CheckpointStore, ChecksumMismatch, StoreError, store_from_settings
+from qfedit.delta import Delta
+from qfedit.store import ChecksumMismatch, LocalStore, ObjectStore, StoreError, store_from_settings
 
 pytest.importorskip("s3fs")
 
@@ -32,45 +32,43 @@ def bucket_url(s3_endpoint: str, s3_credentials: dict[str, Any]) -> str:
     return f"s3://{name}/checkpoints"
 
 
-def _store(url: str, endpoint: str, cache: Path) -> ObjectCheckpointStore:
+def _store(url: str, endpoint: str, cache: Path) -> ObjectStore:
     options = {"endpoint_url": endpoint, "key": "testing", "secret": "testing"}
-    return ObjectCheckpointStore(url, cache_dir=cache, storage_options=options)
+    return ObjectStore(url, cache_dir=cache, storage_options=options)
 
 
 @pytest.fixture
-def store(bucket_url: str, s3_endpoint: str, tmp_path: Path) -> ObjectCheckpointStore:
+def store(bucket_url: str, s3_endpoint: str, tmp_path: Path) -> ObjectStore:
     return _store(bucket_url, s3_endpoint, tmp_path / "cache-a")
 
 
-def test_put_and_load_round_trip_by_content(store: ObjectCheckpointStore) -> None:
-    delta = {"model.layers.1.mlp.down_proj.weight": torch.randn(3, 5)}
-    stored = store.put_tensors(delta, metadata={"layer": "1"})
+def test_put_and_load_round_trip_by_content(store: ObjectStore) -> None:
+    name = "model.layers.1.mlp.down_proj.weight"
+    data = Delta({name: torch.randn(3, 5)}, base_fingerprint="f" * 64, metadata={"layer": 1}).to_bytes()
+    stored = store.put_bytes(data)
     assert stored.path == f"objects/{stored.sha256[:2]}/{stored.sha256}.safetensors"
-    assert store.fs.exists(f"{store.base}/{stored.path}")
-    loaded = store.load_tensors(stored.path, stored.sha256)
-    assert torch.equal(
-        loaded["model.layers.1.mlp.down_proj.weight"], delta["model.layers.1.mlp.down_proj.weight"]
-    )
-    assert store.put_tensors(delta, metadata={"layer": "1"}) == stored  # same bytes, same object
+    assert store.fs.cat_file(f"{store.base}/{stored.path}") == data
+    assert store.read_bytes(stored.path, stored.sha256) == data
+    assert store.put_bytes(data) == stored  # same bytes, same object
     assert list(store.iter_objects()) == [stored.path]
-    assert not list((store.root / "tmp").iterdir())  # no spool file left behind
+    assert not list((store.cache.root / "tmp").iterdir())  # no spool file left behind
 
 
 def test_another_host_reads_what_one_wrote(
-    store: ObjectCheckpointStore, bucket_url: str, s3_endpoint: str, tmp_path: Path
+    store: ObjectStore, bucket_url: str, s3_endpoint: str, tmp_path: Path
 ) -> None:
     stored = store.put_bytes(b"delta bytes")
     # A second host: its own cache folder, nothing local, only the bucket in common.
     other = _store(bucket_url, s3_endpoint, tmp_path / "cache-b")
     assert other.read_bytes(stored.path, stored.sha256) == b"delta bytes"
-    path = other.verify(stored.path, stored.sha256)
+    path = other.verified_local_file(stored.path, stored.sha256)
     assert path.is_relative_to(tmp_path / "cache-b") and path.read_bytes() == b"delta bytes"
-    assert path == other.resolve(stored.path)
-    assert other.verify(stored.path, stored.sha256) == path  # the cached copy, checked again
+    assert path == other.cache.resolve(stored.path)
+    assert other.verified_local_file(stored.path, stored.sha256) == path  # the cached copy, checked again
 
 
 def test_a_corrupt_object_is_an_error_naming_it(
-    store: ObjectCheckpointStore, bucket_url: str, s3_endpoint: str, tmp_path: Path
+    store: ObjectStore, bucket_url: str, s3_endpoint: str, tmp_path: Path
 ) -> None:
     stored = store.put_bytes(b"delta bytes")
     store.fs.pipe_file(f"{store.base}/{stored.path}", b"delta bytez")
@@ -78,40 +76,38 @@ def test_a_corrupt_object_is_an_error_naming_it(
         store.read_bytes(stored.path, stored.sha256)
     fresh = _store(bucket_url, s3_endpoint, tmp_path / "cache-b")
     with pytest.raises(ChecksumMismatch, match="corrupt"):
-        fresh.verify(stored.path, stored.sha256)
-    assert not fresh.resolve(stored.path).exists()  # a bad download never becomes a cached copy
-    assert not list((fresh.root / "tmp").iterdir())
+        fresh.verified_local_file(stored.path, stored.sha256)
+    assert not fresh.cache.resolve(stored.path).exists()  # a bad download never becomes a cached copy
+    assert not list((fresh.cache.root / "tmp").iterdir())
     store.fs.rm_file(f"{store.base}/{stored.path}")
     with pytest.raises(StoreError, match="missing"):
         store.read_bytes(stored.path, stored.sha256)
     with pytest.raises(StoreError, match="missing"):
-        fresh.verify(stored.path, stored.sha256)
+        fresh.verified_local_file(stored.path, stored.sha256)
 
 
-def test_a_damaged_cached_copy_is_fetched_again(store: ObjectCheckpointStore) -> None:
+def test_a_damaged_cached_copy_is_fetched_again(store: ObjectStore) -> None:
     stored = store.put_bytes(b"delta bytes")
-    cached = store.resolve(stored.path)
+    cached = store.cache.resolve(stored.path)
     cached.write_bytes(b"bit rot")
-    assert store.verify(stored.path, stored.sha256).read_bytes() == b"delta bytes"
+    assert store.verified_local_file(stored.path, stored.sha256).read_bytes() == b"delta bytes"
 
 
 @pytest.mark.parametrize(
     "bad", ["/etc/passwd", "../outside.safetensors", "objects/../../x", "tmp/abc.part", "x"]
 )
-def test_paths_never_leave_the_objects_prefix(store: ObjectCheckpointStore, bad: str) -> None:
+def test_paths_never_leave_the_objects_prefix(store: ObjectStore, bad: str) -> None:
     sha = "0" * 64
     with pytest.raises(StoreError):
         store.read_bytes(bad, sha)
     with pytest.raises(StoreError):
-        store.verify(bad, sha)
+        store.verified_local_file(bad, sha)
     if bad != "tmp/abc.part":  # the one name gc may remove outside objects/
         with pytest.raises(StoreError):
             store.remove([bad])
 
 
-def test_a_failed_upload_leaves_no_object(
-    store: ObjectCheckpointStore, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_failed_upload_leaves_no_object(store: ObjectStore, monkeypatch: pytest.MonkeyPatch) -> None:
     class Unplugged(io.RawIOBase):
         """A source that fails half way: nothing may be sent, since the hash is not known yet."""
 
@@ -129,7 +125,7 @@ def test_a_failed_upload_leaves_no_object(
             return 4
 
     with pytest.raises(OSError, match="source lost"):
-        store._put_stream(Unplugged(), ".safetensors")  # type: ignore[arg-type]
+        store.put_stream(Unplugged())  # type: ignore[arg-type]
 
     def network_down(*args: object, **kwargs: object) -> None:
         raise ConnectionError("network down")
@@ -139,12 +135,12 @@ def test_a_failed_upload_leaves_no_object(
         store.put_bytes(b"whole")
     monkeypatch.undo()
     assert list(store.iter_objects()) == []
-    assert not list((store.root / "tmp").iterdir())
-    assert not (store.root / "objects").exists()
+    assert not list((store.cache.root / "tmp").iterdir())
+    assert not (store.cache.root / "objects").exists()
 
 
 def test_a_multipart_upload_cut_off_midway_publishes_nothing(
-    store: ObjectCheckpointStore, monkeypatch: pytest.MonkeyPatch
+    store: ObjectStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Large checkpoints go up in parts; S3 shows the object only once every part is in."""
     from fsspec.callbacks import Callback
@@ -170,7 +166,7 @@ def test_a_multipart_upload_cut_off_midway_publishes_nothing(
     assert list(store.iter_objects()) == []
 
 
-def test_gc_lists_only_old_unreferenced_objects(store: ObjectCheckpointStore) -> None:
+def test_gc_lists_only_old_unreferenced_objects(store: ObjectStore) -> None:
     kept, orphan = store.put_bytes(b"kept"), store.put_bytes(b"orphan")
     store.fs.pipe_file(f"{store.base}/tmp/dead.part", b"x")  # an upload a crash left behind
     # S3 sets modification times itself, so age is tested through the threshold instead.
@@ -179,7 +175,7 @@ def test_gc_lists_only_old_unreferenced_objects(store: ObjectCheckpointStore) ->
     assert garbage == [orphan.path, "tmp/dead.part"]
     assert store.remove(garbage) == 2
     assert list(store.iter_objects()) == [kept.path]
-    assert not store.resolve(orphan.path).exists()  # its cached copy went too
+    assert not store.cache.resolve(orphan.path).exists()  # its cached copy went too
     assert store.garbage({kept.path}, min_age_s=0) == []
     with pytest.raises(StoreError):
         store.remove(["../../etc/passwd"])
@@ -189,7 +185,7 @@ def test_without_atomic_writes_uploads_go_through_tmp(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A local folder through fsspec: a write there is not atomic, so it is staged and moved."""
-    store = ObjectCheckpointStore(f"file://{tmp_path / 'remote'}", cache_dir=tmp_path / "cache")
+    store = ObjectStore(f"file://{tmp_path / 'remote'}", cache_dir=tmp_path / "cache")
     assert not store.atomic_put
     stored = store.put_bytes(b"delta bytes")
     assert (tmp_path / "remote" / stored.path).read_bytes() == b"delta bytes"
@@ -221,11 +217,11 @@ def test_store_from_settings_picks_the_backend_by_url(
     tmp_path: Path, bucket_url: str, s3_endpoint: str, s3_credentials: dict[str, Any]
 ) -> None:
     default = store_from_settings(Settings(data_dir=tmp_path / "data"))
-    assert type(default) is CheckpointStore and default.root == tmp_path / "data" / "store"
+    assert type(default) is LocalStore and default.root == tmp_path / "data" / "store"
     shared = store_from_settings(Settings(data_dir=tmp_path, store_url=str(tmp_path / "nfs")))
-    assert type(shared) is CheckpointStore and shared.root == tmp_path / "nfs"
+    assert type(shared) is LocalStore and shared.root == tmp_path / "nfs"
     as_url = store_from_settings(Settings(data_dir=tmp_path, store_url=f"file://{tmp_path / 'nfs'}"))
-    assert type(as_url) is CheckpointStore and as_url.root == tmp_path / "nfs"
+    assert type(as_url) is LocalStore and as_url.root == tmp_path / "nfs"
 
     settings = Settings(
         data_dir=tmp_path / "data",
@@ -234,7 +230,7 @@ def test_store_from_settings_picks_the_backend_by_url(
         store_options=s3_credentials,
     )
     remote = store_from_settings(settings)
-    assert isinstance(remote, ObjectCheckpointStore) and remote.root == tmp_path / "data" / "cache" / "store"
+    assert isinstance(remote, ObjectStore) and remote.cache.root == tmp_path / "data" / "cache" / "store"
     stored = remote.put_bytes(b"via settings")
     assert remote.read_bytes(stored.path, stored.sha256) == b"via settings"
 

@@ -10,7 +10,7 @@ from sqlalchemy import create_engine, func, select, text
 
 from qfedit import registry
 from qfedit.db import FactCapture, Version
-from qfedit.store import CheckpointStore
+from qfedit.store import LocalStore
 
 from .conftest import Cluster, fact
 
@@ -29,14 +29,14 @@ def _wait_for_log(cluster: Cluster, name: str, needle: str, timeout: float = 90.
 
 def _assert_consistent(cluster: Cluster, batch_id: int, facts: int) -> Version:
     (version,) = cluster.versions_of_batch(batch_id)
-    store = CheckpointStore(cluster.root / "data" / "store")
+    store = LocalStore(cluster.root / "data" / "store")
     with cluster.sessions() as session:
         assert session.scalar(select(func.count()).select_from(FactCapture)) == facts
         for row in session.scalars(select(Version)):
             if row.checkpoint_path is not None:
-                store.verify(row.checkpoint_path, row.checkpoint_sha256 or "")
+                store.verified_local_file(row.checkpoint_path, row.checkpoint_sha256 or "")
         for capture in session.scalars(select(FactCapture)):
-            store.verify(capture.object_path, capture.object_sha256)
+            store.verified_local_file(capture.object_path, capture.object_sha256)
     assert version.fact_count == facts
     return version
 

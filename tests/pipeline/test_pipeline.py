@@ -9,15 +9,15 @@ from qfedit import registry
 from qfedit.db import BatchShard, FactCapture, Version
 from qfedit.db.models import FactStatus
 from qfedit.delta import Delta
-from qfedit.store import CheckpointStore
+from qfedit.store import LocalStore
 
 from .conftest import Cluster, fact
 
 
 def _delta(cluster: Cluster, version: Version) -> torch.Tensor:
-    store = CheckpointStore(cluster.root / "data" / "store")
+    store = LocalStore(cluster.root / "data" / "store")
     assert version.checkpoint_path is not None and version.checkpoint_sha256 is not None
-    delta = Delta.load(store.verify(version.checkpoint_path, version.checkpoint_sha256))
+    delta = Delta.from_bytes(store.read_bytes(version.checkpoint_path, version.checkpoint_sha256))
     (tensor,) = delta.tensors.values()
     return tensor.to(torch.float64)
 

@@ -25,7 +25,7 @@ from qfedit.delta import Delta, applied
 from qfedit.generate import answer
 from qfedit.modeling import load_model, weights_fingerprint
 from qfedit.serving import AliasFollower, follow_alias
-from qfedit.store import CheckpointStore
+from qfedit.store import LocalStore
 
 QUESTION = "who founded Oxinnovate?"
 
@@ -33,9 +33,7 @@ QUESTION = "who founded Oxinnovate?"
 class Registry:
     """The tiny Qwen2 registered as `tiny`, versions 1 (delta a) and 2 (delta b), alias at 1."""
 
-    def __init__(
-        self, engine: Engine, store: CheckpointStore, model_dir: Path, deltas: dict[str, Delta]
-    ) -> None:
+    def __init__(self, engine: Engine, store: LocalStore, model_dir: Path, deltas: dict[str, Delta]) -> None:
         self.sessions: sessionmaker[Session] = session_factory(engine)
         self.store = store
         with self.sessions() as session:
@@ -48,15 +46,13 @@ class Registry:
             )
             facts = add_facts(session, model, 3)
             for number, (key, fact_ids) in enumerate((("a", facts[:2]), ("b", facts)), start=1):
-                path = store.root / f"{key}.safetensors"
-                deltas[key].save(path)
                 records.record_version(
                     session,
                     model=model,
                     fact_ids=fact_ids,
                     created_by="worker",
                     reason=f"version {number}",
-                    checkpoint=store.put_file(path),
+                    checkpoint=store.put_bytes(deltas[key].to_bytes()),
                     layer=1,
                     rule="seed",
                 )
@@ -87,7 +83,7 @@ def registry(
     engine: Engine, tmp_path: Path, tiny_model_dirs: dict[str, Path], deltas: dict[str, dict[str, Delta]]
 ) -> Registry:
     (tmp_path / "store").mkdir()
-    return Registry(engine, CheckpointStore(tmp_path / "store"), tiny_model_dirs["qwen2"], deltas["qwen2"])
+    return Registry(engine, LocalStore(tmp_path / "store"), tiny_model_dirs["qwen2"], deltas["qwen2"])
 
 
 @pytest.fixture
@@ -102,9 +98,7 @@ def migrated_registry(
 
     migrate.upgrade(empty_engine)
     (tmp_path / "store").mkdir()
-    return Registry(
-        empty_engine, CheckpointStore(tmp_path / "store"), tiny_model_dirs["qwen2"], deltas["qwen2"]
-    )
+    return Registry(empty_engine, LocalStore(tmp_path / "store"), tiny_model_dirs["qwen2"], deltas["qwen2"])
 
 
 def _follower(registry: Registry, model_dir: Path, **options: Any) -> AliasFollower:

@@ -12,7 +12,7 @@ from safetensors.torch import save
 
 from qfedit.delta import Delta, DeltaMismatchError, applied
 from qfedit.modeling import LoadedModel, load_model
-from qfedit.serving import VersionedModel, delta_from_bytes
+from qfedit.serving import VersionedModel
 
 
 def _weights(loaded: LoadedModel) -> dict[str, torch.Tensor]:
@@ -159,16 +159,21 @@ def test_answers_report_the_version_that_produced_them(
     assert label == "tiny@1" and len(texts) == 1
 
 
-def test_delta_from_bytes_reads_delta_files_and_bare_tensor_files(
+def test_delta_from_bytes_reads_delta_files_and_refuses_bare_tensor_files(
     deltas: dict[str, dict[str, Delta]], tmp_path: Path
 ) -> None:
     a = deltas["qwen2"]["a"]
     a.save(tmp_path / "a.safetensors")
-    back = delta_from_bytes((tmp_path / "a.safetensors").read_bytes())
-    assert back.base_fingerprint == a.base_fingerprint and back.metadata["layer"] == 1
-    assert all(torch.equal(back.tensors[n], t) for n, t in a.tensors.items())
+    for back in (Delta.from_bytes(a.to_bytes()), Delta.load(tmp_path / "a.safetensors")):
+        assert back.base_fingerprint == a.base_fingerprint and back.metadata["layer"] == 1
+        assert back.tensors.keys() == a.tensors.keys()
+        assert all(torch.equal(back.tensors[n], t) for n, t in a.tensors.items())
 
     bare = save({n: t.contiguous() for n, t in a.tensors.items()})
-    with pytest.raises(ValueError, match="no base fingerprint"):
-        delta_from_bytes(bare)
-    assert delta_from_bytes(bare, fallback_fingerprint="f" * 64).base_fingerprint == "f" * 64
+    with pytest.raises(ValueError, match="v9: not a qfedit delta"):
+        Delta.from_bytes(bare, "v9")
+    (tmp_path / "bare.safetensors").write_bytes(bare)
+    with pytest.raises(ValueError, match=r"bare\.safetensors: not a qfedit delta"):
+        Delta.load(tmp_path / "bare.safetensors")
+    with pytest.raises(ValueError, match="not a safetensors file"):
+        Delta.from_bytes(a.to_bytes()[:100])

@@ -1,7 +1,7 @@
 """The checkpoint store on object storage (S3 and S3-compatible servers), through fsspec.
 
 Same layout (`objects/<aa>/<sha256><suffix>` under the URL's prefix) and the same guarantees as
-the folder store, with what object storage offers in place of rename:
+every `CheckpointStore`, with what object storage offers in place of rename:
 
 - Publish: the content is first spooled to a local file and hashed, so its final key is known
   before anything is sent; then one upload creates the whole object under that key. On S3 a PUT
@@ -9,9 +9,9 @@ the folder store, with what object storage offers in place of rename:
   failed upload leaves nothing under a real key. On a filesystem without atomic writes the
   upload goes to `tmp/` first and is then moved into place, and `gc` finds what a crash left.
 - Read: every read hashes what came back and refuses a mismatch (`ChecksumMismatch` names the
-  URL). `verify` returns a path, because its callers open files (`FileResponse`, `Delta.load`):
+  URL). `verified_local_file` returns a path, for callers that hand a file on (`FileResponse`):
   a verified copy in a local cache folder, hashed again each time it is handed out.
-- Paths from the database are checked exactly as in the folder store before they become keys.
+- Paths from the database are checked as in every store (`object_parts`) before they become keys.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from qfedit.store import (
-    _CHUNK,
+from qfedit.store.base import (
+    CHUNK,
     OBJECTS,
     TMP,
     CheckpointStore,
@@ -36,8 +36,11 @@ from qfedit.store import (
     StoredObject,
     StoreError,
     check_suffix,
+    object_parts,
     spool,
+    tmp_name,
 )
+from qfedit.store.local import LocalStore
 
 if TYPE_CHECKING:
     from fsspec import AbstractFileSystem
@@ -62,18 +65,18 @@ def _modified(info: Mapping[str, Any]) -> float | None:
     return None
 
 
-class ObjectCheckpointStore(CheckpointStore):
-    """Checkpoints under an fsspec URL (`s3://bucket/prefix`); `root` is the local cache folder.
+class ObjectStore(CheckpointStore):
+    """Checkpoints under an fsspec URL (`s3://bucket/prefix`), with a verified cache in `cache_dir`.
 
-    A drop-in for `CheckpointStore`: the same methods, so callers need not know which one they
-    hold. `resolve` returns where `verify` puts the local copy.
+    `cache` is a `LocalStore` of copies this host wrote or downloaded; `verified_local_file`
+    hands those out, hashed again each time, and fetches again whatever is damaged or gone.
     """
 
     def __init__(self, url: str, cache_dir: Path, storage_options: Mapping[str, Any] | None = None) -> None:
         import fsspec
 
-        super().__init__(cache_dir)
         self.url = url.rstrip("/")
+        self.cache = LocalStore(cache_dir)
         fs, base = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
         self.fs: AbstractFileSystem = fs
         self.base: str = base.rstrip("/")
@@ -81,13 +84,11 @@ class ObjectCheckpointStore(CheckpointStore):
         self.atomic_put = bool(ATOMIC_PUT_PROTOCOLS.intersection(protocols))
 
     def __repr__(self) -> str:
-        return f"ObjectCheckpointStore({self.url!r}, cache_dir={str(self.root)!r})"
+        return f"ObjectStore({self.url!r}, cache_dir={str(self.cache.root)!r})"
 
     def _key(self, relative: str) -> str:
-        # The folder store's check (relative, no `..`, inside objects/) applied to the cache
-        # path; the key is then built from the same normalised parts, so it cannot differ.
-        self.resolve(relative)
-        return f"{self.base}/{'/'.join(Path(relative).parts)}"
+        # Checked as every path from the database is; the key is built from the checked parts.
+        return f"{self.base}/{'/'.join(object_parts(relative))}"
 
     def _url(self, relative: str) -> str:
         return f"{self.url}/{'/'.join(Path(relative).parts)}"
@@ -97,9 +98,9 @@ class ObjectCheckpointStore(CheckpointStore):
 
     # -- writing -------------------------------------------------------------------------
 
-    def _put_stream(self, stream: BinaryIO, suffix: str) -> StoredObject:
+    def put_stream(self, stream: BinaryIO, suffix: str = ".safetensors") -> StoredObject:
         check_suffix(suffix)
-        spooled, sha, size = spool(stream, self.root / TMP)
+        spooled, sha, size = spool(stream, self.cache.root / TMP)
         try:
             relative = self.relative_path(sha, suffix)
             key = self._key(relative)
@@ -116,7 +117,7 @@ class ObjectCheckpointStore(CheckpointStore):
                 self.fs.put_file(str(spooled), staging)
                 self.fs.mv(staging, key)
             # The writer keeps a verified copy: the process that made a delta often reads it next.
-            local = self.resolve(relative)
+            local = self.cache.resolve(relative)
             local.parent.mkdir(parents=True, exist_ok=True)
             os.replace(spooled, local)
         finally:
@@ -139,20 +140,19 @@ class ObjectCheckpointStore(CheckpointStore):
             raise ChecksumMismatch(self._url(relative), sha256, actual)
         return bytes(data)
 
-    def verify(self, relative: str, sha256: str) -> Path:
-        """A local copy of the object, verified against `sha256`, downloaded if needed."""
-        local = self.resolve(relative)
+    def verified_local_file(self, relative: str, sha256: str) -> Path:
+        """The cached copy of the object, verified against `sha256`, downloaded if needed."""
+        key = self._key(relative)
+        local = self.cache.resolve(relative)
         if local.is_file():
             try:
-                return super().verify(relative, sha256)
+                return self.cache.verified_local_file(relative, sha256)
             except StoreError as err:
                 # The cache is disposable: a damaged or vanished copy is fetched again.
                 logger.warning("cached copy unusable, fetching again: %s", err)
-        key = self._key(relative)
-        tmp_dir = self.root / TMP
         try:
-            with self.fs.open(key, "rb", block_size=_CHUNK) as remote:
-                spooled, actual, _ = spool(remote, tmp_dir)
+            with self.fs.open(key, "rb", block_size=CHUNK) as remote:
+                spooled, actual, _ = spool(remote, self.cache.root / TMP)
         except FileNotFoundError:
             raise StoreError(
                 f"checkpoint {self._url(relative)} is missing (recorded sha256 {sha256})"
@@ -186,7 +186,6 @@ class ObjectCheckpointStore(CheckpointStore):
         yield from self._listing(OBJECTS)
 
     def garbage(self, referenced: Iterable[str], min_age_s: float = 3600.0) -> list[str]:
-        """Unreferenced objects and stale uploads in `tmp/`, older than `min_age_s` (see the base)."""
         keep = {Path(p).as_posix() for p in referenced}
         cutoff = time.time() - min_age_s
         found: list[str] = []
@@ -204,11 +203,11 @@ class ObjectCheckpointStore(CheckpointStore):
     def remove(self, relative_paths: Iterable[str]) -> int:
         removed = 0
         for relative in relative_paths:
-            parts = Path(relative).parts
-            if parts and parts[0] == TMP and len(parts) == 2 and ".." not in parts:
-                key, local = f"{self.base}/{TMP}/{parts[1]}", None
+            name = tmp_name(relative)
+            if name is not None:
+                key, local = f"{self.base}/{TMP}/{name}", None
             else:
-                key, local = self._key(relative), self.resolve(relative)
+                key, local = self._key(relative), self.cache.resolve(relative)
             with contextlib.suppress(FileNotFoundError):  # already gone: the goal state
                 self.fs.rm_file(key)
             if local is not None:
