@@ -24,6 +24,6 @@ test: install
 	$(BIN)/python -m pytest -q tests
 
 lint: install
-	$(BIN)/ruff check qfedit worker api tests bench migrations
-	$(BIN)/ruff format --check qfedit worker api tests bench migrations
+	$(BIN)/ruff check qfedit worker api cli tests bench migrations
+	$(BIN)/ruff format --check qfedit worker api cli tests bench migrations
 	$(BIN)/mypy

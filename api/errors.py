@@ -1,12 +1,14 @@
 """One JSON shape for every refusal: `{"error": code, "message": text, "field": where}`.
 
-Library exceptions are translated here, once, so routes stay thin and no malformed input
-reaches the client as a 500.
+Library exceptions are translated here, once, by their code (`qfedit.errors.HTTP_STATUS`), so
+routes stay thin. An exception that is not a `QFEditError` is a bug: it is answered with a 500
+and an error id, and the log has the same id with the traceback.
 """
 
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -16,11 +18,9 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from qfedit.db.guards import ImmutableRowError
-from qfedit.errors import ConflictError, NotFoundError
+from qfedit.errors import HTTP_STATUS, QFEditError
 from qfedit.facts import FactError
 from qfedit.importing import ImportFileError
-from qfedit.pipeline.lifecycle import InvalidTransitionError
 from qfedit.store import StoreError
 
 logger = logging.getLogger(__name__)
@@ -122,17 +122,32 @@ async def _store_error(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(error_body("store_error", str(exc)), status_code=500)
 
 
+async def _qfedit_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, QFEditError)
+    # The library names fields as it knows them; those it is handed come from the request body.
+    field = exc.field
+    if field is not None and not field.startswith(("body.", "query.", "path.", "header.")):
+        field = f"body.{field}"
+    return JSONResponse(error_body(exc.code.value, str(exc), field), status_code=HTTP_STATUS[exc.code])
+
+
+async def _bug(request: Request, exc: Exception) -> JSONResponse:
+    error_id = uuid.uuid4().hex[:12]
+    logger.error("internal error %s on %s %s", error_id, request.method, request.url.path, exc_info=exc)
+    return JSONResponse(
+        error_body(
+            "internal", f"internal error {error_id}; the server log has the details", error_id=error_id
+        ),
+        status_code=500,
+    )
+
+
 def install(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, _api_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(NotFoundError, _translate(404, "not_found"))
-    app.add_exception_handler(ConflictError, _translate(409, "conflict"))
-    app.add_exception_handler(InvalidTransitionError, _translate(409, "conflict"))
-    app.add_exception_handler(ImmutableRowError, _translate(409, "conflict"))
+    # Starlette picks the most specific class: these two keep their older codes and fields.
     app.add_exception_handler(ImportFileError, _translate(422, "invalid", "body"))
-    app.add_exception_handler(FactError, _translate(422, "invalid", "body"))
-    app.add_exception_handler(DataError, _data_error)
     app.add_exception_handler(StoreError, _store_error)
-    # The library reports bad arguments (empty reason, reused idempotency key, nothing pending)
-    # as ValueError; by the time one reaches here the request was well-formed but not acceptable.
-    app.add_exception_handler(ValueError, _translate(422, "invalid"))
+    app.add_exception_handler(QFEditError, _qfedit_error)
+    app.add_exception_handler(DataError, _data_error)
+    app.add_exception_handler(Exception, _bug)

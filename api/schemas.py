@@ -192,6 +192,7 @@ class BatchOut(BaseModel):
     idempotency_key: str | None
     hyperparameters: dict[str, JsonValue]
     fact_count: int
+    captured: int = Field(description="Facts whose observations are stored, of `fact_count`.")
     version: str | None = Field(description="The version this batch published, once it has.")
     created_at: datetime
     updated_at: datetime

@@ -1,29 +1,71 @@
-"""Domain objects as response bodies (the queries a view needs, and nothing else)."""
+"""Domain objects as response bodies (the queries a view needs, and nothing else).
+
+The one owner of how a row looks from outside: the API answers with these models and the CLI's
+`--json` prints the same ones."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from sqlalchemy.orm import Session
 
-from api.schemas import AliasMoveOut, AliasOut, BatchOut, FactDetail, FactOut, VersionDetail, VersionRefOut
+from api.schemas import (
+    AliasMoveOut,
+    AliasOut,
+    AuditOut,
+    BatchOut,
+    FactDetail,
+    FactOut,
+    MetricChange,
+    ModelOut,
+    VersionDetail,
+    VersionDiffOut,
+    VersionOut,
+    VersionRefOut,
+)
 from qfedit import registry
-from qfedit.db.models import Alias, AliasMove, Batch, FactRow, Version
+from qfedit.db.models import Alias, AliasMove, AuditEntry, Batch, FactRow, Model, Version
+from qfedit.pipeline.lifecycle import batch_progress
+
+
+def model_out(model: Model) -> ModelOut:
+    return ModelOut.model_validate(model)
+
+
+def audit_out(entry: AuditEntry) -> AuditOut:
+    return AuditOut.model_validate(entry)
 
 
 def fact_out(fact: FactRow) -> FactOut:
-    return FactOut.model_validate(registry.describe_fact(fact))
+    return FactOut(
+        id=fact.id,
+        model_id=fact.model_id,
+        external_id=fact.external_id,
+        question=fact.question,
+        answer=fact.answer,
+        context=fact.context,
+        subject=fact.subject,
+        significance=fact.significance,
+        paraphrases=fact.paraphrases,
+        neighbors=fact.neighbors,
+        status=fact.status.value,
+        source=fact.source,
+        source_line=fact.source_line,
+        content_hash=fact.content_hash,
+        created_at=fact.created_at,
+    )
 
 
 def fact_detail(session: Session, fact: FactRow) -> FactDetail:
     versions = [
         VersionRefOut(number=v.number, label=v.label) for v in registry.versions_with_fact(session, fact)
     ]
-    return FactDetail.model_validate(
-        {**registry.describe_fact(fact), "model": fact.model.name, "versions": versions}
-    )
+    return FactDetail(**fact_out(fact).model_dump(), model=fact.model.name, versions=versions)
 
 
 def batch_out(session: Session, batch: Batch) -> BatchOut:
     version = registry.version_of_batch(session, batch)
+    progress = batch_progress(session, batch)
     return BatchOut(
         id=batch.id,
         model=batch.model.name,
@@ -36,7 +78,8 @@ def batch_out(session: Session, batch: Batch) -> BatchOut:
         requested_by=batch.requested_by,
         idempotency_key=batch.idempotency_key,
         hyperparameters=batch.hyperparameters,
-        fact_count=registry.batch_fact_count(session, batch),
+        fact_count=progress.facts,
+        captured=progress.captured,
         version=version.label if version is not None else None,
         created_at=batch.created_at,
         updated_at=batch.updated_at,
@@ -45,16 +88,38 @@ def batch_out(session: Session, batch: Batch) -> BatchOut:
     )
 
 
+def version_out(version: Version, aliases: Sequence[str] = ()) -> VersionOut:
+    return VersionOut(
+        id=version.id,
+        model=version.model.name,
+        number=version.number,
+        label=version.label,
+        parent=version.parent.number if version.parent is not None else None,
+        batch=version.batch_id,
+        created_at=version.created_at,
+        created_by=version.created_by,
+        reason=version.reason,
+        layer=version.layer,
+        rule=version.rule,
+        hyperparameters=version.hyperparameters,
+        relative_update_norm=version.relative_update_norm,
+        metrics=version.metrics,
+        fact_count=version.fact_count,
+        fact_set_digest=version.fact_set_digest,
+        checkpoint_path=version.checkpoint_path,
+        checkpoint_sha256=version.checkpoint_sha256,
+        aliases=list(aliases),
+    )
+
+
 def version_detail(session: Session, version: Version) -> VersionDetail:
     aliases = registry.aliases_by_version(session, version.model).get(version.id, [])
     facts = registry.version_fact_ids(session, version)
     parent = registry.version_fact_ids(session, version.parent) if version.parent is not None else set()
-    return VersionDetail.model_validate(
-        {
-            **registry.describe_version(version, aliases),
-            "facts_added": len(facts - parent),
-            "facts_removed": len(parent - facts),
-        }
+    return VersionDetail(
+        **version_out(version, aliases).model_dump(),
+        facts_added=len(facts - parent),
+        facts_removed=len(parent - facts),
     )
 
 
@@ -76,4 +141,18 @@ def alias_move_out(move: AliasMove) -> AliasMoveOut:
         from_version=move.from_version.number if move.from_version is not None else None,
         to_version=move.to_version.number,
         reason=move.reason,
+    )
+
+
+def diff_out(diff: registry.VersionDiff, limit: int | None = None) -> VersionDiffOut:
+    """At most `limit` facts of each side (all of them with None); the totals are exact."""
+    return VersionDiffOut(
+        old=diff.old.label,
+        new=diff.new.label,
+        facts_added_total=len(diff.added),
+        facts_removed_total=len(diff.removed),
+        facts_added=[fact_out(f) for f in diff.added[:limit]],
+        facts_removed=[fact_out(f) for f in diff.removed[:limit]],
+        metric_changes={k: MetricChange(old=a, new=b) for k, (a, b) in diff.metric_changes.items()},
+        weight_difference_norm=diff.weight_difference_norm,
     )

@@ -96,7 +96,7 @@ def library_import(url: str, corpus: Path) -> float:
 def cli_import(url: str, corpus: Path, workdir: Path) -> float:
     start = time.perf_counter()
     subprocess.run(
-        [sys.executable, "-m", "qfedit", "import", str(corpus), "--model", "bench", "--json"],
+        [sys.executable, "-m", "cli", "import", str(corpus), "--model", "bench", "--json"],
         env=_env(url, workdir),
         check=True,
         capture_output=True,

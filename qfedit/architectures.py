@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from qfedit.errors import InvalidInputError
+
 
 @dataclass(frozen=True)
 class Architecture:
@@ -37,7 +39,7 @@ class Architecture:
     def check_layer(self, model: nn.Module, layer: int) -> None:
         count = self.num_layers(model)
         if not 0 <= layer < count:
-            raise ValueError(f"layer {layer} is out of range: the model has layers 0..{count - 1}")
+            raise InvalidInputError(f"layer {layer} is out of range: the model has layers 0..{count - 1}")
 
     def down_proj_name(self, layer: int) -> str:
         """Parameter name of the edited weight, as in the model's state dict."""
@@ -85,4 +87,6 @@ def architecture_for(model_type: str) -> Architecture:
         return ARCHITECTURES[model_type]
     except KeyError:
         supported = ", ".join(sorted(ARCHITECTURES))
-        raise ValueError(f"unsupported model architecture {model_type!r}; supported: {supported}") from None
+        raise InvalidInputError(
+            f"unsupported model architecture {model_type!r}; supported: {supported}"
+        ) from None

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from qfedit.errors import InvalidInputError
 from qfedit.facts import Fact, FactError
 from qfedit.modeling import LoadedModel
 
@@ -101,7 +102,7 @@ def _chat_prefix(tokenizer: object, messages: list[dict[str, str]]) -> str:
 def chat_prompt(tokenizer: object, question: str, context: str | None = None) -> str:
     """The generation prompt for a question, with `context` as the system message when given."""
     if getattr(tokenizer, "chat_template", None) is None:
-        raise ValueError(
+        raise InvalidInputError(
             "the model's tokenizer has no chat template; give one (--chat-template) to use this model"
         )
     messages = [{"role": "system", "content": context}] if context is not None else []
@@ -214,7 +215,7 @@ class Capture:
     @staticmethod
     def concatenate(parts: Sequence[Capture]) -> Capture:
         if not parts:
-            raise ValueError("no captures to concatenate")
+            raise InvalidInputError("no captures to concatenate")
         offsets, total = [], 0
         for part in parts:
             offsets.append(total)
@@ -270,13 +271,13 @@ def capture(
     are dropped. Raises `FactError` for a fact that cannot be used, before any result is returned.
     """
     if not facts:
-        raise ValueError("no facts to capture")
+        raise InvalidInputError("no facts to capture")
     loaded.architecture.check_layer(loaded.model, layer)
     names = (
         list(labels) if labels is not None else [fact.id or f"fact {i + 1}" for i, fact in enumerate(facts)]
     )
     if len(names) != len(facts):
-        raise ValueError(f"{len(names)} labels for {len(facts)} facts")
+        raise InvalidInputError(f"{len(names)} labels for {len(facts)} facts")
     encoded = [
         encode_fact(loaded, fact, name, include_eos=options.include_eos)
         for fact, name in zip(facts, names, strict=True)
@@ -302,7 +303,7 @@ def capture(
         assert kw is not None and ko is not None and rw is not None and ro is not None
         for name, tensor in (("keys", kw), ("keys", ko), ("residuals", rw), ("residuals", ro)):
             if not torch.isfinite(tensor).all():
-                raise ValueError(
+                raise InvalidInputError(
                     f"{names[fact]}: non-finite {name} at layer {layer} (overflow in the model's dtype?)"
                 )
         weights = torch.tensor(enc.weights, dtype=torch.float64)

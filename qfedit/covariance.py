@@ -27,6 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from qfedit.capture import LayerTrace, pad_batch, run_until_layer
+from qfedit.errors import InvalidInputError
 from qfedit.facts import Fact
 from qfedit.hparams import PreservePositions
 from qfedit.modeling import LoadedModel
@@ -78,7 +79,9 @@ def corpus_texts(loaded: LoadedModel, paths: Sequence[Path]) -> list[CorpusText]
                 record = json.loads(line)
                 for field in ("question", "answer"):
                     if not isinstance(record.get(field), str):
-                        raise ValueError(f"{path.name} line {number}: field {field!r}: a string is required")
+                        raise InvalidInputError(
+                            f"{path.name} line {number}: field {field!r}: a string is required"
+                        )
                 texts.append(transcript(loaded, record["question"], record["answer"]))
     return texts
 
@@ -109,7 +112,7 @@ def compute_covariance(
 ) -> tuple[torch.Tensor, int]:
     """`(C, positions)`: the mean `k k^T` over up to `samples` key positions of `texts` at `layer`."""
     if not texts:
-        raise ValueError("the preservation corpus is empty")
+        raise InvalidInputError("the preservation corpus is empty")
     loaded.architecture.check_layer(loaded.model, layer)
     digest = corpus_digest(texts, positions)
     cached = _cache_path(cache_dir, loaded, layer, digest, samples) if cache_dir is not None else None
@@ -152,7 +155,7 @@ def compute_covariance(
             seen += int(keys.shape[0])
             progress.update(task, completed=seen)
     if total is None or seen == 0:
-        raise ValueError("the preservation corpus produced no key positions")
+        raise InvalidInputError("the preservation corpus produced no key positions")
     covariance = (total / seen).cpu()
     if cached is not None:
         cached.parent.mkdir(parents=True, exist_ok=True)

@@ -36,7 +36,7 @@ def _safetensors_metadata(data: bytes, where: str) -> dict[str, str]:
     """
     length = int.from_bytes(data[:8], "little") if len(data) >= 8 else 0
     if len(data) < 8 or 8 + length > len(data):
-        raise ValueError(f"{where}: {len(data)} bytes, not a safetensors file")
+        raise InvalidInputError(f"{where}: {len(data)} bytes, not a safetensors file")
     header = json.loads(data[8 : 8 + length])
     return dict(header.get("__metadata__") or {})
 
@@ -62,7 +62,7 @@ class Delta:
         """The delta `to_bytes` wrote; anything else (bare tensors included) is a ValueError naming `where`."""
         header = _safetensors_metadata(data, where)
         if header.pop("format", None) != FORMAT or "base_fingerprint" not in header:
-            raise ValueError(f"{where}: not a qfedit delta ({FORMAT} with a base fingerprint)")
+            raise InvalidInputError(f"{where}: not a qfedit delta ({FORMAT} with a base fingerprint)")
         fingerprint = header.pop("base_fingerprint")
         return cls(load(data), fingerprint, {key: json.loads(value) for key, value in header.items()})
 

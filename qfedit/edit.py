@@ -23,6 +23,7 @@ import torch
 from qfedit.capture import CaptureOptions, capture
 from qfedit.covariance import CorpusText, compute_covariance, corpus_digest
 from qfedit.delta import Delta
+from qfedit.errors import InvalidInputError
 from qfedit.facts import Fact, fact_set_digest
 from qfedit.hparams import EditConfig
 from qfedit.modeling import LoadedModel
@@ -66,7 +67,7 @@ def capture_observations(
     facts' indexes)."""
     ids = list(fact_ids) if fact_ids is not None else list(range(len(facts)))
     if len(ids) != len(facts):
-        raise ValueError(f"{len(ids)} fact ids for {len(facts)} facts")
+        raise InvalidInputError(f"{len(ids)} fact ids for {len(facts)} facts")
     weight = base_weight(loaded, config.layer)
     options = CaptureOptions(batch_size=batch_size, include_eos=config.include_eos)
     names = list(labels) if labels is not None else [f.id or f"fact {i + 1}" for i, f in enumerate(facts)]
@@ -124,7 +125,7 @@ def solve_delta(
     m = weight.shape[1]
     form = pick_form(config.solve.form, statistics.positions, m)
     if form == "dual" and observations is None:
-        raise ValueError("the dual form needs the fact set's observations, not only its statistics")
+        raise InvalidInputError("the dual form needs the fact set's observations, not only its statistics")
     source: Observations | Statistics = observations if form == "dual" and observations else statistics
     result = solve(weight, source, config.solve.model_copy(update={"form": form}), preservation)
     name = loaded.architecture.down_proj_name(config.layer)

@@ -30,7 +30,7 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.NOT_FOUND: 404,
     ErrorCode.CONFLICT: 409,
     ErrorCode.INVALID: 422,
-    ErrorCode.PERMANENT: 422,
+    ErrorCode.PERMANENT: 500,
     ErrorCode.TRANSIENT: 503,
 }
 EXIT_CODES: dict[ErrorCode, int] = {

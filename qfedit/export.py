@@ -175,7 +175,7 @@ def lora_factors(
 ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], LoraReport]:
     """`{module: (A (r x m), B (d x r))}` with `B A ~= dW` in the `(out, in)` layout, and the report."""
     if max_rank < 1:
-        raise ValueError(f"rank must be >= 1, not {max_rank}")
+        raise InvalidInputError(f"rank must be >= 1, not {max_rank}")
     suffix = ".weight"
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     modules: list[ModuleFactor] = []

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from qfedit.capture import chat_prompt
+from qfedit.errors import InvalidInputError
 from qfedit.modeling import LoadedModel
 
 
@@ -22,7 +23,7 @@ def answer_batch(
     tokenizer = loaded.tokenizer
     contexts = list(contexts) if contexts is not None else [None] * len(questions)
     if len(contexts) != len(questions):
-        raise ValueError(f"{len(contexts)} contexts for {len(questions)} questions")
+        raise InvalidInputError(f"{len(contexts)} contexts for {len(questions)} questions")
     prompts = [chat_prompt(tokenizer, q, c) for q, c in zip(questions, contexts, strict=True)]
     answers: list[str] = []
     for start in range(0, len(prompts), batch_size):

@@ -375,7 +375,7 @@ def to_fact(record: Any, fmt: Format, where: str) -> fact_format.Fact:
         return _from_counterfact(record, where)
     if fmt == Format.ZSRE:
         return _from_zsre(record, where)
-    raise ValueError(f"no converter for format {fmt.value}")
+    raise InvalidInputError(f"no converter for format {fmt.value}")
 
 
 # -- the import ----------------------------------------------------------------------------------------
@@ -472,7 +472,7 @@ _PG_INSERT = text(
 def _insert_new_postgresql(session: Session, rows: list[dict[str, Any]]) -> int:
     first = rows[0]
     if any(row["model_id"] != first["model_id"] for row in rows):
-        raise ValueError("one chunk of an import holds facts of one model")
+        raise InvalidInputError("one chunk of an import holds facts of one model")
     params: dict[str, Any] = {
         "model_id": first["model_id"],
         "status": first["status"].value,
@@ -506,7 +506,7 @@ def import_facts(
     path = Path(path)
     fmt = fmt or detect_format(path)
     if chunk_size < 1:
-        raise ValueError(f"chunk size must be >= 1, not {chunk_size}")
+        raise InvalidInputError(f"chunk size must be >= 1, not {chunk_size}")
     rejects_path = rejects_path or default_rejects_path(path)
     summary = ImportSummary(source=str(path), model=model.name, format=fmt)
     rejects_tmp = rejects_path.with_name(rejects_path.name + ".part")

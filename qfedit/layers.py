@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from qfedit.delta import applied
 from qfedit.edit import make_delta
+from qfedit.errors import InvalidInputError
 from qfedit.evaluate import contains
 from qfedit.facts import Fact
 from qfedit.generate import answer_batch
@@ -59,6 +60,6 @@ def recommend_layer(scans: Sequence[LayerScan], tolerance: float = 0.05) -> int:
     """The earliest layer within `tolerance` of the best efficacy: earlier layers leave more of
     the network after the edit to generalise it to paraphrases."""
     if not scans:
-        raise ValueError("no layers were scanned")
+        raise InvalidInputError("no layers were scanned")
     best = max(scan.efficacy for scan in scans)
     return next(scan.layer for scan in scans if scan.efficacy >= best - tolerance)

@@ -13,6 +13,7 @@ from safetensors import safe_open
 from torch import nn
 
 from qfedit.architectures import Architecture, architecture_for
+from qfedit.errors import InvalidInputError
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     try:
         return DTYPES[dtype]
     except KeyError:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}") from None
+        raise InvalidInputError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}") from None
 
 
 def weights_fingerprint(model_dir: Path) -> str:
@@ -41,7 +42,9 @@ def weights_fingerprint(model_dir: Path) -> str:
     """
     files = sorted(Path(model_dir).glob("*.safetensors"))
     if not files:
-        raise ValueError(f"{model_dir}: no *.safetensors weights found (pickled weights are not loaded)")
+        raise InvalidInputError(
+            f"{model_dir}: no *.safetensors weights found (pickled weights are not loaded)"
+        )
     where: dict[str, Path] = {}
     for file in files:
         with safe_open(str(file), framework="pt") as handle:
@@ -100,7 +103,7 @@ def load_model(
 
     path = Path(model_dir)
     if not (path / "config.json").is_file():
-        raise ValueError(f"{path}: not a model directory (no config.json)")
+        raise InvalidInputError(f"{path}: not a model directory (no config.json)")
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     architecture = architecture_for(config.model_type)
     torch_dtype = resolve_dtype(dtype)

@@ -47,8 +47,9 @@ class PromptTooLongError(InvalidInputError):
     """A prompt that, with the tokens asked for, does not fit the model's context window."""
 
     def __init__(self, field: str, tokens: int, limit: int) -> None:
-        self.field = field
-        super().__init__(f"{field}: the prompt is {tokens} tokens with the new ones, the model takes {limit}")
+        super().__init__(
+            f"{field}: the prompt is {tokens} tokens with the new ones, the model takes {limit}", field=field
+        )
 
 
 class ReadWriteLock:
@@ -269,7 +270,7 @@ class AliasFollower:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if poll_s < 0:
-            raise ValueError(f"poll_s must be >= 0, not {poll_s}")
+            raise InvalidInputError(f"poll_s must be >= 0, not {poll_s}")
         self.versioned = versioned
         self.sessions = sessions
         self.store = store

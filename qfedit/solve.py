@@ -119,7 +119,7 @@ def pick_form(form: SolveForm, positions: int, m: int) -> str:
 
 def _pick_form(form: SolveForm, source: Observations | Statistics, m: int) -> str:
     if form == "dual" and isinstance(source, Statistics):
-        raise ValueError("the dual form needs per-position observations, not statistics")
+        raise InvalidInputError("the dual form needs per-position observations, not statistics")
     if isinstance(source, Statistics):
         return "primal"
     return pick_form(form, int(source.keys.shape[0]), m)
@@ -154,7 +154,7 @@ def solve_preserve(
         assert isinstance(source, Observations)
         ys, es = source.scaled
         if ys.shape[1] != m:
-            raise ValueError(f"keys have {ys.shape[1]} features, the covariance is {tuple(c.shape)}")
+            raise InvalidInputError(f"keys have {ys.shape[1]} features, the covariance is {tuple(c.shape)}")
         factor = preservation.factor(config.max_condition)
         z = torch.cholesky_solve(ys.T, factor).T / config.lam  # (n, m) = Ys (lam C)^-1
         inner = torch.eye(ys.shape[0], dtype=_F64, device=ys.device) + z @ ys.T  # (n, n)
@@ -164,7 +164,9 @@ def solve_preserve(
     else:
         stats = source if isinstance(source, Statistics) else Statistics.from_observations(source, -1, "")
         if stats.keys_gram.shape != c.shape:
-            raise ValueError(f"A is {tuple(stats.keys_gram.shape)}, the covariance is {tuple(c.shape)}")
+            raise InvalidInputError(
+                f"A is {tuple(stats.keys_gram.shape)}, the covariance is {tuple(c.shape)}"
+            )
         system = stats.keys_gram + config.lam * preservation.regularised()  # (m, m)
         factor = _cholesky_with_condition(system, "A + lambda C", config.max_condition)
         delta = torch.cholesky_solve(stats.cross.T, factor).T  # M (A + lam C)^-1, symmetric system
@@ -184,17 +186,17 @@ def solve(
     cross_shape = source.errors.shape[1] if isinstance(source, Observations) else source.cross.shape[0]
     key_width = source.keys.shape[1] if isinstance(source, Observations) else source.keys_gram.shape[0]
     if (cross_shape, key_width) != (d, m):
-        raise ValueError(
+        raise InvalidInputError(
             f"statistics are for a ({cross_shape}, {key_width}) weight, the weight is ({d}, {m})"
         )
     positions = source.keys.shape[0] if isinstance(source, Observations) else source.positions
     if positions == 0:
-        raise ValueError("no captured positions to solve for")
+        raise InvalidInputError("no captured positions to solve for")
     if config.rule == "seed":
         delta, condition, form = solve_seed(source, config)
     else:
         if preservation is None:
-            raise ValueError("the preserving rule needs a preservation covariance")
+            raise InvalidInputError("the preserving rule needs a preservation covariance")
         delta, condition, form = solve_preserve(source, preservation, config)
     if not torch.isfinite(delta).all():
         raise IllConditionedError("the solve", float("inf"), config.max_condition)

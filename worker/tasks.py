@@ -14,7 +14,7 @@ import time
 from datetime import datetime, timezone
 
 from celery import Celery, Task
-from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 
 from qfedit import registry
 from qfedit.config import Settings
@@ -56,8 +56,9 @@ def _fail(rt: Runtime, batch_id: int, error: BaseException) -> None:
     log.error("batch %d failed: %s", batch_id, error)
 
 
-# What may succeed on another try: the database or a connection was away for a moment.
-TRANSIENT = (TransientError, OperationalError, InterfaceError, ConnectionError, TimeoutError)
+# What may succeed on another try: the database or a connection was away for a moment, or a
+# concurrent delivery won a race for a unique row (the retry re-reads and finds its work done).
+TRANSIENT = (TransientError, OperationalError, InterfaceError, IntegrityError, ConnectionError, TimeoutError)
 
 
 def _retry_or_fail(task: Task, rt: Runtime, batch_id: int, error: Exception) -> None:

@@ -10,7 +10,7 @@ from fastapi.responses import FileResponse
 from api import views
 from api.deps import ModelDep, ReadAccess, SessionDep, StoreDep
 from api.errors import ApiError
-from api.schemas import ERROR_RESPONSES, MetricChange, VersionDetail, VersionDiffOut, VersionOut, VersionRef
+from api.schemas import ERROR_RESPONSES, VersionDetail, VersionDiffOut, VersionOut, VersionRef
 from qfedit import registry
 
 router = APIRouter(prefix="/v1/models/{model}", tags=["versions"])
@@ -25,10 +25,7 @@ RefPath = Annotated[VersionRef, Path(description="A version number or an alias."
 )
 def list_versions(_: ReadAccess, session: SessionDep, model: ModelDep) -> list[VersionOut]:
     aliases = registry.aliases_by_version(session, model)
-    return [
-        VersionOut.model_validate(registry.describe_version(v, aliases.get(v.id, [])))
-        for v in registry.list_versions(session, model=model)
-    ]
+    return [views.version_out(v, aliases.get(v.id, [])) for v in registry.list_versions(session, model=model)]
 
 
 @router.get(
@@ -56,16 +53,7 @@ def diff_versions(
     first = registry.get_version(session, old, model=model)
     second = registry.get_version(session, new, model=model)
     diff = registry.diff_versions(session, first, second, store=store)
-    return VersionDiffOut(
-        old=first.label,
-        new=second.label,
-        facts_added_total=len(diff.added),
-        facts_removed_total=len(diff.removed),
-        facts_added=[views.fact_out(f) for f in diff.added[:limit]],
-        facts_removed=[views.fact_out(f) for f in diff.removed[:limit]],
-        metric_changes={k: MetricChange(old=a, new=b) for k, (a, b) in diff.metric_changes.items()},
-        weight_difference_norm=diff.weight_difference_norm,
-    )
+    return views.diff_out(diff, limit)
 
 
 @router.get(

@@ -37,7 +37,6 @@ from qfedit.registry.versions import (
     versions_with_fact,
     weight_difference_norm,
 )
-from qfedit.registry.views import describe_fact, describe_version
 
 __all__ = [
     "UNSET",
@@ -52,8 +51,6 @@ __all__ = [
     "batch_fact_ids",
     "count_facts",
     "create_batch",
-    "describe_fact",
-    "describe_version",
     "diff_versions",
     "digest_of_hashes",
     "get_alias",

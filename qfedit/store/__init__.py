@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from qfedit.errors import InvalidInputError
 from qfedit.store.base import CheckpointStore, ChecksumMismatch, StoredObject, StoreError
 from qfedit.store.local import LocalStore
 from qfedit.store.s3 import ObjectStore
@@ -58,11 +59,11 @@ def open_store(
     if scheme == "file":
         return LocalStore(Path(rest))
     if cache_dir is None:
-        raise ValueError(f"{scheme}:// stores need a cache_dir for their verified local copies")
+        raise InvalidInputError(f"{scheme}:// stores need a cache_dir for their verified local copies")
     options = dict(storage_options or {})
     if endpoint_url:
         if scheme not in _ENDPOINT_SCHEMES:
-            raise ValueError(f"QFEDIT_STORE_ENDPOINT_URL applies to s3:// stores, not {scheme}://")
+            raise InvalidInputError(f"QFEDIT_STORE_ENDPOINT_URL applies to s3:// stores, not {scheme}://")
         options.setdefault("endpoint_url", endpoint_url)
     return ObjectStore(str(url), cache_dir=cache_dir, storage_options=options)
 

@@ -21,13 +21,15 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
+from qfedit.errors import PermanentError
+
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 CHUNK = 1 << 20
 OBJECTS = "objects"
 TMP = "tmp"
 
 
-class StoreError(RuntimeError):
+class StoreError(PermanentError):
     """A checkpoint that cannot be trusted: outside the store, missing, or not what was recorded."""
 
 

@@ -44,7 +44,7 @@ def test_enqueue_is_idempotent_by_key(client: TestClient, db: Session, broker: B
     assert broker.sent == [batch["id"], batch["id"]]
     # The same key for other facts is refused rather than silently answered with the first batch.
     other = client.post("/v1/models/tiny/batches", json={"fact_ids": ids[:1]}, headers=headers)
-    assert other.status_code == 422
+    assert (other.status_code, other.json()["error"]) == (409, "conflict")
     assert "idempotency key" in other.json()["message"]
     assert _batches(db) == 1
 

@@ -14,8 +14,8 @@ from safetensors.torch import save_file
 from sqlalchemy.orm import Session
 from typer.testing import CliRunner
 
+from cli import get_app
 from qfedit import registry
-from qfedit.cli import get_app
 from qfedit.db import make_engine, session_factory
 from qfedit.delta import Delta
 from qfedit.store import LocalStore

@@ -81,7 +81,7 @@ def test_alembic_command_line_upgrades_and_checks_from_the_repository_root(tmp_p
 
 
 # What the image build copies (deploy/Dockerfile): the wheel must not need anything else.
-SOURCES = ["pyproject.toml", "README.md", "qfedit", "worker", "api", "migrations"]
+SOURCES = ["pyproject.toml", "README.md", "qfedit", "worker", "api", "cli", "migrations"]
 
 
 @pytest.mark.slow
@@ -108,7 +108,7 @@ def test_installed_wheel_carries_the_migrations_and_upgrades(tmp_path: Path) -> 
     names = set(zipfile.ZipFile(wheel).namelist())
     expected = {
         path.relative_to(source).as_posix()
-        for package in ("qfedit", "worker", "api")
+        for package in ("qfedit", "worker", "api", "cli")
         for path in source.joinpath(package).rglob("*.py")
     }
     expected |= {
@@ -151,7 +151,7 @@ def test_installed_wheel_carries_the_migrations_and_upgrades(tmp_path: Path) -> 
     assert location == "qfedit:migrations"
 
     upgraded = subprocess.run(
-        [sys.executable, "-m", "qfedit", "db", "upgrade"],
+        [sys.executable, "-m", "cli", "db", "upgrade"],
         cwd=run,
         env=env,
         capture_output=True,

@@ -45,7 +45,7 @@ def run_help(argv: list[str]) -> tuple[int, str]:
     Click rejects an unknown command or option even with --help, so exit 0 means every word of
     ARGV is one the CLI has.
     """
-    from qfedit.cli import get_app
+    from cli import get_app
 
     result = CliRunner().invoke(get_app(), [*argv, "--help"])
     return result.exit_code, result.output

@@ -8,7 +8,7 @@ from pathlib import Path
 from tiny_models import FACTS
 from typer.testing import CliRunner
 
-from qfedit.cli import get_app
+from cli import get_app
 from qfedit.facts import write_jsonl
 
 runner = CliRunner()

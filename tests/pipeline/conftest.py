@@ -150,7 +150,7 @@ class Cluster:
             env["QFEDIT_CHAOS_PAUSE"] = chaos
         log = (self.root / f"worker-{name}.log").open("ab")
         process = subprocess.Popen(
-            [sys.executable, "-m", "qfedit", "worker", "--hostname", f"{name}@test", "--loglevel", "INFO"],
+            [sys.executable, "-m", "cli", "worker", "--hostname", f"{name}@test", "--loglevel", "INFO"],
             env=env,
             stdout=log,
             stderr=log,

@@ -42,7 +42,7 @@ def test_cli_and_queue_make_bitwise_identical_deltas(
         done = _qfedit(env, tmp_path, *step)
         assert done.returncode == 0, f"{step}: {done.stdout}\n{done.stderr}"
     edited = subprocess.run(
-        [sys.executable, "-m", "qfedit", "edit", str(model_dir), "facts.jsonl", "--layer", "1", *solve]
+        [sys.executable, "-m", "cli", "edit", str(model_dir), "facts.jsonl", "--layer", "1", *solve]
         + ["--out", "cli.safetensors", "--preserve", "corpus.jsonl"],
         env=env,
         cwd=tmp_path,

@@ -18,8 +18,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from typer.testing import CliRunner
 
 from api.serve import create_app
+from cli import get_app
 from qfedit import registry as records
-from qfedit.cli import get_app
 from qfedit.db import session_factory
 from qfedit.delta import Delta, applied
 from qfedit.generate import answer
@@ -176,7 +176,7 @@ def test_serve_refuses_other_weights_and_a_missing_alias(
 ) -> None:
     with pytest.raises(ValueError, match="registered with base weights"):
         _follower(registry, tiny_model_dirs["llama"])
-    with pytest.raises(registry.NotFoundError, match="no alias 'staging'"):
+    with pytest.raises(records.NotFoundError, match="no alias 'staging'"):
         follow_alias(
             load_model(tiny_model_dirs["qwen2"]),
             sessions=registry.sessions,

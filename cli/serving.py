@@ -10,10 +10,11 @@ import typer
 from rich.table import Table
 from sqlalchemy.orm import Session
 
-from qfedit.cli import app
-from qfedit.cli.engine import ChatTemplate, load, quiet_transformers
-from qfedit.cli.state import _in_session, _model_or_none, _ready_engine, _user_errors, console
+from cli.app import app
+from cli.common import console, in_session, model_or_none, ready_engine, user_errors
+from cli.engine import ChatTemplate, load, quiet_transformers
 from qfedit.config import get_settings
+from qfedit.errors import ConflictError, InvalidInputError
 from qfedit.store import store_from_settings
 
 
@@ -65,10 +66,10 @@ def serve(
     from qfedit.serving import follow_alias
 
     settings = get_settings()
-    engine = _ready_engine()
+    engine = ready_engine()
     sessions = session_factory(engine)
     try:
-        with _user_errors():
+        with user_errors():
             with sessions() as session:
                 source = registry.get_model(session, model_name).source
             base = _base_dir(source, model_dir)
@@ -113,12 +114,12 @@ def export_command(
     quiet_transformers()
 
     def work(session: Session) -> None:
-        version = registry.get_version(session, version_ref, model=_model_or_none(session, model_name))
+        version = registry.get_version(session, version_ref, model=model_or_none(session, model_name))
         model = version.model
         base = _base_dir(model.source, model_dir)
         mismatch = registry.base_mismatch(model, weights_fingerprint(base), str(base))
         if mismatch:
-            raise ValueError(mismatch)
+            raise ConflictError(mismatch)
         delta = load_version_delta(store_from_settings(get_settings()), version)
         info = {
             "version": version.label,
@@ -132,7 +133,7 @@ def export_command(
             console.print(f"exported {version.label} to {out_dir} ({merged})")
             return
         if delta is None:
-            raise ValueError(
+            raise InvalidInputError(
                 f"{version.label} is the base model: no update to export as LoRA; use --format full"
             )
         architecture = architecture_for(export.model_type(base))
@@ -148,4 +149,4 @@ def export_command(
             f"r = {report.rank}, {verdict}: |dW - BA| / |dW| = {report.relative_error:.3e}; written to {out_dir}"
         )
 
-    _in_session(work)
+    in_session(work)

@@ -2,112 +2,39 @@
 
 from __future__ import annotations
 
-import getpass
 import json
-import logging
-import os
-import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
-from sqlalchemy import Engine, inspect
 from sqlalchemy.orm import Session
 
-from qfedit.cli import app
+from api import views
+from api.schemas import VersionDetail
+from cli.app import alias_app, app, db_app, model_app
+from cli.common import (
+    JsonOption,
+    ModelOption,
+    console,
+    current_actor,
+    emit_json,
+    errors,
+    in_session,
+    model_or_none,
+    open_engine,
+    single_model,
+    user_errors,
+)
+from qfedit import registry
 from qfedit.config import get_settings
 from qfedit.db import migrate
-from qfedit.db.engine import engine_from_settings, session_factory
-from qfedit.db.guards import ImmutableRowError
-from qfedit.db.models import AuditEntry, FactStatus
-from qfedit.facts import FactError
-from qfedit.store import StoreError, store_from_settings
-
-logger = logging.getLogger(__name__)
-console = Console()
-errors = Console(stderr=True)
-
-db_app = typer.Typer(no_args_is_help=True, help="Database schema: migrations.")
-model_app = typer.Typer(no_args_is_help=True, help="Register and list base models.")
-alias_app = typer.Typer(no_args_is_help=True, help="Movable names for versions, with their history.")
-app.add_typer(db_app, name="db")
-app.add_typer(model_app, name="model")
-app.add_typer(alias_app, name="alias")
-
-JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
-ModelOption = Annotated[str | None, typer.Option("--model", "-m", help="Model name.")]
-
-T = TypeVar("T")
-
-
-def _actor() -> str:
-    return os.environ.get("QFEDIT_ACTOR") or getpass.getuser()
-
-
-def _emit_json(value: Any) -> None:
-    sys.stdout.write(json.dumps(value, indent=2, ensure_ascii=False, default=str) + "\n")
-
-
-@contextmanager
-def _user_errors() -> Iterator[None]:
-    """Expected failures become one red line and exit status 1, not a traceback."""
-    from alembic.util.exc import CommandError
-
-    from qfedit.errors import ConflictError, NotFoundError
-    from qfedit.importing import ImportFileError
-
-    try:
-        yield
-    except (
-        NotFoundError,
-        ConflictError,
-        ImportFileError,
-        FactError,
-        StoreError,
-        ImmutableRowError,
-        CommandError,
-        ValueError,
-        FileNotFoundError,
-    ) as err:
-        errors.print(f"[red]error:[/red] {err}", markup=True, highlight=False)
-        raise typer.Exit(1) from None
-
-
-def _engine() -> Engine:
-    return engine_from_settings(get_settings())
-
-
-def _ready_engine() -> Engine:
-    """An engine on a database at the latest schema; an empty embedded SQLite is created on the spot."""
-    engine = _engine()
-    current = migrate.current(engine)
-    head = migrate.head()
-    if current == head:
-        return engine
-    if current is None and engine.dialect.name == "sqlite" and not inspect(engine).get_table_names():
-        logger.info("creating the embedded database at %s", engine.url)
-        migrate.upgrade(engine)
-        return engine
-    raise typer.BadParameter(
-        f"the database is at schema {current or 'none'}, not {head}; run `qfedit db upgrade`",
-        param_hint="database",
-    )
-
-
-def _in_session(work: Callable[[Session], T]) -> T:
-    engine = _ready_engine()
-    try:
-        with session_factory(engine)() as session, _user_errors():
-            return work(session)
-    finally:
-        engine.dispose()
-
+from qfedit.db.models import FactStatus
+from qfedit.errors import InvalidInputError
+from qfedit.pipeline.settings import nested, validate_settings
+from qfedit.store import store_from_settings
 
 # -- db -------------------------------------------------------------------------------------
 
@@ -115,9 +42,9 @@ def _in_session(work: Callable[[Session], T]) -> T:
 @db_app.command("upgrade")
 def db_upgrade(revision: Annotated[str, typer.Argument(help="Target revision.")] = "head") -> None:
     """Apply migrations up to REVISION (default: the latest)."""
-    engine = _engine()
+    engine = open_engine()
     try:
-        with _user_errors():
+        with user_errors():
             migrate.upgrade(engine, revision)
         console.print(
             f"database at {migrate.current(engine)} ({engine.url.render_as_string(hide_password=True)})"
@@ -129,9 +56,9 @@ def db_upgrade(revision: Annotated[str, typer.Argument(help="Target revision.")]
 @db_app.command("downgrade")
 def db_downgrade(revision: Annotated[str, typer.Argument(help="Target revision, e.g. base.")]) -> None:
     """Revert migrations down to REVISION (`base` drops every table)."""
-    engine = _engine()
+    engine = open_engine()
     try:
-        with _user_errors():
+        with user_errors():
             migrate.downgrade(engine, revision)
         console.print(f"database at {migrate.current(engine) or 'base'}")
     finally:
@@ -141,7 +68,7 @@ def db_downgrade(revision: Annotated[str, typer.Argument(help="Target revision, 
 @db_app.command("current")
 def db_current() -> None:
     """Print the schema revision the database is at."""
-    engine = _engine()
+    engine = open_engine()
     try:
         console.print(migrate.current(engine) or "base (empty)")
     finally:
@@ -176,30 +103,17 @@ def model_add(
             fingerprint=fingerprint,
             revision=revision,
             default_layer=layer,
-            actor=_actor(),
+            actor=current_actor(),
         )
         session.commit()
         if as_json:
-            _emit_json(_describe_model(model))
+            emit_json(views.model_out(model).model_dump(mode="json"))
         else:
             console.print(
                 f"registered {model.name} (fingerprint {fingerprint[:16]}…), version {model.name}@0"
             )
 
-    _in_session(work)
-
-
-def _describe_model(model: Any) -> dict[str, Any]:
-    return {
-        "id": model.id,
-        "name": model.name,
-        "source": model.source,
-        "revision": model.revision,
-        "fingerprint": model.fingerprint,
-        "default_layer": model.default_layer,
-        "created_at": model.created_at.isoformat(),
-        "created_by": model.created_by,
-    }
+    in_session(work)
 
 
 @model_app.command("list")
@@ -210,14 +124,14 @@ def model_list(as_json: JsonOption = False) -> None:
     def work(session: Session) -> None:
         models = registry.list_models(session)
         if as_json:
-            _emit_json([_describe_model(m) for m in models])
+            emit_json([views.model_out(m).model_dump(mode="json") for m in models])
             return
         table = Table("name", "source", "layer", "fingerprint", "added")
         for m in models:
             table.add_row(m.name, m.source, _cell(m.default_layer), m.fingerprint[:16], _when(m.created_at))
         console.print(table)
 
-    _in_session(work)
+    in_session(work)
 
 
 # -- import ---------------------------------------------------------------------------------
@@ -259,13 +173,13 @@ def import_command(
                 file,
                 model,
                 fmt=fmt_value,
-                actor=_actor(),
+                actor=current_actor(),
                 chunk_size=chunk_size,
                 rejects_path=rejects,
                 progress=lambda done: bar.update(task, completed=done),
             )
         if as_json:
-            _emit_json(summary.as_dict())
+            emit_json(summary.as_dict())
         else:
             table = Table(
                 "read", "imported", "duplicates skipped", "rejected", title=f"{file.name} → {model.name}"
@@ -282,7 +196,7 @@ def import_command(
             errors.print(f"[red]stopped early:[/red] {summary.stopped}")
             raise typer.Exit(1)
 
-    _in_session(work)
+    in_session(work)
 
 
 # -- versions -------------------------------------------------------------------------------
@@ -304,31 +218,28 @@ def _metrics(metrics: dict[str, Any]) -> str:
     return " ".join(f"{k}={_cell(v)}" for k, v in sorted(metrics.items()))
 
 
-def _model_or_none(session: Session, name: str | None) -> Any:
-    from qfedit import registry
-
-    return registry.get_model(session, name) if name else None
-
-
 @app.command("versions")
 def versions_command(model_name: ModelOption = None, as_json: JsonOption = False) -> None:
     """The versions of every model (or one): parent, who, why, fact changes, |dW|/|W|, metrics, aliases."""
     from qfedit import registry
 
     def work(session: Session) -> None:
-        model = _model_or_none(session, model_name)
+        model = model_or_none(session, model_name)
         versions = registry.list_versions(session, model=model)
         aliases = registry.aliases_by_version(session, model)
         fact_sets = {v.id: registry.version_fact_ids(session, v) for v in versions}
         rows = []
         for v in versions:
             parent_facts = fact_sets.get(v.parent_id, set()) if v.parent_id is not None else set()
-            row = registry.describe_version(v, aliases.get(v.id, []))
-            row["facts_added"] = len(fact_sets[v.id] - parent_facts)
-            row["facts_removed"] = len(parent_facts - fact_sets[v.id])
-            rows.append(row)
+            rows.append(
+                VersionDetail(
+                    **views.version_out(v, aliases.get(v.id, [])).model_dump(),
+                    facts_added=len(fact_sets[v.id] - parent_facts),
+                    facts_removed=len(parent_facts - fact_sets[v.id]),
+                ).model_dump(mode="json")
+            )
         if as_json:
-            _emit_json(rows)
+            emit_json(rows)
             return
         table = Table(
             "version", "parent", "when", "who", "reason", "+facts", "-facts", "|dW|/|W|", "metrics", "aliases"
@@ -348,7 +259,7 @@ def versions_command(model_name: ModelOption = None, as_json: JsonOption = False
             )
         console.print(table)
 
-    _in_session(work)
+    in_session(work)
 
 
 @app.command("show")
@@ -361,12 +272,12 @@ def show_command(
     from qfedit import registry
 
     def work(session: Session) -> None:
-        version = registry.get_version(session, version_ref, model=_model_or_none(session, model_name))
+        version = registry.get_version(session, version_ref, model=model_or_none(session, model_name))
         aliases = registry.aliases_by_version(session, version.model).get(version.id, [])
         facts = registry.load_facts(session, registry.version_fact_ids(session, version))
-        described = registry.describe_version(version, aliases)
+        described = views.version_out(version, aliases).model_dump(mode="json")
         if as_json:
-            _emit_json({**described, "facts": [registry.describe_fact(f) for f in facts]})
+            emit_json({**described, "facts": [views.fact_out(f).model_dump(mode="json") for f in facts]})
             return
         table = Table(show_header=False, title=version.label)
         for key, value in described.items():
@@ -377,7 +288,7 @@ def show_command(
             facts_table.add_row(str(fact.id), fact.question, fact.answer, fact.status.value)
         console.print(facts_table)
 
-    _in_session(work)
+    in_session(work)
 
 
 @app.command("diff")
@@ -391,21 +302,12 @@ def diff_command(
     from qfedit import registry
 
     def work(session: Session) -> None:
-        model = _model_or_none(session, model_name)
+        model = model_or_none(session, model_name)
         old = registry.get_version(session, old_ref, model=model)
         new = registry.get_version(session, new_ref, model=model)
         diff = registry.diff_versions(session, old, new, store=store_from_settings(get_settings()))
         if as_json:
-            _emit_json(
-                {
-                    "old": old.label,
-                    "new": new.label,
-                    "facts_added": [registry.describe_fact(f) for f in diff.added],
-                    "facts_removed": [registry.describe_fact(f) for f in diff.removed],
-                    "metric_changes": {k: {"old": a, "new": b} for k, (a, b) in diff.metric_changes.items()},
-                    "weight_difference_norm": diff.weight_difference_norm,
-                }
-            )
+            emit_json(views.diff_out(diff).model_dump(mode="json"))
             return
         console.print(f"{old.label} → {new.label}: |ΔW|_F = {_cell(diff.weight_difference_norm)}")
         facts = Table("", "fact", "question", "answer")
@@ -419,22 +321,10 @@ def diff_command(
                 metrics.add_row(key, _cell(a), _cell(b))
             console.print(metrics)
 
-    _in_session(work)
+    in_session(work)
 
 
 # -- audit log ------------------------------------------------------------------------------
-
-
-def _describe_audit(entry: AuditEntry) -> dict[str, Any]:
-    return {
-        "id": entry.id,
-        "at": entry.at.isoformat(),
-        "actor": entry.actor,
-        "action": entry.action,
-        "object_type": entry.object_type,
-        "object_id": entry.object_id,
-        "details": entry.details,
-    }
 
 
 @app.command("log")
@@ -461,7 +351,7 @@ def log_command(
             session, actor=actor, action=action, object_type=object_type, since=since, limit=limit
         )
         if as_json:
-            _emit_json([_describe_audit(e) for e in entries])
+            emit_json([views.audit_out(e).model_dump(mode="json") for e in entries])
             return
         table = Table("#", "when", "who", "action", "object", "details")
         for e in entries:
@@ -477,7 +367,7 @@ def log_command(
             )
         console.print(table)
 
-    _in_session(work)
+    in_session(work)
 
 
 # -- aliases --------------------------------------------------------------------------------
@@ -498,22 +388,22 @@ def alias_set(
     from qfedit import registry
 
     def work(session: Session) -> None:
-        version = registry.get_version(session, version_ref, model=_model_or_none(session, model_name))
+        version = registry.get_version(session, version_ref, model=model_or_none(session, model_name))
         alias = registry.set_alias(
             session,
             name=name,
             version=version,
             reason=reason,
-            actor=_actor(),
+            actor=current_actor(),
             expect_revision=registry.UNSET if expect_revision is None else expect_revision,
         )
         session.commit()
         if as_json:
-            _emit_json({"alias": alias.name, "version": version.label, "revision": alias.revision})
+            emit_json({"alias": alias.name, "version": version.label, "revision": alias.revision})
         else:
             console.print(f"{alias.name} → {version.label} (revision {alias.revision})")
 
-    _in_session(work)
+    in_session(work)
 
 
 @alias_app.command("history")
@@ -522,7 +412,7 @@ def alias_history_command(name: str, model_name: ModelOption = None, as_json: Js
     from qfedit import registry
 
     def work(session: Session) -> None:
-        model = _single_model(session, model_name)
+        model = single_model(session, model_name)
         moves = registry.alias_history(session, model, name)
         rows = [
             {
@@ -535,14 +425,14 @@ def alias_history_command(name: str, model_name: ModelOption = None, as_json: Js
             for m in moves
         ]
         if as_json:
-            _emit_json(rows)
+            emit_json(rows)
             return
         table = Table("when", "who", "from", "to", "reason", title=f"{model.name} alias {name}")
         for row, m in zip(rows, moves, strict=True):
             table.add_row(_when(m.moved_at), m.moved_by, _cell(row["from"]), str(row["to"]), m.reason)
         console.print(table)
 
-    _in_session(work)
+    in_session(work)
 
 
 @alias_app.command("list")
@@ -551,35 +441,20 @@ def alias_list(model_name: ModelOption = None, as_json: JsonOption = False) -> N
     from qfedit import registry
 
     def work(session: Session) -> None:
-        aliases = registry.list_aliases(session, model=_model_or_none(session, model_name))
+        aliases = registry.list_aliases(session, model=model_or_none(session, model_name))
         rows = [
             {"model": a.model.name, "alias": a.name, "version": a.version.number, "revision": a.revision}
             for a in aliases
         ]
         if as_json:
-            _emit_json(rows)
+            emit_json(rows)
             return
         table = Table("model", "alias", "version", "revision")
         for row in rows:
             table.add_row(*(str(v) for v in row.values()))
         console.print(table)
 
-    _in_session(work)
-
-
-def _single_model(session: Session, name: str | None) -> Any:
-    from qfedit import registry
-
-    if name:
-        return registry.get_model(session, name)
-    models = registry.list_models(session)
-    if len(models) != 1:
-        names = ", ".join(m.name for m in models) or "none"
-        raise registry.NotFoundError(f"pass --model (registered: {names})")
-    return models[0]
-
-
-# -- facts and gc ---------------------------------------------------------------------------
+    in_session(work)
 
 
 @app.command("facts")
@@ -594,10 +469,10 @@ def facts_command(
 
     def work(session: Session) -> None:
         facts = registry.list_facts(
-            session, model=_model_or_none(session, model_name), status=status, limit=limit
+            session, model=model_or_none(session, model_name), status=status, limit=limit
         )
         if as_json:
-            _emit_json([registry.describe_fact(f) for f in facts])
+            emit_json([views.fact_out(f).model_dump(mode="json") for f in facts])
             return
         table = Table("id", "model", "status", "question", "answer", "source")
         for f in facts:
@@ -611,7 +486,7 @@ def facts_command(
             )
         console.print(table)
 
-    _in_session(work)
+    in_session(work)
 
 
 @app.command("gc")
@@ -636,7 +511,7 @@ def gc_command(
             if garbage:
                 registry.record_audit(
                     session,
-                    actor=_actor(),
+                    actor=current_actor(),
                     action="store.gc",
                     object_type="store",
                     object_id="checkpoints",
@@ -644,11 +519,67 @@ def gc_command(
                 )
                 session.commit()
         if as_json:
-            _emit_json({"dry_run": dry_run, "files": garbage})
+            emit_json({"dry_run": dry_run, "files": garbage})
             return
         verb = "would remove" if dry_run else "removed"
         for path in garbage:
             console.print(f"{verb} {path}", highlight=False)
         console.print(f"{len(garbage)} unreferenced file(s) {verb}")
 
-    _in_session(work)
+    in_session(work)
+
+
+def _assign(target: dict[str, object], dotted: str, raw: str) -> None:
+    """`solve.lam=10` sets target["solve"]["lam"] = 10; values are JSON when they parse as JSON."""
+    import json
+
+    keys = dotted.split(".")
+    for key in keys[:-1]:
+        child = target.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise InvalidInputError(f"setting {dotted!r}: {key!r} is not a group")
+        target = child
+    try:
+        target[keys[-1]] = json.loads(raw)
+    except json.JSONDecodeError:
+        target[keys[-1]] = raw
+
+
+@model_app.command("configure")
+def model_configure(
+    name: str,
+    assignments: Annotated[
+        list[str] | None,
+        typer.Option("--set", help='KEY=VALUE, e.g. solve.rule=preserve, promote={"efficacy":0.9}'),
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Show or change how a model's batches are edited (layer, rule, corpora, promotion thresholds)."""
+
+    def work(session: Session) -> None:
+        model = registry.get_model(session, name)
+        current = nested(model.settings)
+        for item in assignments or []:
+            key, sep, raw = item.partition("=")
+            if not sep:
+                raise InvalidInputError(f"--set {item!r}: expected KEY=VALUE")
+            _assign(current, key.strip(), raw)
+        validated = validate_settings(current, default_layer=model.default_layer, field="settings")
+        if assignments:
+            model.settings = validated.model_dump(mode="json", exclude_defaults=True)
+            registry.record_audit(
+                session,
+                actor=current_actor(),
+                action="model.configure",
+                object_type="model",
+                object_id=model.id,
+                details={"settings": model.settings},
+            )
+            session.commit()
+        shown = validated.model_dump(mode="json")
+        if as_json:
+            emit_json(shown)
+            return
+        console.print_json(data=shown)
+
+    in_session(work)

@@ -1,5 +1,5 @@
 """`python -m qfedit ...` is the `qfedit` command (the embedded worker child is started this way)."""
 
-from qfedit.cli import main
+from cli import main
 
 main()

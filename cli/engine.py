@@ -11,7 +11,9 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.console import Console
 
-from qfedit.cli import app
+from cli.app import app
+from cli.common import user_errors
+from qfedit.errors import InvalidInputError
 
 if TYPE_CHECKING:
     from qfedit.covariance import CorpusText
@@ -43,8 +45,10 @@ def quiet_transformers() -> None:
 
 
 def fail(message: str) -> typer.Exit:
+    from qfedit.errors import EXIT_CODES, ErrorCode
+
     err.print(f"[red]error:[/red] {message}", highlight=False)
-    return typer.Exit(2)
+    return typer.Exit(EXIT_CODES[ErrorCode.INVALID])
 
 
 def load(model_dir: Path, dtype: str, device: str, chat_template: Path | None = None) -> LoadedModel:
@@ -63,7 +67,7 @@ def preservation_texts(loaded: LoadedModel, facts: Sequence[Fact], corpus: Path 
         return corpus_texts(loaded, [corpus])
     neighbors = [transcript(loaded, n.question, n.answer) for f in facts for n in f.neighbors]
     if not neighbors:
-        raise ValueError(
+        raise InvalidInputError(
             "the preserving rule needs a preservation corpus: give --preserve FILE or facts with neighbors"
         )
     return neighbors
@@ -93,7 +97,7 @@ def edit(
     from qfedit.edit import make_delta, preservation_for
     from qfedit.hparams import EditConfig, SolveConfig
 
-    try:
+    with user_errors():
         config = EditConfig(
             layer=layer,
             solve=SolveConfig(rule=rule, lam=lam, ridge=ridge),  # type: ignore[arg-type]
@@ -107,8 +111,6 @@ def edit(
         if config.solve.rule == "preserve":
             preservation = preservation_for(loaded, config, preservation_texts(loaded, facts, preserve))
         result = make_delta(loaded, facts, config, labels=labels, preservation=preservation)
-    except ValueError as error:
-        raise fail(str(error)) from None
     # Written beside the target and renamed, so a failed write never leaves a partial delta.
     partial = out.with_name(out.name + ".partial")
     result.delta.save(partial)
@@ -139,22 +141,21 @@ def ask(
     from qfedit.delta import Delta, applied
     from qfedit.generate import answer
 
-    try:
+    with user_errors():
         loaded = load(model_dir, dtype, device, chat_template)
         change = Delta.load(delta) if delta is not None else None
         with applied(loaded, change):
             text = answer(loaded, question, context, max_new_tokens=max_new_tokens)
-    except ValueError as error:
-        raise fail(str(error)) from None
     console.print(text, highlight=False, markup=False)
 
 
 def read_facts(path: Path) -> tuple[list[Fact], list[str]]:
+    from qfedit.errors import InvalidInputError
     from qfedit.facts import iter_jsonl
 
     numbered = list(iter_jsonl(path))
     if not numbered:
-        raise ValueError(f"{path}: no facts")
+        raise InvalidInputError(f"{path}: no facts", field="facts")
     return [fact for _, fact in numbered], [f"{path.name} line {number}" for number, _ in numbered]
 
 
@@ -186,7 +187,7 @@ def eval_command(
     from qfedit.delta import Delta
     from qfedit.evaluate import evaluate
 
-    try:
+    with user_errors():
         facts, _ = read_facts(facts_file)
         known_facts = read_facts(known)[0] if known is not None else []
         unknown_questions = [f.question for f in read_facts(unknown)[0]] if unknown is not None else []
@@ -195,8 +196,6 @@ def eval_command(
         report = evaluate(
             loaded, facts, change, known=known_facts, unknown=unknown_questions, abstention=abstention
         )
-    except ValueError as error:
-        raise fail(str(error)) from None
     if as_json:
         payload = report.to_json()
         payload.pop("details")
@@ -242,12 +241,10 @@ def layers(
     from qfedit.hparams import SolveConfig
     from qfedit.layers import recommend_layer, scan_layers
 
-    try:
+    with user_errors():
         facts, _ = read_facts(facts_file)
         loaded = load(model_dir, dtype, device, chat_template)
         scans = scan_layers(loaded, facts[:probe], SolveConfig(rule="seed", max_condition=1e14))
-    except ValueError as error:
-        raise fail(str(error)) from None
     table = Table(title=f"probe edit of {min(probe, len(facts))} facts, seed rule")
     for column in ("layer", "efficacy", "|dW|/|W|", "note"):
         table.add_column(column, justify="right")

@@ -6,8 +6,8 @@ from typing import Annotated
 
 import typer
 
-from qfedit.cli import app
-from qfedit.cli.state import _ready_engine, errors
+from cli.app import app
+from cli.common import errors, ready_engine
 from qfedit.config import get_settings
 
 
@@ -24,7 +24,7 @@ def api_command(
 
     settings = get_settings()
     # Same check as every other command: the schema is at head (an empty embedded one is created).
-    _ready_engine().dispose()
+    ready_engine().dispose()
     if not settings.api_tokens:
         errors.print(
             "[yellow]warning:[/yellow] no API tokens configured (QFEDIT_API_TOKENS); every request but "

@@ -1,0 +1,233 @@
+"""Queue commands of the `qfedit` CLI: workers, the scheduler, batches and retraction.
+
+With no `QFEDIT_BROKER_URL`, `batch submit` and `retract` run the embedded default: the batch is
+enqueued on a broker in the data folder and a worker child process runs it through the same
+tasks as production, then exits.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from sqlalchemy.orm import Session
+
+from api import views
+from cli.app import app, batch_app
+from cli.common import JsonOption, current_actor, emit_json, in_session
+from qfedit import registry
+from qfedit.config import Settings, get_settings
+from qfedit.db.models import Batch
+from qfedit.pipeline import lifecycle, submit
+from worker.app import DEFAULT_QUEUE, GPU_QUEUE
+from worker.client import app_for, enqueue_batch
+
+console = Console()
+
+
+@app.command()
+def worker(
+    queues: Annotated[
+        str, typer.Option(help="Comma-separated queues to consume.")
+    ] = f"{GPU_QUEUE},{DEFAULT_QUEUE}",
+    loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
+    hostname: Annotated[str | None, typer.Option(help="Worker name (default: celery's).")] = None,
+) -> None:
+    """Run a worker process: one per GPU (set CUDA_VISIBLE_DEVICES), the model loaded once in it."""
+    argv = ["worker", "--pool", "solo", "--concurrency", "1", "--queues", queues, "--loglevel", loglevel]
+    if hostname:
+        argv += ["--hostname", hostname]
+    app_for(get_settings()).worker_main(argv)
+
+
+@app.command()
+def beat(
+    loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
+) -> None:
+    """Run the scheduler (exactly one): nightly edits of pending facts, resending stalled batches."""
+    settings = get_settings()
+    schedule = settings.data_dir / "beat-schedule"
+    schedule.parent.mkdir(parents=True, exist_ok=True)
+    app_for(settings).start(["beat", "--loglevel", loglevel, "--schedule", str(schedule)])
+
+
+@contextmanager
+def embedded_worker(settings: Settings) -> Iterator[subprocess.Popen[bytes] | None]:
+    """A worker child on the embedded broker, when no broker is configured; stopped on exit."""
+    if settings.broker_url:
+        yield None
+        return
+    log = (settings.data_dir / "worker.log").open("ab")
+    child = subprocess.Popen(
+        [sys.executable, "-m", "cli", "worker", "--loglevel", "WARNING"],
+        stdout=log,
+        stderr=log,
+        env=os.environ.copy(),
+    )
+    try:
+        yield child
+    finally:
+        child.send_signal(signal.SIGTERM)
+        try:
+            child.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+        log.close()
+
+
+def watch_batch(
+    batch_id: int, *, timeout: float | None = None, child: subprocess.Popen[bytes] | None = None
+) -> Batch:
+    """Follow a batch with a progress bar until it is published, failed or cancelled."""
+    settings = get_settings()
+    from qfedit.db import engine_from_settings, session_factory
+
+    sessions = session_factory(engine_from_settings(settings))
+    started = time.monotonic()
+    columns = (TextColumn("batch {task.fields[batch]}: {task.description}"), BarColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("queued", total=1.0, batch=batch_id)
+        while True:
+            with sessions() as session:
+                batch = registry.get_batch(session, batch_id)
+                state = lifecycle.batch_progress(session, batch)
+                session.expunge_all()
+            described = f"{state.stage}, {state.captured}/{state.facts} facts captured"
+            progress.update(task, description=described, completed=batch.progress)
+            if batch.status in lifecycle.FINAL:
+                return batch
+            if child is not None and child.poll() is not None:
+                raise RuntimeError(
+                    f"the worker exited with status {child.returncode}; see {settings.data_dir / 'worker.log'}"
+                )
+            if timeout is not None and time.monotonic() - started > timeout:
+                raise TimeoutError(f"batch {batch_id} still {batch.status.value} after {timeout:.0f}s")
+            time.sleep(0.5)
+
+
+def run_batch(batch_id: int, wait: bool) -> None:
+    settings = get_settings()
+    enqueue_batch(batch_id, settings)
+    if not wait and settings.broker_url:
+        console.print(f"batch {batch_id} queued")
+        return
+    with embedded_worker(settings) as child:
+        batch = watch_batch(batch_id, child=child)
+    if batch.status.value != "published":
+        console.print(
+            f"[red]batch {batch_id} {batch.status.value}[/red]: {batch.error or ''}", highlight=False
+        )
+        raise typer.Exit(1)
+    console.print(f"batch {batch_id} published")
+
+
+@batch_app.command("submit")
+def batch_submit(
+    model_name: Annotated[str, typer.Option("--model", "-m", help="Model name.")],
+    facts: Annotated[
+        list[str] | None, typer.Option("--facts", help="'pending' (default) or fact ids.")
+    ] = None,
+    idempotency_key: Annotated[
+        str | None, typer.Option(help="Submitting the same key twice makes one batch.")
+    ] = None,
+    wait: Annotated[
+        bool, typer.Option(help="Follow the batch until it finishes (always, when embedded).")
+    ] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Enqueue an edit batch of a model's pending facts (or the given ids)."""
+    wanted = facts or ["pending"]
+    ids = None if wanted == ["pending"] else [int(item) for item in wanted]
+
+    def work(session: Session) -> int:
+        model = registry.get_model(session, model_name)
+        batch = submit.submit_batch(
+            session, model=model, fact_ids=ids, requested_by=current_actor(), idempotency_key=idempotency_key
+        )
+        session.commit()
+        if as_json:
+            emit_json(views.batch_out(session, batch).model_dump(mode="json"))
+        return batch.id
+
+    run_batch(in_session(work), wait)
+
+
+@app.command()
+def retract(
+    fact_ids: Annotated[list[int], typer.Argument(help="Ids of the facts to take out.")],
+    reason: Annotated[str, typer.Option(help="Why (kept in the audit log and the version).")],
+    model_name: Annotated[str | None, typer.Option("--model", "-m", help="Model name.")] = None,
+    idempotency_key: Annotated[
+        str | None, typer.Option(help="Submitting the same key twice makes one batch.")
+    ] = None,
+    wait: Annotated[
+        bool, typer.Option(help="Follow the batch until it finishes (always, when embedded).")
+    ] = False,
+) -> None:
+    """Publish a version without these facts (their statistics subtracted)."""
+
+    def work(session: Session) -> int:
+        from cli.common import single_model
+
+        model = single_model(session, model_name)
+        batch = submit.submit_retraction(
+            session,
+            model=model,
+            fact_ids=fact_ids,
+            reason=reason,
+            requested_by=current_actor(),
+            idempotency_key=idempotency_key,
+        )
+        session.commit()
+        return batch.id
+
+    run_batch(in_session(work), wait)
+
+
+@batch_app.command("status")
+def batch_status(batch_id: int, as_json: JsonOption = False) -> None:
+    """Show a batch: stage, progress, attempts, error."""
+
+    def work(session: Session) -> None:
+        batch = registry.get_batch(session, batch_id)
+        info = views.batch_out(session, batch).model_dump(mode="json")
+        if as_json:
+            emit_json(info)
+            return
+        for key, value in info.items():
+            console.print(f"{key:>16}: {value}", highlight=False)
+
+    in_session(work)
+
+
+@batch_app.command("watch")
+def batch_watch(
+    batch_id: int,
+    timeout: Annotated[float | None, typer.Option(help="Give up after this many seconds.")] = None,
+) -> None:
+    """Follow a batch with a progress bar until it finishes."""
+    batch = watch_batch(batch_id, timeout=timeout)
+    console.print(f"batch {batch_id} {batch.status.value}" + (f": {batch.error}" if batch.error else ""))
+
+
+@batch_app.command("cancel")
+def batch_cancel(batch_id: int) -> None:
+    """Cancel a batch that has not published."""
+
+    def work(session: Session) -> None:
+        batch = registry.get_batch(session, batch_id, for_update=True)
+        lifecycle.cancel_batch(session, batch, actor=current_actor())
+        session.commit()
+        console.print(f"batch {batch_id} cancelled")
+
+    in_session(work)
