@@ -21,24 +21,13 @@ from safetensors.torch import load, save
 
 from qfedit.errors import InvalidInputError
 from qfedit.modeling import LoadedModel
+from qfedit.tensorfile import metadata_of
 
 FORMAT = "qfedit.delta/1"
 
 
 class DeltaMismatchError(InvalidInputError):
     """A delta that does not belong to the loaded base model."""
-
-
-def _safetensors_metadata(data: bytes, where: str) -> dict[str, str]:
-    """The `__metadata__` of safetensors bytes: an 8-byte little-endian header length, then JSON.
-
-    safetensors reads metadata only from a file (`safe_open`); deltas come from the store as bytes.
-    """
-    length = int.from_bytes(data[:8], "little") if len(data) >= 8 else 0
-    if len(data) < 8 or 8 + length > len(data):
-        raise InvalidInputError(f"{where}: {len(data)} bytes, not a safetensors file")
-    header = json.loads(data[8 : 8 + length])
-    return dict(header.get("__metadata__") or {})
 
 
 @dataclass(frozen=True)
@@ -60,7 +49,7 @@ class Delta:
     @classmethod
     def from_bytes(cls, data: bytes, where: str = "delta") -> Delta:
         """The delta `to_bytes` wrote; anything else (bare tensors included) is a ValueError naming `where`."""
-        header = _safetensors_metadata(data, where)
+        header = metadata_of(data, where)
         if header.pop("format", None) != FORMAT or "base_fingerprint" not in header:
             raise InvalidInputError(f"{where}: not a qfedit delta ({FORMAT} with a base fingerprint)")
         fingerprint = header.pop("base_fingerprint")
@@ -85,6 +74,14 @@ class Delta:
                 )
 
 
+def merged(weight: torch.Tensor, change: torch.Tensor) -> torch.Tensor:
+    """`round(float32(W) + dW)`: the one way a delta enters weights, so that applying, serving
+    and exporting a version give bitwise the same tensors. The sum is taken in float32 at least
+    and rounded once to the weight's dtype."""
+    work = torch.promote_types(weight.dtype, torch.float32)
+    return (weight.to(work) + change.to(device=weight.device, dtype=work)).to(weight.dtype)
+
+
 class AppliedDelta:
     """A delta applied in place; `revert()` puts the original tensors back bit for bit."""
 
@@ -97,11 +94,7 @@ class AppliedDelta:
             for name, change in delta.tensors.items():
                 parameter = parameters[name]
                 self._originals[name] = parameter.detach().clone()
-                # Add in float32 at least, then round once to the model's dtype.
-                work = torch.promote_types(parameter.dtype, torch.float32)
-                parameter.copy_(
-                    (parameter.to(work) + change.to(device=parameter.device, dtype=work)).to(parameter.dtype)
-                )
+                parameter.copy_(merged(parameter, change))
         self.delta = delta
 
     def revert(self) -> None:

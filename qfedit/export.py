@@ -31,7 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from qfedit.architectures import Architecture
-from qfedit.delta import Delta
+from qfedit.delta import Delta, merged
 from qfedit.errors import InvalidInputError
 
 log = logging.getLogger(__name__)
@@ -129,9 +129,7 @@ def _write_merged_shard(source: Path, target: Path, changes: dict[str, torch.Ten
                     raise ExportError(
                         f"{key}: the delta is {tuple(change.shape)}, the stored weight is {tuple(tensor.shape)}"
                     )
-                # The arithmetic of AppliedDelta, so the export equals the served weights bitwise.
-                work = torch.promote_types(tensor.dtype, torch.float32)
-                tensor = (tensor.to(work) + change.to(work)).to(tensor.dtype)
+                tensor = merged(tensor, change)
             tensors[key] = tensor
     save_file(tensors, str(target), metadata=metadata)
 

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from qfedit.capture import chat_prompt
-from qfedit.delta import Delta
+from qfedit.delta import Delta, merged
 from qfedit.errors import InvalidInputError
 from qfedit.generate import answer_batch
 from qfedit.modeling import LoadedModel
@@ -111,12 +111,6 @@ class SwitchReport:
     seconds: float
 
 
-def _merge(base: torch.Tensor, change: torch.Tensor) -> torch.Tensor:
-    # The same arithmetic as AppliedDelta: add in float32 at least, round once to the weight's dtype.
-    work = torch.promote_types(base.dtype, torch.float32)
-    return (base.to(work) + change.to(device=base.device, dtype=work)).to(base.dtype)
-
-
 class VersionedModel:
     """One base model in memory and the version currently merged into its weights."""
 
@@ -168,16 +162,16 @@ class VersionedModel:
             restored = sorted(set(old_tensors) - set(new_tensors))
             updated = sorted(set(new_tensors) - set(unchanged))
             with torch.no_grad():
-                merged = {}
+                changes = {}
                 for name in updated:
                     base = self._base.get(name)
                     if base is None:
                         base = self._parameters[name].detach().clone()
-                    merged[name] = (base, _merge(base, new_tensors[name]))
+                    changes[name] = (base, merged(base, new_tensors[name]))
                 # From here on nothing can fail for a reason of the delta's making.
                 for name in restored:
                     self._parameters[name].copy_(self._base.pop(name))
-                for name, (base, value) in merged.items():
+                for name, (base, value) in changes.items():
                     self._base[name] = base
                     self._parameters[name].copy_(value)
             old_label = self._label

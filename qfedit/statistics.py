@@ -8,8 +8,6 @@ every later version of that layer, provided the errors `e` are taken against the
 
 from __future__ import annotations
 
-import json
-import struct
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +16,7 @@ import torch
 from safetensors.torch import load, save
 
 from qfedit.capture import Capture
+from qfedit.tensorfile import check_format
 
 FORMAT = "qfedit.statistics/1"
 
@@ -182,10 +181,7 @@ class Statistics:
 
     @staticmethod
     def from_bytes(data: bytes, where: str = "statistics") -> Statistics:
-        (length,) = struct.unpack("<Q", data[:8])
-        metadata = json.loads(data[8 : 8 + length]).get("__metadata__", {})
-        if metadata.get("format") != FORMAT:
-            raise ValueError(f"{where}: not a qfedit statistics file (metadata {json.dumps(metadata)[:200]})")
+        metadata = check_format(data, FORMAT, where)
         tensors = load(data)
         return Statistics(
             keys_gram=tensors["A"],

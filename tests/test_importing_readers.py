@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qfedit import importing
+from qfedit.importing import records as readers
 
 records = st.lists(
     st.dictionaries(
@@ -30,7 +31,7 @@ def test_array_reader_matches_json_loads(
     old = importing.READ_CHUNK
     importing.READ_CHUNK = chunk
     try:
-        decoded = list(importing._iter_json(io.BytesIO(text.encode())))
+        decoded = list(readers.iter_json(io.BytesIO(text.encode())))
     finally:
         importing.READ_CHUNK = old
     assert [value for _, value in decoded] == items
@@ -50,7 +51,7 @@ def test_array_reader_matches_json_loads(
     ],
 )
 def test_a_broken_array_stops_with_a_fatal_reject(text: str, reason: str) -> None:
-    decoded = list(importing._iter_json(io.BytesIO(text.encode())))
+    decoded = list(readers.iter_json(io.BytesIO(text.encode())))
     assert decoded[0] == (1, {"a": 1})
     bad = decoded[-1][1]
-    assert isinstance(bad, importing._Bad) and bad.fatal and reason in bad.reason
+    assert isinstance(bad, readers.Bad) and bad.fatal and reason in bad.reason

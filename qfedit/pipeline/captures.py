@@ -20,6 +20,7 @@ from qfedit.db.models import FactCapture
 from qfedit.errors import PermanentError
 from qfedit.statistics import STATISTICS_RUN, Observations, Statistics, fact_runs
 from qfedit.store import CheckpointStore, StoredObject
+from qfedit.tensorfile import check_format
 
 FORMAT = "qfedit.observations/1"
 
@@ -40,7 +41,8 @@ def observation_file(observations: Observations) -> bytes:
     )
 
 
-def read_observation_file(data: bytes) -> Observations:
+def read_observation_file(data: bytes, where: str = "observations") -> Observations:
+    check_format(data, FORMAT, where)
     tensors = load_tensors(data)
     return Observations(
         keys=tensors["keys"].to(torch.float64),
@@ -122,7 +124,7 @@ def observation_runs(
         parts = []
         for key in sorted({(captures[i].object_path, captures[i].object_sha256) for i in ids}):
             if key not in files:
-                files[key] = read_observation_file(store.read_bytes(*key))
+                files[key] = read_observation_file(store.read_bytes(*key), key[0])
             observations = files[key]
             assert observations.facts is not None
             parts.append(observations.rows(torch.isin(observations.facts, torch.tensor(ids))))

@@ -16,7 +16,7 @@ from qfedit.facts import FactError
 
 from .helpers import add_model
 
-SAMPLES = Path(importing.__file__).parent / "data" / "samples"
+SAMPLES = Path(importing.__file__).parent.parent / "data" / "samples"
 
 
 def _rows(session: Session) -> list[tuple[Any, ...]]:

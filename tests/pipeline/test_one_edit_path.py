@@ -31,6 +31,7 @@ def test_cli_and_queue_make_bitwise_identical_deltas(
     write_jsonl([fact(i) for i in range(count)], tmp_path / "facts.jsonl")
     write_jsonl([fact(i) for i in range(1000, 1030)], tmp_path / "corpus.jsonl")
     solve = ("--lam", "3", "--ridge", "0.01")
+    out = ("--out", "cli.safetensors", "--preserve", "corpus.jsonl")
     steps = [
         ("model", "add", "tiny", str(model_dir), "--layer", "1"),
         ("model", "configure", "tiny", "--set", "solve.lam=3", "--set", "solve.ridge=0.01"),
@@ -42,8 +43,7 @@ def test_cli_and_queue_make_bitwise_identical_deltas(
         done = _qfedit(env, tmp_path, *step)
         assert done.returncode == 0, f"{step}: {done.stdout}\n{done.stderr}"
     edited = subprocess.run(
-        [sys.executable, "-m", "cli", "edit", str(model_dir), "facts.jsonl", "--layer", "1", *solve]
-        + ["--out", "cli.safetensors", "--preserve", "corpus.jsonl"],
+        [sys.executable, "-m", "cli", "edit", str(model_dir), "facts.jsonl", "--layer", "1", *solve, *out],
         env=env,
         cwd=tmp_path,
         capture_output=True,

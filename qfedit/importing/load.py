@@ -1,0 +1,259 @@
+"""The import itself: stream a file's records into the database in committed chunks, with a
+rejects file for what cannot be imported."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from sqlalchemy import insert, text
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.orm import Session
+
+from qfedit.db.models import FactRow, Model
+from qfedit.errors import InvalidInputError
+from qfedit.facts import FactError
+from qfedit.importing.convert import to_fact
+from qfedit.importing.records import (
+    DEFAULT_CHUNK,
+    Bad,
+    Format,
+    ImportSummary,
+    Progress,
+    default_rejects_path,
+    detect_format,
+    iter_csv,
+    iter_json,
+    iter_json_lines,
+)
+from qfedit.registry.audit import record_audit
+from qfedit.registry.facts import row_values
+
+logger = logging.getLogger(__name__)
+
+# -- the import ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Item:
+    line: int
+    source: str
+    fmt: Format
+    record: Any  # decoded record, or Bad
+
+
+def _items(handle: IO[bytes], path: Path, fmt: Format) -> Iterator[_Item]:
+    if fmt == Format.CSV:
+        for line, record in iter_csv(handle, path.name):
+            yield _Item(line, path.name, fmt, record)
+    elif fmt == Format.JSONL:
+        for line, record in iter_json_lines(handle):
+            yield _Item(line, path.name, fmt, record)
+    elif fmt in (Format.COUNTERFACT, Format.ZSRE):
+        for line, record in iter_json(handle):
+            yield _Item(line, path.name, fmt, record)
+    else:
+        for line, envelope in iter_json_lines(handle):
+            yield _unwrap_reject(line, path, envelope)
+
+
+def _unwrap_reject(line: int, path: Path, envelope: Any) -> _Item:
+    """A fixed-up entry of a rejects file, keeping the original file and line as its source."""
+    if isinstance(envelope, Bad):
+        return _Item(line, path.name, Format.JSONL, envelope)
+    try:
+        fmt = Format(envelope.get("format")) if isinstance(envelope, dict) else None
+    except ValueError:
+        fmt = None
+    if fmt is None or fmt == Format.REJECTS or "record" not in envelope:
+        bad = Bad(json.dumps(envelope, ensure_ascii=False), "not a rejects entry (needs format and record)")
+        return _Item(line, path.name, Format.JSONL, bad)
+    original_line = envelope.get("line")
+    record = envelope["record"]
+    if isinstance(record, str) and fmt in (Format.JSONL, Format.COUNTERFACT, Format.ZSRE):
+        # An undecodable line was kept as text; once fixed, it is JSON text again.
+        try:
+            record = json.loads(record)
+        except json.JSONDecodeError as err:
+            record = Bad(record, f"not valid JSON: {err.msg}")
+    return _Item(
+        original_line if isinstance(original_line, int) else line,
+        str(envelope.get("source") or path.name),
+        fmt,
+        record,
+    )
+
+
+def _insert_new(session: Session, rows: list[dict[str, Any]]) -> int:
+    """Insert rows whose (model, content hash) is new; return how many were inserted."""
+    if not rows:
+        return 0
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        return _insert_new_postgresql(session, rows)
+    if dialect == "sqlite":
+        statement: Any = sqlite_insert(FactRow).on_conflict_do_nothing(
+            index_elements=["model_id", "content_hash"]
+        )
+    else:
+        statement = insert(FactRow)
+    # RETURNING with many parameter sets is batched into multi-row INSERTs by SQLAlchemy
+    # ("insertmanyvalues"); rows skipped by the conflict clause return nothing.
+    result = session.execute(statement.returning(FactRow.id), rows)
+    return len(result.all())
+
+
+_TEXT_COLUMNS = ("content_hash", "external_id", "question", "answer", "context", "subject", "source")
+_JSON_COLUMNS = ("significance", "paraphrases", "neighbors")
+# One statement with one array parameter per column: psycopg parses a short query once instead
+# of a multi-row VALUES list with tens of thousands of placeholders (2.4x faster measured).
+_PG_INSERT = text(
+    "INSERT INTO facts (model_id, status, created_at, source_line, "
+    + ", ".join(_TEXT_COLUMNS + _JSON_COLUMNS)
+    + ") SELECT :model_id, :status, :created_at, t.source_line, "
+    + ", ".join(f"t.{c}" for c in _TEXT_COLUMNS)
+    + ", "
+    + ", ".join(f"CAST(t.{c} AS json)" for c in _JSON_COLUMNS)
+    + " FROM unnest(CAST(:source_line AS integer[]), "
+    + ", ".join(f"CAST(:{c} AS text[])" for c in _TEXT_COLUMNS + _JSON_COLUMNS)
+    + ") AS t(source_line, "
+    + ", ".join(_TEXT_COLUMNS + _JSON_COLUMNS)
+    + ") ON CONFLICT (model_id, content_hash) DO NOTHING RETURNING id"
+)
+
+
+def _insert_new_postgresql(session: Session, rows: list[dict[str, Any]]) -> int:
+    first = rows[0]
+    if any(row["model_id"] != first["model_id"] for row in rows):
+        raise InvalidInputError("one chunk of an import holds facts of one model")
+    params: dict[str, Any] = {
+        "model_id": first["model_id"],
+        "status": first["status"].value,
+        "created_at": first["created_at"],
+        "source_line": [row["source_line"] for row in rows],
+    }
+    for column in _TEXT_COLUMNS:
+        params[column] = [row[column] for row in rows]
+    for column in _JSON_COLUMNS:
+        params[column] = [None if row[column] is None else json.dumps(row[column]) for row in rows]
+    return len(session.execute(_PG_INSERT, params).all())
+
+
+def import_facts(
+    session: Session,
+    path: Path,
+    model: Model,
+    *,
+    fmt: Format | None = None,
+    actor: str,
+    chunk_size: int = DEFAULT_CHUNK,
+    rejects_path: Path | None = None,
+    progress: Progress | None = None,
+) -> ImportSummary:
+    """Import `path` into `model`'s facts, committing every `chunk_size` records.
+
+    Unlike the functions in `qfedit.registry`, this one commits (in chunks, so a large file
+    neither holds one huge transaction nor loses finished chunks to a late failure). Rejects go
+    to `rejects_path` (default: next to the file, `NAME.rejects.jsonl`), written only if any.
+    """
+    path = Path(path)
+    fmt = fmt or detect_format(path)
+    if chunk_size < 1:
+        raise InvalidInputError(f"chunk size must be >= 1, not {chunk_size}")
+    rejects_path = rejects_path or default_rejects_path(path)
+    summary = ImportSummary(source=str(path), model=model.name, format=fmt)
+    rejects_tmp = rejects_path.with_name(rejects_path.name + ".part")
+    rejects_out: IO[str] | None = None
+    model_id = model.id
+
+    def reject(item: _Item, field_name: str, reason: str) -> None:
+        nonlocal rejects_out
+        summary.rejected += 1
+        if len(summary.reject_samples) < 5:
+            summary.reject_samples.append(f"{item.source} line {item.line}: {field_name}: {reason}")
+        if rejects_out is None:
+            rejects_out = rejects_tmp.open("w", encoding="utf-8")
+        record = item.record.text if isinstance(item.record, Bad) else item.record
+        entry = {
+            "format": item.fmt.value,
+            "source": item.source,
+            "line": item.line,
+            "field": field_name,
+            "reason": reason,
+            "record": record,
+        }
+        line = json.dumps(entry, ensure_ascii=False)
+        if not line.isascii():
+            try:
+                line.encode("utf-8")
+            except UnicodeEncodeError:
+                # A lone surrogate (from a `\ud800` escape) cannot be written as UTF-8; JSON's
+                # own escapes keep the record exactly as it was read.
+                line = json.dumps(entry)
+        rejects_out.write(line + "\n")
+
+    pending: dict[str, dict[str, Any]] = {}
+
+    def flush() -> None:
+        summary.imported += _insert_new(session, list(pending.values()))
+        session.commit()
+        pending.clear()
+
+    chunk_read = 0
+    completed = False
+    try:
+        with path.open("rb") as handle:
+            for item in _items(handle, path, fmt):
+                summary.read += 1
+                chunk_read += 1
+                if isinstance(item.record, Bad):
+                    if item.record.fatal:
+                        summary.stopped = f"{item.source} line {item.line}: {item.record.reason}"
+                    reject(item, "(json)", item.record.reason)
+                else:
+                    try:
+                        fact = to_fact(item.record, item.fmt, f"{item.source} line {item.line}")
+                    except FactError as err:
+                        reject(item, err.field, err.reason)
+                    else:
+                        row = row_values(model_id, fact, source=item.source, line=item.line)
+                        # Duplicates inside one chunk are dropped here; across chunks and
+                        # earlier imports the database's unique key drops them.
+                        pending.setdefault(row["content_hash"], row)
+                if chunk_read >= chunk_size:
+                    flush()
+                    chunk_read = 0
+                    if progress is not None:
+                        progress(handle.tell())
+            flush()
+            if progress is not None:
+                progress(handle.tell())
+        completed = True
+    finally:
+        if rejects_out is not None:
+            rejects_out.flush()
+            os.fsync(rejects_out.fileno())
+            rejects_out.close()
+            # An interrupted run leaves no rejects file (the re-run writes the complete one).
+            if completed:
+                os.replace(rejects_tmp, rejects_path)
+                summary.rejects_path = rejects_path
+            else:
+                rejects_tmp.unlink(missing_ok=True)
+    summary.duplicates = summary.read - summary.imported - summary.rejected
+    record_audit(
+        session,
+        actor=actor,
+        action="facts.import",
+        object_type="model",
+        object_id=model_id,
+        details=summary.as_dict(),
+    )
+    session.commit()
+    logger.info("imported %s into %s: %s", path, model.name, summary.as_dict())
+    return summary
