@@ -83,9 +83,9 @@ def known_facts(world: World, count: int = 200, seed: int = 0) -> list[Fact]:
 
 
 def preserve_facts(world: World) -> list[Fact]:
-    """Every trained fact under every training phrasing. With one phrasing a fact (a sample of
-    them), N = 100 edits kept 0.94 of known facts at lambda 60; with all, 0.95 (and the edited
-    subjects' other relations 0.97 against 0.95)."""
+    """Every trained fact under every training phrasing: preserving one phrasing a fact (a sample
+    of them) let edits disturb more of what the model knew, the edited subjects' other relations
+    most (README, "The demo model")."""
     return [
         Fact(
             id=f"preserve-{company.name}-{relation}-{index}",

@@ -1,7 +1,7 @@
 """How the demo model is edited: the settings `qfedit demo` registers it with.
 
 Chosen by measurement on the shipped model with `python bench/quality.py` over layers, lambdas
-and ridges; the README's quality section has the figures.
+and ridges; the README's opening section has the figures.
 """
 
 from __future__ import annotations

@@ -2,22 +2,17 @@
 
 Two stages: reading a fact from the system message alone first, because it is the skill that
 appears last in a mixture (memorisation converges first and reading stalls), then the full mixture
-with more context. The shipped model was trained on one H200 GPU (torch 2.11, CUDA 13) in about
-three minutes; the same commands with `--device cpu` take about four hours on 2 CPU cores (about
-4 s a stage-1 step):
+with more context. Reading needs thousands of steps, far more than memorising, so train on a GPU
+if there is one; the same commands run with `--device cpu`, only far slower. The shipped model:
 
     python -m qfedit.demo.train --device cuda --out /tmp/stage0 --steps 500 --turns 1 \
         --context-share 1 --context-turn-share 1 --measure 0
     python -m qfedit.demo.train --device cuda --out qfedit/data/demo-model --init /tmp/stage0 \
         --stage 1 --steps 3402 --warmup 20 --context-share 0.8 --context-turn-share 0.7
 
-Measured on 300 probes per behaviour: trained facts 1.00 (held-out phrasings 0.98), abstention
-1.00 (unknown relations of known companies 1.00), reading a fact from the system message 1.00
-(1.00 for partly-known companies; held-out phrasings with the fact in context 0.99). 3,402 steps
-is what a time budget on the lent GPU allowed, not a tuned number. The model before, 850 stage-1
-steps on CPU, read 0.78: reading needs thousands of steps. A third, low-rate stage (`--stage 2
---lr 1e-3`) had been needed for memorisation and abstention after short runs; after 4,527 stage-1
-steps it changed no figure by more than 0.03, so it was dropped.
+There is no third stage: a low-rate one (`--stage 2 --lr 1e-3`) helped memorisation and abstention
+after short runs, but after a long stage 1 it no longer moved them. Where and how long the shipped
+model trained, what it measures, and the findings behind these choices: README, "The demo model".
 
 Deterministic: the world, the tokenizer corpus, the training stream and the initial weights all
 come from `--seed`; on CPU, with the same torch version and thread count, the saved weights are the
@@ -90,7 +85,7 @@ class TrainConfig:
     num_heads: int = 4
     vocab_size: int = 1024
     threads: int = 2
-    # "cuda" trains the same schedule in minutes; other kernels round differently, so the weights
+    # "cuda" trains the same schedule far faster; other kernels round differently, so the weights
     # are not a CPU run's (see the module docstring).
     device: str = "cpu"
     prompt_loss_weight: float = 0.3
@@ -220,8 +215,8 @@ def tokenizer_corpus(world: World, seed: int) -> list[str]:
     Whole sentences, so that a word's tokens carry its leading space (`ĠIvers`): the token before
     each word is then the previous word, which is what an induction head matches on to copy a
     multi-token answer in order. (A corpus of single words had made every space a token `Ġ` of its
-    own; then the previous token is always `Ġ`, and a fresh model copied no repeated span exactly
-    in 300 steps against 0.27 with sentences.) The bare objects make an answer's first word, which
+    own; then the previous token is always `Ġ`, and a fresh model was far slower to copy a repeated
+    span exactly: README, "The demo model".) The bare objects make an answer's first word, which
     follows the chat template's newline with no space, one token too (`Zenon` beside `ĠZenon`).
     And the names are not the world's own: those would get whole-word tokens, and the never-trained
     unknown companies would be single tokens with untrained embeddings.
@@ -324,9 +319,8 @@ def _pair_spellings(embeddings: torch.Tensor, tokenizer: Tokenizer) -> None:
     """Start a word's bare token (`Zenon`, an answer's first word) at its spaced one (`ĠZenon`).
 
     An answer copies its first word from a context sentence, where the word follows a space and is
-    another token; starting both at one embedding makes that copy the identity at first. Measured
-    on reading alone (fresh model, 400 steps): answers exactly right 0.23 / 0.27 / 0.31 at steps
-    300 / 350 / 400 with it, 0.15 / 0.15 / 0.29 without.
+    another token; starting both at one embedding makes that copy the identity at first. On reading
+    alone a fresh model gets answers exactly right sooner with it (README, "The demo model").
     """
     vocab = tokenizer.get_vocab()
     with torch.no_grad():

@@ -45,16 +45,15 @@ class Relation:
 
 
 # The held-out phrasings recombine words the training phrasings use, so that a paraphrase check
-# measures generalisation over wording rather than over never-seen tokens. When "Which person"
-# and "chief executive" were in no training question, the model answered "Which person founded
-# {s}?" 0.04 of the time and "Which person runs {s}?" 0.05; with the training phrasings below that
-# use them ("Which person started {s}?", "Name the chief executive of {s}." ...), 0.99 overall. No statement starts
-# with the company: a byte-level BPE tokenizes a word differently with and without the space
-# before it, and the model should see the same tokens for the company in context and question.
-# Every statement names the relation and the company before the object: a causal model's object
-# tokens see only what precedes them, so there the answer is found by what its tokens follow. With
-# object-first statements ("{o} founded {s}.") a fresh model read 0.13 of answers after 400 steps
-# of reading alone, with object-last ones 0.29.
+# measures generalisation over wording rather than over never-seen tokens: when "Which person" and
+# "chief executive" were in no training question, the model almost never answered held-out
+# questions built on them; training phrasings that use them ("Which person started {s}?", "Name
+# the chief executive of {s}." ...) fixed that. No statement starts with the company: a byte-level
+# BPE tokenizes a word differently with and without the space before it, and the model should see
+# the same tokens for the company in context and question. Every statement names the relation and
+# the company before the object: a causal model's object tokens see only what precedes them, so
+# there the answer is found by what its tokens follow; with object-first statements ("{o} founded
+# {s}.") a fresh model learnt to read far more slowly. Figures: README, "The demo model".
 RELATIONS: Mapping[str, Relation] = MappingProxyType(
     {
         r.name: r
