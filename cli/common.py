@@ -10,6 +10,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from typing import Annotated, Any, TypeVar
 
 import typer
@@ -109,3 +110,19 @@ def single_model(session: Session, name: str | None) -> Any:
 
 
 # -- facts and gc ---------------------------------------------------------------------------
+
+
+def when(moment: datetime) -> str:
+    return moment.astimezone().strftime("%Y-%m-%d %H:%M")
+
+
+def cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value)
+
+
+def metrics_text(metrics: dict[str, Any]) -> str:
+    return " ".join(f"{k}={cell(v)}" for k, v in sorted(metrics.items()))

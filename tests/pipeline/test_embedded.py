@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from qfedit.errors import EXIT_CODES, ErrorCode
 from qfedit.facts import write_jsonl
 
 from .conftest import fact
@@ -61,7 +62,7 @@ def test_demo_refuses_a_data_folder_whose_demo_model_has_other_weights(
     added = _qfedit(env, tmp_path, "model", "add", "demo", str(tiny_model_dirs["qwen2"]), "--layer", "1")
     assert added.returncode == 0, added.stdout + added.stderr
     done = _qfedit(env, tmp_path, "demo")
-    assert done.returncode == 1
+    assert done.returncode == EXIT_CODES[ErrorCode.CONFLICT]  # other weights than registered
     assert "registered with base weights" in done.stdout + done.stderr
     # Refused before anything was imported or queued.
     assert json.loads(_qfedit(env, tmp_path, "facts", "--json").stdout) == []

@@ -130,6 +130,20 @@ def test_poison_batch_fails_with_its_reason_and_the_queue_goes_on(cluster: Clust
     assert good.status.value == "published", good.error
 
 
+def test_an_ill_conditioned_solve_fails_at_once_without_retries(cluster: Cluster) -> None:
+    # Nothing about the system changes on a retry: it would fail the same way `task_attempts` times.
+    cluster.add_model("tiny", [fact(i) for i in range(3)], solve={"rule": "seed", "max_condition": 1.0001})
+    cluster.start_worker("a")
+    batch = cluster.wait(cluster.submit("tiny"))
+    assert batch.status.value == "failed"
+    assert "IllConditionedError" in (batch.error or "") and "condition number" in (batch.error or "")
+    log = (cluster.root / "worker-a.log").read_text()
+    assert f"batch {batch.id} failed" in log and "retrying" not in log
+    with cluster.sessions() as session:
+        assert registry.get_model(session, "tiny").active_batch_id is None
+        assert session.scalar(select(func.count()).select_from(Version)) == 1  # the base only
+
+
 def test_concurrent_batches_publish_in_a_line_and_keys_are_idempotent(cluster: Cluster) -> None:
     cluster.add_model("tiny", [fact(i) for i in range(6)])
     ids = cluster.fact_ids("tiny")
