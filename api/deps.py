@@ -76,7 +76,7 @@ def _authenticate(
     found: Principal | None = None
     # Compare against every token in constant time, so timing does not reveal a near match.
     for name, entry in settings.api_tokens.items():
-        if hmac.compare_digest(presented, entry.token.encode()):
+        if hmac.compare_digest(presented, entry.token.get_secret_value().encode()):
             found = Principal(name=name, scope=entry.scope)
     if found is None:
         raise ApiError(401, "the bearer token is not valid", field="header.Authorization", headers=challenge)

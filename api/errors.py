@@ -118,8 +118,11 @@ async def _data_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _store_error(request: Request, exc: Exception) -> JSONResponse:
-    logger.error("checkpoint store: %s", exc)
-    return JSONResponse(error_body("store_error", str(exc)), status_code=500)
+    # The store's own message names server paths: it goes to the log, under an id, not to callers.
+    error_id = uuid.uuid4().hex[:12]
+    logger.error("checkpoint store error %s: %s", error_id, exc)
+    message = f"the checkpoint store could not give a verified file ({type(exc).__name__}, error {error_id})"
+    return JSONResponse(error_body("store_error", message, error_id=error_id), status_code=500)
 
 
 async def _qfedit_error(request: Request, exc: Exception) -> JSONResponse:

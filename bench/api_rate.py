@@ -38,7 +38,7 @@ from import_rate import write_corpus
 from qfedit import importing, registry
 from qfedit.db import make_engine, migrate, session_factory
 
-TOKEN = "bench-token-0123456789abcdef"
+TOKEN = "bench-token-0123456789abcdefghijklmnop"
 TOKENS = json.dumps({"bench": {"token": TOKEN, "scope": "admin"}})
 
 

@@ -20,6 +20,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from qfedit.config import Settings
 from qfedit.edit import capture_observations, make_delta
 from qfedit.evaluate import evaluate
 from qfedit.facts import read_jsonl
@@ -100,7 +101,7 @@ def main() -> None:
                     if rule == "preserve":
                         # The production path's corpus and covariance (`qfedit.pipeline.publish`).
                         preservation = build_preservation(
-                            loaded, base.model_copy(update={"edit": config}), cache_dir
+                            loaded, base.model_copy(update={"edit": config}), Settings(data_dir=cache_dir)
                         )
                     started = time.perf_counter()
                     try:

@@ -170,7 +170,7 @@ def run_engine(args: argparse.Namespace, cache_dir: Path) -> dict[str, float]:
         loaded, facts, config.edit, shard_size=args.shard_size, batch_size=config.capture_batch_size
     )
     captured = time.perf_counter()
-    preservation = build_preservation(loaded, config, cache_dir)
+    preservation = build_preservation(loaded, config, Settings(data_dir=cache_dir))
     # The engine's own path, as `qfedit edit` runs it, from the capture above.
     delta = make_delta(loaded, facts, config.edit, preservation=preservation, observations=observations).delta
     known = read_jsonl(KNOWN_PATH)[: config.known_sample]

@@ -280,8 +280,13 @@ def gc_command(
     def work(session: Session) -> None:
         store = store_from_settings(get_settings())
         garbage = store.garbage(registry.referenced_checkpoints(session), min_age_s=min_age)
-        if not dry_run:
-            store.remove(garbage)
+        if not dry_run and garbage:
+            # Looked at again just before removing: a writer may have stored (and recorded) one of
+            # them since the listing. The store re-checks each file's age at the unlink itself.
+            session.rollback()
+            referenced = registry.referenced_checkpoints(session)
+            garbage = [path for path in garbage if path not in referenced]
+            store.remove(garbage, min_age_s=min_age)
             if garbage:
                 registry.record_audit(
                     session,

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from cli.app import app
 from cli.common import console, in_session, model_or_none, ready_engine, user_errors
-from cli.engine import ChatTemplate, load, quiet_transformers
+from cli.engine import ChatTemplate, fail, load, quiet_transformers
 from qfedit.config import get_settings
 from qfedit.errors import ConflictError, InvalidInputError
 from qfedit.store import store_from_settings
@@ -42,6 +42,17 @@ def _base_dir(source: str, override: Path | None) -> Path:
     return base
 
 
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve beyond this machine
+
+
 @app.command()
 def serve(
     model_name: Annotated[str, typer.Option("--model", "-m", help="Registered model to serve.")],
@@ -66,6 +77,14 @@ def serve(
     from qfedit.serving import follow_alias
 
     settings = get_settings()
+    tokens = None
+    if not _loopback(host):
+        if not settings.api_tokens:
+            raise fail(
+                f"serving on {host}, beyond this machine, needs bearer tokens: set QFEDIT_API_TOKENS "
+                "(any scope may generate), or listen on 127.0.0.1 behind a proxy that authenticates"
+            )
+        tokens = settings.api_tokens
     engine = ready_engine()
     sessions = session_factory(engine)
     try:
@@ -87,7 +106,7 @@ def serve(
             f"serving {model_name}@{alias} = {follower.versioned.version} on http://{host}:{port}"
             f" (alias checked at most every {poll:g} s)"
         )
-        uvicorn.run(create_app(follower), host=host, port=port, log_level="info")
+        uvicorn.run(create_app(follower, tokens), host=host, port=port, log_level="info")
     finally:
         engine.dispose()
 

@@ -29,9 +29,11 @@ from cli.common import (
     when,
 )
 from qfedit import registry
+from qfedit.config import get_settings
 from qfedit.db import migrate
 from qfedit.db.models import FactStatus
 from qfedit.errors import InvalidInputError
+from qfedit.pipeline import corpora
 from qfedit.pipeline.settings import nested, validate_settings
 
 # -- db -------------------------------------------------------------------------------------
@@ -264,6 +266,15 @@ def model_configure(
                 raise InvalidInputError(f"--set {item!r}: expected KEY=VALUE")
             _assign(current, key.strip(), raw)
         validated = validate_settings(current, default_layer=model.default_layer, field="settings")
+        # A file a worker cannot open is refused now, not when a batch reaches it.
+        corpora.check_names(
+            {
+                "preservation_corpus": validated.preservation_corpus,
+                "known_facts": [validated.known_facts] if validated.known_facts else [],
+                "unknown_questions": [validated.unknown_questions] if validated.unknown_questions else [],
+            },
+            get_settings(),
+        )
         if assignments:
             model.settings = validated.model_dump(mode="json", exclude_defaults=True)
             registry.record_audit(

@@ -10,25 +10,44 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# What `deploy/.env.example` ships: a deployment that kept it would be open to anyone who read it.
+PLACEHOLDER_TOKENS = frozenset({"replace-with-a-random-token"})
+GENERATE_TOKEN = 'python -c "import secrets; print(secrets.token_urlsafe(32))"'
 
 
 class ApiToken(BaseModel):
-    """One bearer token of the HTTP API; its name (the key in `api_tokens`) is the audit actor."""
+    """One bearer token of the HTTP API; its name (the key in `api_tokens`) is the audit actor.
+
+    A `SecretStr`: it never shows in a repr, a log line or an error."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    # Long enough that guessing is hopeless; short test tokens would end up in real configs.
-    token: str = Field(min_length=16)
+    token: SecretStr
     scope: Literal["read", "write", "admin"]
+
+    @field_validator("token")
+    @classmethod
+    def _unguessable(cls, value: SecretStr) -> SecretStr:
+        # Long and varied enough that guessing is hopeless; short test tokens end up in real configs.
+        token = value.get_secret_value()
+        if token in PLACEHOLDER_TOKENS:
+            raise ValueError(f"the token is the example placeholder; generate one with: {GENERATE_TOKEN}")
+        if len(token) < 32 or len(set(token)) == 1:
+            raise ValueError(
+                f"a token needs at least 32 characters, not all the same; generate one with: {GENERATE_TOKEN}"
+            )
+        return value
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="QFEDIT_", env_file=".env", extra="ignore")
 
     data_dir: Path = Path("qfedit-data")
-    database_url: str | None = None
+    database_url: SecretStr | None = None
+    """Holds the database password: a `SecretStr`, so it never shows in a repr or a log line."""
     broker_url: str | None = None
     # The checkpoint store. Unset: the folder `data_dir/store`. A path or `file://` URL: that
     # folder (a shared filesystem for several hosts). `s3://bucket/prefix`: S3-compatible object
@@ -36,8 +55,14 @@ class Settings(BaseSettings):
     store_url: str | None = None
     store_endpoint_url: str | None = None
     """HTTP endpoint of an S3-compatible server (MinIO, Ceph, R2); unset means AWS itself."""
-    store_options: dict[str, Any] = Field(default_factory=dict)
+    store_options: dict[str, Any] = Field(default_factory=dict, repr=False)
     """Further fsspec storage options, JSON (e.g. `{"client_kwargs": {"region_name": "eu-west-1"}}`)."""
+    corpus_root: Path | None = None
+    """The folder whose files model settings may name (corpora, evaluation sets); unset: the data
+    folder. Files shipped with qfedit (the demo's) are always readable."""
+    worker_remote_control: bool = False
+    """Celery's remote control (`inspect`, `control`) on workers: off, so a client that reaches the
+    broker cannot query or command them."""
     device: str = "cpu"
     dtype: str = "float32"
     # The queue.
@@ -75,9 +100,10 @@ class Settings(BaseSettings):
         for name, entry in tokens.items():
             if not name.strip() or len(name) > 200:
                 raise ValueError(f"API token name {name!r} must be 1-200 characters")
-            if entry.token in seen:
-                raise ValueError(f"API tokens {seen[entry.token]!r} and {name!r} are the same token")
-            seen[entry.token] = name
+            token = entry.token.get_secret_value()
+            if token in seen:
+                raise ValueError(f"API tokens {seen[token]!r} and {name!r} are the same token")
+            seen[token] = name
         return tokens
 
     @field_validator("dtype")
@@ -89,8 +115,8 @@ class Settings(BaseSettings):
 
     @cached_property
     def resolved_database_url(self) -> str:
-        if self.database_url:
-            return self.database_url
+        if self.database_url is not None and self.database_url.get_secret_value():
+            return self.database_url.get_secret_value()
         return f"sqlite:///{(self.data_dir / 'qfedit.db').resolve()}"
 
     @property

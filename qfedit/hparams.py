@@ -42,7 +42,7 @@ class EditConfig(BaseModel):
     solve: SolveConfig = SolveConfig()
     include_eos: bool = True
     covariance_samples: int = Field(
-        default=20_000, gt=0, description="key positions in the preservation covariance"
+        default=20_000, gt=0, le=10_000_000, description="key positions in the preservation covariance"
     )
     preserve_positions: PreservePositions = Field(
         default="answer",

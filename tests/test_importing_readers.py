@@ -55,3 +55,21 @@ def test_a_broken_array_stops_with_a_fatal_reject(text: str, reason: str) -> Non
     assert decoded[0] == (1, {"a": 1})
     bad = decoded[-1][1]
     assert isinstance(bad, readers.Bad) and bad.fatal and reason in bad.reason
+
+
+def test_a_large_record_is_decoded_in_linear_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each failed decode of a record cut by the buffer's end starts again from the record's start:
+    # with a fixed read size that is quadratic in the record's size, with a doubling one linear.
+    record = {"requested_rewrite": {"prompt": "x" * (4 << 20)}}
+    data = json.dumps([record, {"a": 1}]).encode()
+    scanned: list[int] = []
+    original = json.JSONDecoder.raw_decode
+
+    def counting(self: json.JSONDecoder, text: str, index: int = 0) -> tuple[object, int]:
+        scanned.append(len(text) - index)
+        return original(self, text, index)
+
+    monkeypatch.setattr(json.JSONDecoder, "raw_decode", counting)
+    items = list(readers.iter_json(io.BytesIO(data)))
+    assert [line for line, _ in items] == [1, 1] and items[0][1] == record
+    assert sum(scanned) <= 4 * len(data), f"{len(scanned)} decodes scanned {sum(scanned)} characters"

@@ -60,13 +60,17 @@ def create_app(settings: Settings) -> Celery:
             "qfedit.solve_batch": {"queue": GPU_QUEUE},
         },
         worker_hijack_root_logger=False,
+        # Remote control lets anyone who reaches the broker query (`inspect conf`, `stats`) and
+        # command (`shutdown`, `pool_restart`) every worker: off unless asked for.
+        worker_enable_remote_control=settings.worker_remote_control,
         beat_schedule={
             "nightly-edits": {"task": "qfedit.nightly", "schedule": crontab(hour=hour, minute=minute)},
             "resend-stalled": {"task": "qfedit.resend_stalled", "schedule": settings.stall_after_s},
         },
         timezone="UTC",
     )
-    app.conf.qfedit_settings = settings
+    # An attribute, not configuration: `inspect().conf()` replies with the configuration.
+    app.qfedit_settings = settings  # type: ignore[attr-defined]
     # Registers the tasks on this app.
     from worker import tasks
 

@@ -42,7 +42,7 @@ def _runtime(task: Task) -> Runtime:
     # Made on the first task, in the process that runs tasks, and kept for its life.
     rt: Runtime | None = getattr(task.app, "qfedit_runtime", None)
     if rt is None:
-        settings: Settings = task.app.conf.qfedit_settings
+        settings: Settings = task.app.qfedit_settings  # type: ignore[attr-defined]
         rt = make_runtime(settings)
         task.app.qfedit_runtime = rt  # type: ignore[attr-defined]
     return rt

@@ -123,8 +123,11 @@ async def import_facts(
     ] = 1000,
 ) -> ImportResult:
     fmt = _upload_format(fmt, request.headers.get("content-type"))
+    # The body goes to a fixed name in a folder of its own: `source` is only the facts' label,
+    # so no caller's name can point the import at its own rejects file or anywhere else.
     with tempfile.TemporaryDirectory(prefix="qfedit-upload-") as tmp:
-        path = Path(tmp) / source
+        path = Path(tmp) / "upload" / "body"
+        path.parent.mkdir()
         await _save_body(request, path)
         try:
             summary = await run_in_threadpool(
@@ -134,7 +137,8 @@ async def import_facts(
                 model,
                 fmt=fmt,
                 actor=principal.name,
-                rejects_path=Path(tmp) / "rejects.jsonl",
+                rejects_path=Path(tmp) / "rejects" / "rejects.jsonl",
+                source=source,
             )
         except (UnicodeDecodeError, csv.Error) as err:
             # The CSV and JSON-array readers decode as they go; an undecodable file stops there.

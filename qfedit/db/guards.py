@@ -79,8 +79,39 @@ def trigger_ddl(dialect: str) -> list[str]:
                     f"CREATE TRIGGER {table}_no_{op.lower()} BEFORE {op} ON {table} "
                     f"BEGIN SELECT RAISE(ABORT, 'qfedit: {table} rows are immutable ({op} refused)'); END"
                 )
+        statements.extend(sqlite_no_replace_ddl())
     else:
         raise ValueError(f"no immutability triggers for database dialect {dialect!r} (sqlite or postgresql)")
+    return statements
+
+
+def unique_keys(table: str) -> list[tuple[str, ...]]:
+    """Every column set of `table` that identifies a row: its primary key and unique constraints."""
+    from sqlalchemy import UniqueConstraint
+
+    found = Base.metadata.tables[table]
+    keys = [tuple(column.name for column in found.primary_key.columns)]
+    keys += [
+        tuple(column.name for column in constraint.columns)
+        for constraint in found.constraints
+        if isinstance(constraint, UniqueConstraint)
+    ]
+    return keys
+
+
+def sqlite_no_replace_ddl(keys: dict[str, list[tuple[str, ...]]] | None = None) -> list[str]:
+    """SQLite's `INSERT OR REPLACE` deletes the row in the way without firing delete triggers
+    (unless `recursive_triggers` is on, a per-connection setting no other client need share), so
+    an insert that would collide with a write-once row is refused before it gets that far."""
+    statements = []
+    for table in IMMUTABLE_TABLES:
+        for key in (keys or {}).get(table) or unique_keys(table):
+            match = " AND ".join(f"{column} = NEW.{column}" for column in key)
+            statements.append(
+                f"CREATE TRIGGER {table}_no_replace_{'_'.join(key)} BEFORE INSERT ON {table} "
+                f"WHEN EXISTS (SELECT 1 FROM {table} WHERE {match}) "
+                f"BEGIN SELECT RAISE(ABORT, 'qfedit: {table} rows are immutable (REPLACE refused)'); END"
+            )
     return statements
 
 
@@ -92,6 +123,9 @@ def drop_trigger_ddl(dialect: str) -> list[str]:
             statements.append(f"DROP TRIGGER IF EXISTS {table}_no_truncate ON {table}")
         else:
             statements.extend(f"DROP TRIGGER IF EXISTS {table}_no_{op}" for op in ("update", "delete"))
+            statements.extend(
+                f"DROP TRIGGER IF EXISTS {table}_no_replace_{'_'.join(key)}" for key in unique_keys(table)
+            )
     if dialect == "postgresql":
         statements.append(f"DROP FUNCTION IF EXISTS {_GUARD_FUNCTION}()")
     return statements

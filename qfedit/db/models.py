@@ -174,6 +174,9 @@ class Batch(Base):
     hyperparameters: Mapped[dict[str, Any]] = mapped_column(default=dict)
     # A client retrying a request with the same key gets the same batch instead of a second job.
     idempotency_key: Mapped[str | None] = mapped_column(String(200), unique=True)
+    # What the key was first used for (sha256 of model, kind, facts, hyper-parameters): the same key
+    # with another request is refused, not answered with this batch.
+    request_digest: Mapped[str | None] = mapped_column(String(64))
     requested_by: Mapped[str] = mapped_column(String(200))
     attempts: Mapped[int] = mapped_column(default=0)
     error: Mapped[str | None] = mapped_column(Text)

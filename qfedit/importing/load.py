@@ -47,32 +47,32 @@ class _Item:
     record: Any  # decoded record, or Bad
 
 
-def _items(handle: IO[bytes], path: Path, fmt: Format) -> Iterator[_Item]:
+def _items(handle: IO[bytes], path: Path, fmt: Format, label: str) -> Iterator[_Item]:
     if fmt == Format.CSV:
-        for line, record in iter_csv(handle, path.name):
-            yield _Item(line, path.name, fmt, record)
+        for line, record in iter_csv(handle, label):
+            yield _Item(line, label, fmt, record)
     elif fmt == Format.JSONL:
         for line, record in iter_json_lines(handle):
-            yield _Item(line, path.name, fmt, record)
+            yield _Item(line, label, fmt, record)
     elif fmt in (Format.COUNTERFACT, Format.ZSRE):
         for line, record in iter_json(handle):
-            yield _Item(line, path.name, fmt, record)
+            yield _Item(line, label, fmt, record)
     else:
         for line, envelope in iter_json_lines(handle):
-            yield _unwrap_reject(line, path, envelope)
+            yield _unwrap_reject(line, label, envelope)
 
 
-def _unwrap_reject(line: int, path: Path, envelope: Any) -> _Item:
+def _unwrap_reject(line: int, label: str, envelope: Any) -> _Item:
     """A fixed-up entry of a rejects file, keeping the original file and line as its source."""
     if isinstance(envelope, Bad):
-        return _Item(line, path.name, Format.JSONL, envelope)
+        return _Item(line, label, Format.JSONL, envelope)
     try:
         fmt = Format(envelope.get("format")) if isinstance(envelope, dict) else None
     except ValueError:
         fmt = None
     if fmt is None or fmt == Format.REJECTS or "record" not in envelope:
         bad = Bad(json.dumps(envelope, ensure_ascii=False), "not a rejects entry (needs format and record)")
-        return _Item(line, path.name, Format.JSONL, bad)
+        return _Item(line, label, Format.JSONL, bad)
     original_line = envelope.get("line")
     record = envelope["record"]
     if isinstance(record, str) and fmt in (Format.JSONL, Format.COUNTERFACT, Format.ZSRE):
@@ -83,7 +83,7 @@ def _unwrap_reject(line: int, path: Path, envelope: Any) -> _Item:
             record = Bad(record, f"not valid JSON: {err.msg}")
     return _Item(
         original_line if isinstance(original_line, int) else line,
-        str(envelope.get("source") or path.name),
+        str(envelope.get("source") or label),
         fmt,
         record,
     )
@@ -154,19 +154,24 @@ def import_facts(
     chunk_size: int = DEFAULT_CHUNK,
     rejects_path: Path | None = None,
     progress: Progress | None = None,
+    source: str | None = None,
 ) -> ImportSummary:
     """Import `path` into `model`'s facts, committing every `chunk_size` records.
 
     Unlike the functions in `qfedit.registry`, this one commits (in chunks, so a large file
     neither holds one huge transaction nor loses finished chunks to a late failure). Rejects go
     to `rejects_path` (default: next to the file, `NAME.rejects.jsonl`), written only if any.
+    `source` labels the facts (default: the file's name). The audit entry is written however the
+    import ends, with what was committed.
     """
     path = Path(path)
     fmt = fmt or detect_format(path)
     if chunk_size < 1:
         raise InvalidInputError(f"chunk size must be >= 1, not {chunk_size}")
     rejects_path = rejects_path or default_rejects_path(path)
-    summary = ImportSummary(source=str(path), model=model.name, format=fmt)
+    label = source or path.name
+    summary = ImportSummary(source=label, model=model.name, format=fmt)
+    rejects_path.parent.mkdir(parents=True, exist_ok=True)
     rejects_tmp = rejects_path.with_name(rejects_path.name + ".part")
     rejects_out: IO[str] | None = None
     model_id = model.id
@@ -208,7 +213,7 @@ def import_facts(
     completed = False
     try:
         with path.open("rb") as handle:
-            for item in _items(handle, path, fmt):
+            for item in _items(handle, path, fmt, label):
                 summary.read += 1
                 chunk_read += 1
                 if isinstance(item.record, Bad):
@@ -245,15 +250,26 @@ def import_facts(
                 summary.rejects_path = rejects_path
             else:
                 rejects_tmp.unlink(missing_ok=True)
-    summary.duplicates = summary.read - summary.imported - summary.rejected
-    record_audit(
-        session,
-        actor=actor,
-        action="facts.import",
-        object_type="model",
-        object_id=model_id,
-        details=summary.as_dict(),
-    )
-    session.commit()
-    logger.info("imported %s into %s: %s", path, model.name, summary.as_dict())
+        summary.duplicates = summary.read - summary.imported - summary.rejected
+        if not completed:
+            # What was committed stays; the log says so, whatever stopped the import.
+            if not session.is_active:
+                session.rollback()
+            summary.stopped = summary.stopped or "the import stopped with an error"
+        try:
+            record_audit(
+                session,
+                actor=actor,
+                action="facts.import",
+                object_type="model",
+                object_id=model_id,
+                details={**summary.as_dict(), "completed": completed},
+            )
+            session.commit()
+        except Exception:
+            if completed:
+                raise
+            # The error that stopped the import (a lost database, say) is the one to report.
+            logger.exception("the stopped import of %s could not be recorded", label)
+    logger.info("imported %s into %s: %s", label, model.name, summary.as_dict())
     return summary

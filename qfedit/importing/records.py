@@ -124,10 +124,10 @@ class ArrayReader:
         self.line = 1
         self.eof = False
 
-    def _more(self) -> bool:
+    def _more(self, at_least: int = READ_CHUNK) -> bool:
         if self.eof:
             return False
-        chunk = self.text.read(READ_CHUNK)
+        chunk = self.text.read(max(READ_CHUNK, at_least))
         if not chunk:
             self.eof = True
             return False
@@ -177,7 +177,9 @@ class ArrayReader:
                     if len(self.buffer) - self.pos > MAX_RECORD_BYTES:
                         yield self._fatal(f"record larger than {MAX_RECORD_BYTES} bytes")
                         return
-                    if not self._more():
+                    # Grow the buffer by as much as the partial record holds: each retry decodes
+                    # from the record's start, so doubling keeps the total work linear in its size.
+                    if not self._more(len(self.buffer) - self.pos):
                         yield self._fatal(f"not valid JSON: {err.msg}")
                         return
             yield self.line, value
@@ -188,9 +190,13 @@ class ArrayReader:
 
 def iter_json_array(handle: IO[bytes]) -> Iterator[tuple[int, Any]]:
     """Stream the items of a top-level JSON array without loading the whole file."""
-    text = io.TextIOWrapper(handle, encoding="utf-8")
+    text = io.TextIOWrapper(handle, encoding="utf-8", errors="surrogateescape")
     try:
-        yield from ArrayReader(text).items()
+        for line, record in ArrayReader(text).items():
+            if not isinstance(record, Bad) and _undecodable(json.dumps(record, ensure_ascii=False)):
+                yield line, Bad(_visible(json.dumps(record, ensure_ascii=False))[:200], "not UTF-8")
+            else:
+                yield line, record
     finally:
         # Otherwise collecting the wrapper closes the caller's file under it.
         text.detach()
@@ -208,10 +214,21 @@ def iter_json(handle: IO[bytes]) -> Iterator[tuple[int, Any]]:
     return iter_json_array(handle) if first == b"[" else iter_json_lines(handle)
 
 
+def _undecodable(text: str) -> bool:
+    """Whether `text` holds bytes that were not UTF-8 (kept as lone surrogates by `surrogateescape`)."""
+    return any("\udc80" <= char <= "\udcff" for char in text)
+
+
+def _visible(text: str) -> str:
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 def iter_csv(handle: IO[bytes], name: str) -> Iterator[tuple[int, Any]]:
-    text = io.TextIOWrapper(handle, encoding="utf-8", newline="")
+    # Bytes that are not UTF-8 are kept as lone surrogates, so a bad row is rejected with its line
+    # number like any other bad row instead of stopping the import midway.
+    text = io.TextIOWrapper(handle, encoding="utf-8", newline="", errors="surrogateescape")
     reader = csv.DictReader(text)
-    header = reader.fieldnames or []
+    header = [_visible(name) for name in reader.fieldnames or []]
     missing = [c for c in ("question", "answer", "context") if c not in header]
     unknown = [c for c in header if c not in CSV_COLUMNS]
     if missing or unknown:
@@ -227,6 +244,9 @@ def iter_csv(handle: IO[bytes], name: str) -> Iterator[tuple[int, Any]]:
         for row in reader:
             if any(value is None for value in row.values()) or None in row:
                 yield start, Bad(json.dumps(row, ensure_ascii=False), "wrong number of columns")
+            elif any(_undecodable(value or "") for value in row.values()):
+                shown = {key: _visible(value or "") for key, value in row.items()}
+                yield start, Bad(json.dumps(shown, ensure_ascii=False), "not UTF-8")
             elif any((value or "").strip() for value in row.values()):
                 yield start, row
             start = reader.line_num + 1

@@ -12,21 +12,18 @@ import logging
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from qfedit.config import Settings
-from qfedit.covariance import corpus_texts
 from qfedit.db.models import BatchKind, BatchStatus, FactRow, FactStatus, Model, Version
 from qfedit.delta import Delta
 from qfedit.edit import base_weight, preservation_for, solve_delta
 from qfedit.errors import NotFoundError, PermanentError
-from qfedit.facts import Fact, read_jsonl
 from qfedit.modeling import LoadedModel
-from qfedit.pipeline import captures, lifecycle
+from qfedit.pipeline import captures, corpora, lifecycle
 from qfedit.pipeline.settings import ModelSettings, batch_settings
 from qfedit.pipeline.steps import ModelCache
 from qfedit.registry.aliases import get_alias, set_alias
@@ -100,7 +97,7 @@ def solve_batch(
             session.rollback()
             preservation = None
             if config.edit.solve.rule == "preserve":
-                preservation = build_preservation(loaded, config, settings.cache_dir)
+                preservation = build_preservation(loaded, config, settings)
             delta, result = solve_delta(
                 loaded,
                 config.edit,
@@ -119,7 +116,7 @@ def solve_batch(
         lifecycle.transition_batch(session, batch, BatchStatus.EVALUATING, actor=lifecycle.SYSTEM)
         session.commit()
 
-        metrics = _evaluate(loaded, session, config, added, delta)
+        metrics = _evaluate(loaded, session, config, settings, added, delta)
         if before_commit is not None:
             before_commit()
 
@@ -190,23 +187,25 @@ def _statistics(
     )
 
 
-def build_preservation(loaded: LoadedModel, config: ModelSettings, cache_dir: Path | None) -> Preservation:
+def build_preservation(loaded: LoadedModel, config: ModelSettings, settings: Settings) -> Preservation:
+    """The preservation covariance of the model's corpus (read inside the corpus roots, cached)."""
     corpus = config.corpus()
     if not corpus:
         raise PermanentError(
             "the preserving rule needs a preservation corpus or known facts in the model's settings"
         )
-    return preservation_for(
-        loaded, config.edit, corpus_texts(loaded, [Path(name) for name in corpus]), cache_dir
-    )
-
-
-def _read_facts_file(path: str | None) -> list[Fact]:
-    return read_jsonl(Path(path)) if path is not None else []
+    setting = "preservation_corpus" if config.preservation_corpus else "known_facts"
+    texts = corpora.read_texts(loaded, corpus, setting, settings)
+    return preservation_for(loaded, config.edit, texts, settings.cache_dir)
 
 
 def _evaluate(
-    loaded: LoadedModel, session: Session, config: ModelSettings, added: set[int], delta: Delta | None
+    loaded: LoadedModel,
+    session: Session,
+    config: ModelSettings,
+    settings: Settings,
+    added: set[int],
+    delta: Delta | None,
 ) -> dict[str, Any]:
     from qfedit.evaluate import evaluate
 
@@ -216,8 +215,10 @@ def _evaluate(
         ids = sorted(random.Random(",".join(map(str, ids))).sample(ids, config.eval_sample))
     rows = list(session.scalars(select(FactRow).where(FactRow.id.in_(ids))))
     session.rollback()
-    known = _read_facts_file(config.known_facts)[: config.known_sample]
-    unknown = [f.question for f in _read_facts_file(config.unknown_questions)]
+    known = corpora.read_facts(config.known_facts, "known_facts", settings)[: config.known_sample]
+    unknown = [
+        f.question for f in corpora.read_facts(config.unknown_questions, "unknown_questions", settings)
+    ]
     if not rows and not known and not unknown:
         return {}
     report = evaluate(

@@ -8,9 +8,10 @@ same, and the flat keys are moved under `edit` before validation.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from qfedit.db.models import Batch, Model
 from qfedit.edit import CAPTURE_BATCH, CAPTURE_SHARD
@@ -33,7 +34,7 @@ class ModelSettings(BaseModel):
     )
     known_facts: str | None = Field(default=None, description="facts JSONL the model knows, for evaluation")
     unknown_questions: str | None = Field(default=None, description="facts JSONL of unknown-entity questions")
-    known_sample: int = Field(default=200, gt=0)
+    known_sample: int = Field(default=200, gt=0, le=1_000_000)
     eval_sample: int | None = Field(
         default=None,
         gt=0,
@@ -44,8 +45,22 @@ class ModelSettings(BaseModel):
     promote: dict[str, float] | None = Field(
         default=None, description="minimum metrics for moving `production` automatically; None: never"
     )
-    shard_size: int = Field(default=CAPTURE_SHARD, gt=0, description="facts per capture task")
-    capture_batch_size: int = Field(default=CAPTURE_BATCH, gt=0)
+    # Upper bounds keep one setting from asking a worker for unbounded memory.
+    shard_size: int = Field(default=CAPTURE_SHARD, gt=0, le=10_000, description="facts per capture task")
+    capture_batch_size: int = Field(default=CAPTURE_BATCH, gt=0, le=1024)
+
+    @field_validator("promote")
+    @classmethod
+    def _real_thresholds(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        # `{}` would pass every version, NaN none: neither is a policy anyone meant.
+        if value is None:
+            return None
+        if not value:
+            raise ValueError("give at least one metric threshold, or null for never")
+        for metric, threshold in value.items():
+            if not math.isfinite(threshold):
+                raise ValueError(f"the threshold of {metric!r} must be a finite number")
+        return value
 
     def corpus(self) -> list[str]:
         """The preservation corpus's files: the configured ones, else the known facts."""
@@ -113,6 +128,18 @@ def model_settings(
         if error.field and error.field.endswith("edit.layer") and "no edit layer" in str(error):
             raise InvalidInputError(f"model {model.name!r} has {error}", field=error.field) from None
         raise
+
+
+def check_overrides(overrides: dict[str, Any] | None, *, field: str = "hyperparameters") -> None:
+    """A batch may change how its edit is made, never policy or files: `promote`, corpora and
+    evaluation sets are the model's settings, changed with `qfedit model configure` and audited."""
+    for key in nested(overrides):
+        if key != "edit":
+            raise InvalidInputError(
+                f"field '{field}.{key}': a batch may override only its edit settings "
+                f"({', '.join(sorted(_EDIT_KEYS))}); {key} is a model setting (`qfedit model configure`)",
+                field=f"{field}.{key}",
+            )
 
 
 def batch_settings(batch: Batch) -> ModelSettings:

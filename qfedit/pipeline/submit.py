@@ -8,10 +8,10 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from qfedit.db.models import Batch, BatchKind, BatchStatus, FactRow, FactStatus, Model
-from qfedit.errors import ConflictError, InvalidInputError
-from qfedit.pipeline.settings import model_settings
-from qfedit.registry.batches import create_batch
+from qfedit.db.models import Batch, BatchKind, FactRow, FactStatus, Model
+from qfedit.errors import InvalidInputError
+from qfedit.pipeline.settings import check_overrides, model_settings
+from qfedit.registry.batches import batch_for_key, create_batch, request_digest
 from qfedit.registry.models import list_models
 
 
@@ -31,12 +31,16 @@ def submit_batch(
     """A queued edit batch; `fact_ids=None` takes every pending fact of the model.
 
     `hyperparameters` override the model's settings for this batch (validated here, so a typo is
-    refused at submission rather than failing the batch later)."""
+    refused at submission rather than failing the batch later). Only edit settings may be
+    overridden (`check_overrides`)."""
+    check_overrides(hyperparameters)
     model_settings(model, hyperparameters)
+    # The key is bound to the request as sent: "every pending fact" is resolved only once.
+    digest = request_digest(model, BatchKind.EDIT, fact_ids, hyperparameters)
     if idempotency_key is not None:
-        existing = session.scalar(select(Batch).where(Batch.idempotency_key == idempotency_key))
-        if existing is not None and fact_ids is None:
-            return existing  # "all pending" was resolved when the batch was first made
+        existing = batch_for_key(session, idempotency_key, digest, model)
+        if existing is not None:
+            return existing
     if fact_ids is None:
         fact_ids = list(
             session.scalars(
@@ -52,6 +56,7 @@ def submit_batch(
         requested_by=requested_by,
         hyperparameters=hyperparameters,
         idempotency_key=idempotency_key,
+        digest=digest,
     )
 
 
@@ -67,15 +72,15 @@ def submit_retraction(
     """A queued batch that publishes a version without `fact_ids` (subtracting their statistics)."""
     if not reason.strip():
         raise InvalidInputError("a retraction needs a reason", field="reason")
-    batch = create_batch(
-        session, model=model, fact_ids=fact_ids, requested_by=requested_by, idempotency_key=idempotency_key
+    return create_batch(
+        session,
+        model=model,
+        fact_ids=fact_ids,
+        requested_by=requested_by,
+        idempotency_key=idempotency_key,
+        kind=BatchKind.RETRACT,
+        reason=reason,
     )
-    if batch.kind != BatchKind.RETRACT:
-        if batch.status != BatchStatus.QUEUED or batch.attempts:
-            raise ConflictError(f"idempotency key {idempotency_key!r} names edit batch {batch.id}")
-        batch.kind = BatchKind.RETRACT
-        batch.reason = reason
-    return batch
 
 
 def nightly_batches(session: Session, day: str, *, actor: str = "qfedit-beat") -> list[Batch]:

@@ -19,12 +19,15 @@ from qfedit.db.models import (
     Version,
     VersionFact,
 )
-from qfedit.errors import InvalidInputError, NotFoundError
+from qfedit.errors import InvalidInputError, NotFoundError, TransientError
 from qfedit.registry.audit import record_audit
 from qfedit.registry.base import chunks, digest_of_hashes
 from qfedit.registry.facts import facts_of_model, load_facts
 from qfedit.registry.models import get_model, list_models
 from qfedit.store import CheckpointStore, StoredObject
+
+# Each lost race means another writer took a number; enough for a crowd of concurrent writers.
+_NUMBER_ATTEMPTS = 64
 
 
 def record_version(
@@ -60,7 +63,7 @@ def record_version(
     hashes = facts_of_model(session, model, fact_ids)
     if parent is None:
         parent = latest_version(session, model)
-    for _attempt in range(5):
+    for _attempt in range(_NUMBER_ATTEMPTS):
         number = (
             session.scalar(select(func.max(Version.number)).where(Version.model_id == model.id)) or 0
         ) + 1
@@ -88,11 +91,16 @@ def record_version(
                 session.add(version)
                 session.flush()
         except IntegrityError:
-            session.expunge(version)
+            # The savepoint's rollback already took the pending row out of the session; the next
+            # attempt reads the new highest number.
+            if version in session:
+                session.expunge(version)
             continue
         break
     else:
-        raise RuntimeError(f"could not allocate a version number for {model.name!r} after 5 attempts")
+        raise TransientError(
+            f"could not allocate a version number for {model.name!r} after {_NUMBER_ATTEMPTS} attempts"
+        )
     ids = sorted(hashes)
     for chunk in chunks(ids):
         session.execute(

@@ -111,8 +111,11 @@ class CheckpointStore(ABC):
         """
 
     @abstractmethod
-    def remove(self, relative_paths: Iterable[str]) -> int:
-        """Delete what `garbage` listed; the number removed. Paths outside the store are refused."""
+    def remove(self, relative_paths: Iterable[str], *, min_age_s: float | None = None) -> int:
+        """Delete what `garbage` listed; the number removed. Paths outside the store are refused.
+
+        With `min_age_s`, each file's age is checked again just before it goes: one written again
+        since the listing (a writer about to record it) is kept."""
 
 
 # -- shared checks and helpers ----------------------------------------------------------------

@@ -130,11 +130,18 @@ class LocalStore(CheckpointStore):
             )
         return found
 
-    def remove(self, relative_paths: Iterable[str]) -> int:
+    def remove(self, relative_paths: Iterable[str], *, min_age_s: float | None = None) -> int:
         removed = 0
         for relative in relative_paths:
             name = tmp_name(relative)
             path = self.root / TMP / name if name is not None else self.resolve(relative)
+            if min_age_s is not None:
+                try:
+                    if path.stat().st_mtime > time.time() - min_age_s:
+                        logger.info("kept %s: written again since it was listed", relative)
+                        continue
+                except FileNotFoundError:
+                    continue
             path.unlink(missing_ok=True)
             logger.info("removed unreferenced %s", relative)
             removed += 1

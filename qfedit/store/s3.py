@@ -200,7 +200,7 @@ class ObjectStore(CheckpointStore):
                     found.append(relative)
         return found
 
-    def remove(self, relative_paths: Iterable[str]) -> int:
+    def remove(self, relative_paths: Iterable[str], *, min_age_s: float | None = None) -> int:
         removed = 0
         for relative in relative_paths:
             name = tmp_name(relative)
@@ -208,6 +208,14 @@ class ObjectStore(CheckpointStore):
                 key, local = f"{self.base}/{TMP}/{name}", None
             else:
                 key, local = self._key(relative), self.cache.resolve(relative)
+            if min_age_s is not None:
+                try:
+                    modified = _modified(self.fs.info(key)) or self.fs.modified(key).timestamp()
+                except FileNotFoundError:
+                    continue
+                if modified > time.time() - min_age_s:
+                    logger.info("kept %s: written again since it was listed", self._url(relative))
+                    continue
             with contextlib.suppress(FileNotFoundError):  # already gone: the goal state
                 self.fs.rm_file(key)
             if local is not None:

@@ -27,14 +27,14 @@ from api.app import create_app
 from qfedit.config import ApiToken, Settings
 
 TOKENS = {
-    "reader": ApiToken(token="read-token-0123456789", scope="read"),
-    "writer": ApiToken(token="write-token-0123456789", scope="write"),
-    "admin": ApiToken(token="admin-token-0123456789", scope="admin"),
+    "reader": ApiToken(token="read-token-0123456789abcdefghijklmnop", scope="read"),
+    "writer": ApiToken(token="write-token-0123456789abcdefghijklmnop", scope="write"),
+    "admin": ApiToken(token="admin-token-0123456789abcdefghijklmnop", scope="admin"),
 }
 
 
 def auth(name: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {TOKENS[name].token}"}
+    return {"Authorization": f"Bearer {TOKENS[name].token.get_secret_value()}"}
 
 
 class Broker:

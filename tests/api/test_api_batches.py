@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from conftest import Broker, auth
 from db.helpers import add_facts, add_model
 from fastapi.testclient import TestClient
@@ -142,3 +143,29 @@ def test_broker_down_keeps_the_batch_and_a_retry_sends_it(
     assert retried.status_code == 202
     assert broker.sent == [retried.json()["id"]]
     assert _batches(db) == 1
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"promote": {}},
+        {"promote": {"efficacy": 0.0}},
+        {"known_facts": "/etc/passwd"},
+        {"preservation_corpus": ["/etc/hostname"]},
+    ],
+)
+def test_a_write_token_cannot_release_or_name_files(
+    client: TestClient, db: Session, overrides: dict[str, object]
+) -> None:
+    model = add_model(db)
+    add_facts(db, model, 2)
+    db.commit()
+    response = client.post(
+        "/v1/models/tiny/batches", json={"hyperparameters": overrides}, headers=auth("writer")
+    )
+    assert response.status_code == 422, response.text
+    (key,) = overrides
+    assert response.json()["field"] == f"body.hyperparameters.{key}"
+    assert "model setting" in response.json()["message"] and "root:" not in response.text
+    assert _batches(db) == 0
+    assert client.get("/v1/models/tiny/aliases", headers=auth("reader")).json() == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -102,7 +103,7 @@ def test_import_streams_a_chunked_csv_body(client: TestClient, db: Session) -> N
     ("content", "headers", "status", "field"),
     [
         (b"x", {"Content-Type": "application/pdf"}, 415, "query.format"),
-        (b"\xff\xfe,bad\n", {"Content-Type": "text/csv"}, 422, "body"),
+        (b"\xff\xfe,bad\n", {"Content-Type": "text/csv"}, 422, "body.(header)"),
         (b"nope,answer,context\n", {"Content-Type": "text/csv"}, 422, "body.(header)"),
     ],
 )
@@ -247,3 +248,34 @@ def test_unstorable_text_is_a_per_line_reject(client: TestClient, db: Session) -
         (3, "neighbors.0.question"),
     ]
     assert _count(db) == 1
+
+
+def test_the_source_name_is_only_a_label(client: TestClient, db: Session) -> None:
+    # Saved under the caller's name, this upload was its own rejects file (`NAME.part`), and the
+    # import read what it wrote for ever.
+    add_model(db)
+    db.commit()
+    body = b"".join(b'{"question": "Q%d?", "answer": "", "context": "C"}\n' % i for i in range(50))
+    body += b'{"question": "Q?", "answer": "A", "context": "C"}\n'
+    done: list[object] = []
+
+    def upload() -> None:
+        done.append(
+            client.post(
+                "/v1/models/tiny/facts/import?source=rejects.jsonl.part",
+                content=body,
+                headers={**auth("writer"), "Content-Type": "application/x-ndjson"},
+            )
+        )
+
+    worker = threading.Thread(target=upload, daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    assert done, "the import did not finish"
+    response = done[0]
+    assert response.status_code == 200, response.text  # type: ignore[attr-defined]
+    result = response.json()  # type: ignore[attr-defined]
+    assert (result["read"], result["imported"], result["rejected"]) == (51, 1, 50)
+    assert result["source"] == "rejects.jsonl.part"
+    (fact,) = registry.list_facts(db, source="rejects.jsonl.part")
+    assert fact.question == "Q?"

@@ -188,3 +188,34 @@ def test_unknown_model_error_names_the_registered_ones(session: Session) -> None
     add_model(session, "alpha")
     with pytest.raises(registry.NotFoundError, match=r"registered: alpha"):
         registry.get_model(session, "nope")
+
+
+def test_a_row_that_is_not_utf8_is_a_reject_with_its_line(session: Session, tmp_path: Path) -> None:
+    model = add_model(session)
+    rows = [f"Q{i}?,A{i},C{i}".encode() for i in range(2400)]
+    rows[2300] = b"Q\xff\xfe?,A,C"  # row 2,301: line 2,302 under the header
+    path = tmp_path / "corpus.csv"
+    path.write_bytes(b"question,answer,context\n" + b"\n".join(rows) + b"\n")
+    summary = importing.import_facts(session, path, model, actor="alice", chunk_size=1000)
+    assert (summary.imported, summary.rejected, summary.stopped) == (2399, 1, None)
+    assert summary.rejects_path is not None
+    reject = json.loads(summary.rejects_path.read_text())
+    assert (reject["line"], reject["reason"]) == (2302, "not UTF-8")
+    (entry,) = registry.list_audit(session, action="facts.import")
+    assert entry.details["imported"] == 2399 and entry.details["completed"] is True
+
+
+def test_a_stopped_import_is_in_the_audit_log_with_what_it_committed(
+    session: Session, tmp_path: Path
+) -> None:
+    model = add_model(session)
+    source = _write_jsonl(tmp_path / "big.jsonl", [_fact(i) for i in range(30)])
+
+    def stop(done: int) -> None:
+        raise OSError("disk went away")
+
+    with pytest.raises(OSError, match="disk went away"):
+        importing.import_facts(session, source, model, actor="alice", chunk_size=10, progress=stop)
+    (entry,) = registry.list_audit(session, action="facts.import")
+    assert entry.actor == "alice" and entry.details["completed"] is False
+    assert entry.details["imported"] == 10 == len(registry.list_facts(session, model=model))

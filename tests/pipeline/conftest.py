@@ -127,6 +127,7 @@ class Cluster:
             "QFEDIT_DATABASE_URL": self.database_url,
             "QFEDIT_BROKER_URL": self.redis.url,
             "QFEDIT_DATA_DIR": str(self.root / "data"),
+            "QFEDIT_CORPUS_ROOT": str(self.root),
             "QFEDIT_VISIBILITY_TIMEOUT": "6",
             "QFEDIT_TASK_ATTEMPTS": "3",
             "QFEDIT_LINE_WAIT_S": "0.5",
@@ -144,8 +145,10 @@ class Cluster:
             visibility_timeout=6,
         )
 
-    def start_worker(self, name: str, chaos: str | None = None) -> subprocess.Popen[bytes]:
-        env = self.env
+    def start_worker(
+        self, name: str, chaos: str | None = None, extra_env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        env = {**self.env, **(extra_env or {})}
         if chaos:
             env["QFEDIT_CHAOS_PAUSE"] = chaos
         log = (self.root / f"worker-{name}.log").open("ab")

@@ -29,13 +29,15 @@ def test_cli_and_queue_make_bitwise_identical_deltas(
     model_dir = tiny_model_dirs["qwen2"]
     env = _unconfigured_env()
     write_jsonl([fact(i) for i in range(count)], tmp_path / "facts.jsonl")
-    write_jsonl([fact(i) for i in range(1000, 1030)], tmp_path / "corpus.jsonl")
+    # Inside the data folder, the default corpus root: model settings may name no file outside it.
+    (tmp_path / "qfedit-data").mkdir()
+    write_jsonl([fact(i) for i in range(1000, 1030)], tmp_path / "qfedit-data" / "corpus.jsonl")
     solve = ("--lam", "3", "--ridge", "0.01")
-    out = ("--out", "cli.safetensors", "--preserve", "corpus.jsonl")
+    out = ("--out", "cli.safetensors", "--preserve", "qfedit-data/corpus.jsonl")
     steps = [
         ("model", "add", "tiny", str(model_dir), "--layer", "1"),
         ("model", "configure", "tiny", "--set", "solve.lam=3", "--set", "solve.ridge=0.01"),
-        ("model", "configure", "tiny", "--set", f'preservation_corpus=["{tmp_path / "corpus.jsonl"}"]'),
+        ("model", "configure", "tiny", "--set", 'preservation_corpus=["corpus.jsonl"]'),
         ("import", "facts.jsonl", "--model", "tiny"),
         ("batch", "submit", "--model", "tiny"),
     ]

@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 from api.serve import create_app
 from cli import get_app
 from qfedit import registry as records
+from qfedit.config import ApiToken
 from qfedit.db import session_factory
 from qfedit.delta import Delta, applied
 from qfedit.generate import answer
@@ -210,6 +211,29 @@ def test_bad_generate_requests_get_a_422_naming_the_field(
         ).status_code
         == 422
     )
+
+
+@pytest.mark.backends("sqlite")
+def test_serve_with_tokens_generates_only_for_a_bearer_of_one(
+    registry: Registry, tiny_model_dirs: dict[str, Path]
+) -> None:
+    token = "serve-reader-token-0123456789abcdefghij"
+    tokens = {"reader": ApiToken(token=token, scope="read")}
+    client = TestClient(create_app(_follower(registry, tiny_model_dirs["qwen2"]), tokens))
+    body = {"question": QUESTION, "max_new_tokens": 2}
+    assert client.post("/generate", json=body).status_code == 401
+    wrong = {"Authorization": "Bearer " + "x" * len(token)}
+    assert client.post("/generate", json=body, headers=wrong).status_code == 401
+    right = client.post("/generate", json=body, headers={"Authorization": f"Bearer {token}"})
+    assert right.status_code == 200, right.text
+    assert client.get("/healthz").status_code == 200  # probes stay open
+
+
+def test_serve_beyond_loopback_refuses_to_start_without_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("QFEDIT_API_TOKENS", raising=False)
+    result = CliRunner().invoke(get_app(), ["serve", "--model", "tiny", "--host", "0.0.0.0"])
+    assert result.exit_code == 2
+    assert "needs bearer tokens" in result.output
 
 
 def test_export_command_writes_full_and_lora(

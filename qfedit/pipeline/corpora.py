@@ -1,0 +1,86 @@
+"""The files a model's settings name (preservation corpus, known facts, unknown questions), opened
+only inside the corpus roots.
+
+Settings are typed by people; the worker that reads them runs with the service's rights. So a
+name is resolved (symlinks included) and must land on a regular file under one of the roots: the
+configured corpus root (`QFEDIT_CORPUS_ROOT`, by default the data folder) or the data shipped with
+qfedit. A refusal, and any error while reading, names the setting and the file, never its content.
+"""
+
+from __future__ import annotations
+
+import json
+import stat
+from collections.abc import Sequence
+from pathlib import Path
+
+from qfedit.config import Settings
+from qfedit.covariance import CorpusText, corpus_texts
+from qfedit.errors import InvalidInputError, PermanentError
+from qfedit.facts import Fact, FactError, read_jsonl
+from qfedit.modeling import LoadedModel
+
+_SHIPPED = Path(__file__).resolve().parent.parent / "data"
+
+
+def corpus_roots(settings: Settings) -> list[Path]:
+    root = settings.corpus_root if settings.corpus_root is not None else settings.data_dir
+    return [Path(root).resolve(), _SHIPPED]
+
+
+def resolve(name: str, setting: str, roots: Sequence[Path]) -> Path:
+    """The regular file `name` stands for: relative names are taken under the first root."""
+    candidate = Path(name)
+    if not candidate.is_absolute():
+        candidate = roots[0] / candidate
+    try:
+        path = candidate.resolve(strict=True)
+    except (OSError, RuntimeError):
+        raise InvalidInputError(f"setting {setting!r}: {name!r} does not exist", field=setting) from None
+    if not any(path.is_relative_to(root) for root in roots):
+        shown = ", ".join(str(root) for root in roots)
+        raise InvalidInputError(
+            f"setting {setting!r}: {name!r} is outside the corpus roots ({shown}); set QFEDIT_CORPUS_ROOT",
+            field=setting,
+        )
+    if not stat.S_ISREG(path.stat().st_mode):
+        raise InvalidInputError(f"setting {setting!r}: {name!r} is not a regular file", field=setting)
+    return path
+
+
+def check_names(names: dict[str, Sequence[str]], settings: Settings) -> None:
+    """Refuse, before any work, a setting that names a file outside the roots."""
+    roots = corpus_roots(settings)
+    for setting, values in names.items():
+        for value in values:
+            resolve(value, setting, roots)
+
+
+def read_facts(name: str | None, setting: str, settings: Settings) -> list[Fact]:
+    if name is None:
+        return []
+    path = resolve(name, setting, corpus_roots(settings))
+    try:
+        return read_jsonl(path)
+    except (FactError, UnicodeDecodeError) as error:
+        raise PermanentError(f"setting {setting!r}: {path.name}: {_reason(error)}") from None
+
+
+def read_texts(
+    loaded: LoadedModel, names: Sequence[str], setting: str, settings: Settings
+) -> list[CorpusText]:
+    roots = corpus_roots(settings)
+    paths = [resolve(name, setting, roots) for name in names]
+    try:
+        return corpus_texts(loaded, paths)
+    except (InvalidInputError, json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise PermanentError(f"setting {setting!r}: {_reason(error)}") from None
+
+
+def _reason(error: Exception) -> str:
+    # Messages that may carry a file's bytes are cut to their position; ours name lines and fields.
+    if isinstance(error, json.JSONDecodeError):
+        return f"line {error.lineno} is not valid JSON ({error.msg})"
+    if isinstance(error, UnicodeDecodeError):
+        return f"not UTF-8 at byte {error.start}"
+    return str(error)
