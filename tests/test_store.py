@@ -102,3 +102,16 @@ def test_open_store_picks_the_implementation_by_url(tmp_path: Path) -> None:
         open_store("memory://bucket/checkpoints", cache_dir=tmp_path / "cache", endpoint_url="http://x")
     remote = open_store("memory://bucket/checkpoints", cache_dir=tmp_path / "cache")
     assert isinstance(remote, ObjectStore) and remote.cache.root == tmp_path / "cache"
+
+
+def test_gc_keeps_a_file_written_again_between_listing_and_removal(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    orphan = store.put_bytes(b"orphan")
+    old = time.time() - 7200
+    os.utime(tmp_path / orphan.path, (old, old))
+    garbage = store.garbage(set(), min_age_s=3600)
+    assert garbage == [orphan.path]
+    again = store.put_bytes(b"orphan")  # a writer stores the same content, about to record it
+    assert again.path == orphan.path
+    assert store.remove(garbage, min_age_s=3600) == 0
+    assert list(store.iter_objects()) == [orphan.path]

@@ -83,6 +83,7 @@ def test_delta_download_is_the_verified_file(
     corrupt = client.get("/v1/models/tiny/versions/1/delta", headers=auth("reader"))
     assert corrupt.status_code == 500
     assert corrupt.json()["error"] == "store_error"
+    assert str(settings.store_dir.resolve()) not in corrupt.text and sha not in corrupt.json()["message"]
 
 
 def test_alias_moves_compare_and_set_and_history(client: TestClient, history: list[int]) -> None:

@@ -49,6 +49,14 @@ def test_a_batch_cannot_override_policy_or_files(session: Session, key: str) -> 
     assert batch_settings(batch).edit.solve.lam == 3 and batch_settings(batch).promote == {"efficacy": 0.99}
 
 
+@pytest.mark.parametrize(
+    ("setting", "value"), [("shard_size", 10_001), ("capture_batch_size", 1025), ("known_sample", 10**7)]
+)
+def test_worker_sizes_have_upper_bounds(setting: str, value: int) -> None:
+    with pytest.raises(ValueError, match=setting):
+        ModelSettings.model_validate({"edit": {"layer": 1}, setting: value})
+
+
 @pytest.mark.parametrize("promote", [{}, {"efficacy": float("nan")}, {"efficacy": float("inf")}])
 def test_an_empty_or_non_finite_promotion_threshold_is_refused(promote: dict[str, float]) -> None:
     with pytest.raises(ValueError, match="threshold"):
