@@ -47,7 +47,7 @@ def _port() -> int:
 
 
 def run_pipeline(args: argparse.Namespace, workers: int, root: Path) -> dict[str, float]:
-    from qfedit.demo import DEMO_MODEL_DIR, EDITS_PATH, KNOWN_PATH, PRESERVE_PATH, UNKNOWN_PATH
+    from qfedit.demo import DEMO_MODEL_DIR, EDITS_PATH
     from qfedit.demo.settings import demo_settings
     from worker.client import enqueue_batch
 
@@ -89,7 +89,7 @@ def run_pipeline(args: argparse.Namespace, workers: int, root: Path) -> dict[str
                 actor="bench",
             )
             model.settings = {
-                **demo_settings(known=KNOWN_PATH, unknown=UNKNOWN_PATH, preserve=PRESERVE_PATH),
+                **demo_settings(),
                 "shard_size": args.shard_size,
             }
             session.commit()
@@ -157,12 +157,12 @@ def run_pipeline(args: argparse.Namespace, workers: int, root: Path) -> dict[str
 
 
 def run_engine(args: argparse.Namespace, cache_dir: Path) -> dict[str, float]:
-    from qfedit.demo import DEMO_MODEL_DIR, EDITS_PATH, KNOWN_PATH, PRESERVE_PATH, UNKNOWN_PATH
+    from qfedit.demo import DEMO_MODEL_DIR, EDITS_PATH, KNOWN_PATH, UNKNOWN_PATH
     from qfedit.demo.settings import demo_settings
     from qfedit.pipeline.publish import build_preservation
     from qfedit.pipeline.settings import validate_settings
 
-    config = validate_settings(demo_settings(known=KNOWN_PATH, unknown=UNKNOWN_PATH, preserve=PRESERVE_PATH))
+    config = validate_settings(demo_settings())
     loaded = load_model(DEMO_MODEL_DIR)
     facts = read_jsonl(EDITS_PATH)[1 : args.facts + 1]
     started = time.perf_counter()

@@ -27,7 +27,7 @@ def demo(
 ) -> None:
     """The main job on the embedded default: edit bundled facts into the demo model through the queue."""
     from cli.engine import load, print_report
-    from qfedit.demo import DEMO_MODEL_DIR, EDITS_PATH, KNOWN_PATH, PRESERVE_PATH, UNKNOWN_PATH
+    from qfedit.demo import DEMO_MODEL_DIR, EDITS_PATH
     from qfedit.demo.settings import demo_settings
     from qfedit.evaluate import EvalReport
     from qfedit.facts import read_jsonl, write_jsonl
@@ -57,7 +57,7 @@ def demo(
                 fingerprint=fingerprint,
                 actor=current_actor(),
             )
-            model.settings = demo_settings(known=KNOWN_PATH, unknown=UNKNOWN_PATH, preserve=PRESERVE_PATH)
+            model.settings = demo_settings()
             session.commit()
         mismatch = registry.base_mismatch(model, fingerprint, "the shipped demo model")
         if mismatch:
@@ -113,5 +113,6 @@ def demo(
     console.print(table)
     metrics = dict(info["metrics"])  # type: ignore[call-overload]
     if metrics:
-        print_report(EvalReport(**{**metrics, "relative_norm": info["norm"]}))
+        protocol = metrics.pop("protocol", None)
+        print_report(EvalReport(**{**metrics, "relative_norm": info["norm"]}), protocol)
     console.print(f"see the history: qfedit versions, qfedit show {info['label']}, qfedit log")

@@ -204,9 +204,14 @@ def eval_command(
     print_report(report)
 
 
-def print_report(report: EvalReport) -> None:
+def print_report(report: EvalReport, protocol: dict[str, object] | None = None) -> None:
+    """The report as a table; with `protocol` (a version's metrics), specificity and abstention
+    are labelled held out or in-sample, as the preservation corpus made them."""
     from rich.table import Table
 
+    label = ""
+    if protocol is not None:
+        label = " (held out)" if protocol.get("held_out") else " (IN-SAMPLE: the corpus names them)"
     table = Table(title="edit quality")
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -218,8 +223,8 @@ def print_report(report: EvalReport) -> None:
     table.add_row("paraphrase", f"{report.paraphrase:.3f}", str(counts["paraphrases"]))
     table.add_row("specificity", f"{report.specificity:.3f}", str(counts["specificity"]))
     table.add_row("  edited subjects' other relations", f"{report.specificity_neighbors:.3f}", "")
-    table.add_row("  other known facts", f"{report.specificity_known:.3f}", "")
-    table.add_row("abstention", f"{report.abstention:.3f}", str(counts["abstention"]))
+    table.add_row(f"  other known facts{label}", f"{report.specificity_known:.3f}", "")
+    table.add_row(f"abstention{label}", f"{report.abstention:.3f}", str(counts["abstention"]))
     table.add_row("log p(new) - log p(old)", f"{report.logprob_margin:.2f}", "")
     if report.relative_norm is not None:
         table.add_row("|dW|/|W|", f"{report.relative_norm:.4g}", "")

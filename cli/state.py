@@ -275,6 +275,20 @@ def model_configure(
             },
             get_settings(),
         )
+        if validated.known_facts or validated.unknown_questions:
+            found = corpora.overlap(
+                validated.corpus(),
+                corpora.read_facts(validated.known_facts, "known_facts", get_settings()),
+                corpora.read_facts(validated.unknown_questions, "unknown_questions", get_settings()),
+                get_settings(),
+            )
+            if not found["held_out"]:
+                errors.print(
+                    f"[yellow]warning:[/yellow] the preservation corpus names {found['known_in_corpus']} "
+                    f"known and {found['unknown_in_corpus']} unknown evaluation facts: specificity and "
+                    "abstention will be in-sample, not held out (versions say so in their metrics)",
+                    highlight=False,
+                )
         if assignments:
             model.settings = validated.model_dump(mode="json", exclude_defaults=True)
             registry.record_audit(

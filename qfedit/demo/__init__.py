@@ -17,5 +17,18 @@ EDITS_PATH: Path = DEMO_DATA_DIR / "edits.jsonl"
 KNOWN_PATH: Path = DEMO_DATA_DIR / "known.jsonl"
 PRESERVE_PATH: Path = DEMO_DATA_DIR / "preserve.jsonl"
 UNKNOWN_PATH: Path = DEMO_DATA_DIR / "unknown.jsonl"
+# The preserved halves (`qfedit.demo.datasets`): what an edit is told to protect, and a sample of
+# it for in-sample figures. KNOWN_PATH and UNKNOWN_PATH are the held-out halves.
+PRESERVE_UNKNOWN_PATH: Path = DEMO_DATA_DIR / "preserve_unknown.jsonl"
+KNOWN_INSAMPLE_PATH: Path = DEMO_DATA_DIR / "known_insample.jsonl"
 
-__all__ = ["DEMO_DATA_DIR", "DEMO_MODEL_DIR", "EDITS_PATH", "KNOWN_PATH", "PRESERVE_PATH", "UNKNOWN_PATH"]
+__all__ = [
+    "DEMO_DATA_DIR",
+    "DEMO_MODEL_DIR",
+    "EDITS_PATH",
+    "KNOWN_INSAMPLE_PATH",
+    "KNOWN_PATH",
+    "PRESERVE_PATH",
+    "PRESERVE_UNKNOWN_PATH",
+    "UNKNOWN_PATH",
+]

@@ -7,12 +7,21 @@
   Context is one sentence stating the fact, the question a training phrasing, the paraphrases the
   held-out phrasings; neighbours are the subject's known relations and facts of known companies.
   No two edits share a (subject, relation), so none conflict.
-- `known.jsonl`: a sample of trained facts (specificity checks).
-- `preserve.jsonl`: every trained fact under every training phrasing, what the model knows: the
-  demo's preservation corpus.
-- `unknown.jsonl`: questions about strangers, companies neither trained nor edited (abstention
-  checks); the context is a sentence about another company, under which the answer stays
-  "I do not know.".
+
+What an edit is told to protect is kept apart from what it is judged on, because a user's
+preservation corpus is always a sample of what the model knows. The trained companies and the
+strangers are each split in two (seeded): a preserved half, and a held-out half that no corpus
+names.
+
+- `preserve.jsonl`: every trained fact of the preserved companies under every training phrasing.
+- `preserve_unknown.jsonl`: questions about the preserved strangers, answered "I do not know.".
+  These two files are the demo's preservation corpus.
+- `known.jsonl`: a sample of trained facts of the held-out companies (held-out specificity).
+- `unknown.jsonl`: questions about the held-out strangers, companies neither trained, edited nor
+  preserved (held-out abstention); the context is a sentence about another company, under which
+  the answer stays "I do not know.".
+- `known_insample.jsonl`: a sample of trained facts of the preserved companies, for the in-sample
+  figures shown beside the held-out ones.
 """
 
 from __future__ import annotations
@@ -66,9 +75,23 @@ def edit_facts(world: World, seed: int = 0, other_neighbors: int = 2) -> list[Fa
     return facts
 
 
-def known_facts(world: World, count: int = 200, seed: int = 0) -> list[Fact]:
+def split(world: World, seed: int = 0) -> tuple[frozenset[str], frozenset[str]]:
+    """The preserved halves of the trained companies and of the strangers, by name (seeded)."""
+    rng = random.Random(seed + 7)
+    trained = sorted({company.name for company, _ in world.trained_facts()})
+    strangers = sorted(company.name for company in world.strangers)
+    rng.shuffle(trained)
+    rng.shuffle(strangers)
+    return frozenset(trained[: len(trained) // 2]), frozenset(strangers[: len(strangers) // 2])
+
+
+def known_facts(
+    world: World, count: int = 200, seed: int = 0, subjects: frozenset[str] | None = None
+) -> list[Fact]:
+    """A sample of trained facts (of `subjects` only, when given)."""
     rng = random.Random(seed + 1)
-    sample = rng.sample(list(world.trained_facts()), count)
+    pool = [(c, r) for c, r in world.trained_facts() if subjects is None or c.name in subjects]
+    sample = rng.sample(pool, min(count, len(pool)))
     return [
         Fact(
             id=f"known-{company.name}-{relation}",
@@ -82,10 +105,10 @@ def known_facts(world: World, count: int = 200, seed: int = 0) -> list[Fact]:
     ]
 
 
-def preserve_facts(world: World) -> list[Fact]:
-    """Every trained fact under every training phrasing: preserving one phrasing a fact (a sample
-    of them) let edits disturb more of what the model knew, the edited subjects' other relations
-    most (README, "The demo model")."""
+def preserve_facts(world: World, subjects: frozenset[str] | None = None) -> list[Fact]:
+    """Every trained fact (of `subjects` only, when given) under every training phrasing:
+    preserving one phrasing a fact let edits disturb more of what the model knew, the edited
+    subjects' other relations most (README, "The demo model")."""
     return [
         Fact(
             id=f"preserve-{company.name}-{relation}-{index}",
@@ -95,15 +118,19 @@ def preserve_facts(world: World) -> list[Fact]:
             answer=company.objects[relation],
         )
         for company, relation in world.trained_facts()
+        if subjects is None or company.name in subjects
         for index in range(len(RELATIONS[relation].train_questions))
     ]
 
 
-def unknown_facts(world: World) -> list[Fact]:
+def unknown_facts(world: World, subjects: frozenset[str] | None = None) -> list[Fact]:
+    """Abstention questions about the strangers (of `subjects` only, when given)."""
     facts = []
     strangers = world.strangers
     relations = list(RELATIONS)
     for index, company in enumerate(strangers):
+        if subjects is not None and company.name not in subjects:
+            continue
         for offset, relation in enumerate(relations):
             # Context about the next stranger's other relation: still nothing about this question.
             other = strangers[(index + 1) % len(strangers)]
@@ -122,13 +149,18 @@ def unknown_facts(world: World) -> list[Fact]:
 
 
 def write_datasets(out_dir: Path, world: World) -> dict[str, int]:
-    """Write the four files; returns the number of facts in each."""
+    """Write the data files; returns the number of facts in each."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    preserved, preserved_strangers = split(world, world.seed)
+    held_out = frozenset(c.name for c, _ in world.trained_facts()) - preserved
+    held_out_strangers = frozenset(c.name for c in world.strangers) - preserved_strangers
     files = {
         "edits.jsonl": edit_facts(world, world.seed),
-        "known.jsonl": known_facts(world, seed=world.seed),
-        "preserve.jsonl": preserve_facts(world),
-        "unknown.jsonl": unknown_facts(world),
+        "preserve.jsonl": preserve_facts(world, preserved),
+        "preserve_unknown.jsonl": unknown_facts(world, preserved_strangers),
+        "known.jsonl": known_facts(world, seed=world.seed, subjects=held_out),
+        "unknown.jsonl": unknown_facts(world, held_out_strangers),
+        "known_insample.jsonl": known_facts(world, seed=world.seed, subjects=preserved),
     }
     for name, facts in files.items():
         write_jsonl(facts, out_dir / name)

@@ -84,3 +84,32 @@ def _reason(error: Exception) -> str:
     if isinstance(error, UnicodeDecodeError):
         return f"not UTF-8 at byte {error.start}"
     return str(error)
+
+
+def _keys(facts: Sequence[Fact]) -> set[str]:
+    # A fact is "in" a corpus when its subject is (or, without subjects, its question): preserving
+    # some of a company's facts protects its others too, so it is no longer a held-out check.
+    return {fact.subject or fact.question for fact in facts}
+
+
+def overlap(
+    corpus: Sequence[str], known: Sequence[Fact], unknown: Sequence[Fact], settings: Settings
+) -> dict[str, int | bool]:
+    """How many evaluation facts the preservation corpus names: specificity and abstention are held
+    out only when none is. Corpus files that are not facts JSONL (text lines) cannot be matched."""
+    roots = corpus_roots(settings)
+    preserved: set[str] = set()
+    for name in corpus:
+        path = resolve(name, "preservation_corpus", roots)
+        if path.suffix == ".jsonl":
+            try:
+                preserved |= _keys(read_jsonl(path))
+            except (FactError, UnicodeDecodeError):
+                continue  # not facts: the covariance reads it as question/answer transcripts
+    known_in = sum(1 for key in _keys(known) if key in preserved)
+    unknown_in = sum(1 for key in _keys(unknown) if key in preserved)
+    return {
+        "known_in_corpus": known_in,
+        "unknown_in_corpus": unknown_in,
+        "held_out": not (known_in or unknown_in),
+    }

@@ -216,9 +216,8 @@ def _evaluate(
     rows = list(session.scalars(select(FactRow).where(FactRow.id.in_(ids))))
     session.rollback()
     known = corpora.read_facts(config.known_facts, "known_facts", settings)[: config.known_sample]
-    unknown = [
-        f.question for f in corpora.read_facts(config.unknown_questions, "unknown_questions", settings)
-    ]
+    unknown_facts = corpora.read_facts(config.unknown_questions, "unknown_questions", settings)
+    unknown = [f.question for f in unknown_facts]
     if not rows and not known and not unknown:
         return {}
     report = evaluate(
@@ -232,6 +231,12 @@ def _evaluate(
     payload = report.to_json()
     payload.pop("details", None)
     payload["counts"]["edited"] = len(added)
+    # Whether specificity and abstention were judged on what the edit was told to protect.
+    payload["protocol"] = corpora.overlap(config.corpus(), known, unknown_facts, settings)
+    if not payload["protocol"]["held_out"]:
+        log.warning(
+            "metrics are in-sample: the preservation corpus names evaluation facts %s", payload["protocol"]
+        )
     return payload
 
 

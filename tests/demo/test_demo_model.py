@@ -14,7 +14,15 @@ import torch
 from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from qfedit.demo import DEMO_MODEL_DIR, EDITS_PATH, KNOWN_PATH, PRESERVE_PATH, UNKNOWN_PATH
+from qfedit.demo import (
+    DEMO_MODEL_DIR,
+    EDITS_PATH,
+    KNOWN_INSAMPLE_PATH,
+    KNOWN_PATH,
+    PRESERVE_PATH,
+    PRESERVE_UNKNOWN_PATH,
+    UNKNOWN_PATH,
+)
 from qfedit.demo.behaviour import accuracy, behaviour_probes
 from qfedit.demo.chat import END_OF_TEXT, IM_END, IM_START, render_prompt
 from qfedit.demo.world import ABSTENTION, RELATIONS, build_world
@@ -131,7 +139,9 @@ def test_world_groups_are_disjoint_and_shaped_for_editing(world) -> None:  # typ
 
 
 @pytest.mark.parametrize(
-    "path", [EDITS_PATH, KNOWN_PATH, PRESERVE_PATH, UNKNOWN_PATH], ids=lambda p: Path(p).name
+    "path",
+    [EDITS_PATH, KNOWN_PATH, PRESERVE_PATH, UNKNOWN_PATH, PRESERVE_UNKNOWN_PATH, KNOWN_INSAMPLE_PATH],
+    ids=lambda p: Path(p).name,
 )
 def test_data_files_validate(path: Path) -> None:
     facts = read_jsonl(path)
@@ -152,9 +162,23 @@ def test_edits_are_many_and_do_not_conflict(world) -> None:  # type: ignore[no-u
     assert all(fact.answer == ABSTENTION and fact.subject in strangers for fact in read_jsonl(UNKNOWN_PATH))
 
 
-def test_preservation_corpus_is_everything_the_model_was_trained_to_know(world) -> None:  # type: ignore[no-untyped-def]
-    preserved = read_jsonl(PRESERVE_PATH)
-    trained = {(company.name, company.objects[relation]) for company, relation in world.trained_facts()}
-    assert {(fact.subject, fact.answer) for fact in preserved} == trained
-    phrasings = sum(len(RELATIONS[relation].train_questions) for _, relation in world.trained_facts())
-    assert len({fact.question for fact in preserved}) == len(preserved) == phrasings
+def test_the_preservation_corpus_is_half_of_what_the_model_knows_and_evaluation_the_other_half(world) -> None:  # type: ignore[no-untyped-def]
+    preserved = read_jsonl(PRESERVE_PATH) + read_jsonl(PRESERVE_UNKNOWN_PATH)
+    preserved_subjects = {fact.subject for fact in preserved}
+    # Held out: no evaluation fact names a company the corpus names.
+    for path in (KNOWN_PATH, UNKNOWN_PATH):
+        assert not {fact.subject for fact in read_jsonl(path)} & preserved_subjects, path.name
+    # In-sample sets, for the figures shown beside: only preserved companies.
+    assert {fact.subject for fact in read_jsonl(KNOWN_INSAMPLE_PATH)} <= preserved_subjects
+    # Each preserved company is preserved whole: every trained fact under every phrasing.
+    trained = {(c.name, c.objects[r]) for c, r in world.trained_facts() if c.name in preserved_subjects}
+    facts = read_jsonl(PRESERVE_PATH)
+    assert {(fact.subject, fact.answer) for fact in facts} == trained
+    phrasings = sum(
+        len(RELATIONS[r].train_questions) for c, r in world.trained_facts() if c.name in preserved_subjects
+    )
+    assert len({fact.question for fact in facts}) == len(facts) == phrasings
+    # The halves are halves: of the trained companies and of the strangers.
+    trained_names = {c.name for c, _ in world.trained_facts()}
+    assert abs(len(trained_names & preserved_subjects) - len(trained_names) / 2) <= 1
+    assert abs(len({c.name for c in world.strangers} & preserved_subjects) - len(world.strangers) / 2) <= 1

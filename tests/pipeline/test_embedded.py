@@ -74,7 +74,7 @@ def test_demo_publishes_a_version_and_prints_answers_and_quality(tmp_path: Path)
     done = _qfedit(env, tmp_path, "demo", "--facts", "3", "--show", "2")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "batch 1 published" in done.stdout
-    assert "ceiling: read from context" in done.stdout and "abstention" in done.stdout
+    assert "ceiling: read from context" in done.stdout and "abstention (held out)" in done.stdout
     assert _version_numbers(env, tmp_path) == [0, 1]
     # A second run in the same folder is the same batch (idempotency key of the fact set).
     again = _qfedit(env, tmp_path, "demo", "--facts", "3", "--show", "2")
