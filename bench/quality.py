@@ -42,6 +42,10 @@ from qfedit.pipeline.settings import validate_settings
 from qfedit.solve import IllConditionedError
 
 
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
 def _in_sample(
     loaded: LoadedModel, delta: Delta, known: list[Fact], unknown: list[str], before: list[str]
 ) -> tuple[float, float]:
@@ -143,12 +147,12 @@ def main() -> None:
                         rule,
                         str(layer),
                         f"{lam:g}" if rule == "preserve" else "-",
-                        f"{report.efficacy:.3f}",
-                        f"{report.paraphrase:.3f}",
-                        f"{report.specificity_neighbors:.3f}",
-                        f"{report.specificity_known:.3f}",
+                        _share(report.efficacy),
+                        _share(report.paraphrase),
+                        _share(report.specificity_neighbors),
+                        _share(report.specificity_known),
                         f"{spec_in:.3f}",
-                        f"{report.abstention:.3f}",
+                        _share(report.abstention),
                         f"{abstention_in:.3f}",
                         f"{result.solve.relative_norm:.3g}",
                         f"{seconds:.1f}",

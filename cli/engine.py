@@ -204,6 +204,10 @@ def eval_command(
     print_report(report)
 
 
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
 def print_report(report: EvalReport, protocol: dict[str, object] | None = None) -> None:
     """The report as a table; with `protocol` (a version's metrics), specificity and abstention
     are labelled held out or in-sample, as the preservation corpus made them."""
@@ -217,14 +221,14 @@ def print_report(report: EvalReport, protocol: dict[str, object] | None = None) 
     table.add_column("value", justify="right")
     table.add_column("of", justify="right")
     counts = report.counts
-    table.add_row("efficacy", f"{report.efficacy:.3f}", str(counts["facts"]))
+    table.add_row("efficacy", _share(report.efficacy), str(counts["facts"]))
     if report.in_context is not None:
-        table.add_row("  ceiling: read from context, no edit", f"{report.in_context:.3f}", "")
-    table.add_row("paraphrase", f"{report.paraphrase:.3f}", str(counts["paraphrases"]))
-    table.add_row("specificity", f"{report.specificity:.3f}", str(counts["specificity"]))
-    table.add_row("  edited subjects' other relations", f"{report.specificity_neighbors:.3f}", "")
-    table.add_row(f"  other known facts{label}", f"{report.specificity_known:.3f}", "")
-    table.add_row(f"abstention{label}", f"{report.abstention:.3f}", str(counts["abstention"]))
+        table.add_row("  ceiling: read from context, no edit", _share(report.in_context), "")
+    table.add_row("paraphrase", _share(report.paraphrase), str(counts["paraphrases"]))
+    table.add_row("specificity", _share(report.specificity), str(counts["specificity"]))
+    table.add_row("  edited subjects' other relations", _share(report.specificity_neighbors), "")
+    table.add_row(f"  other known facts{label}", _share(report.specificity_known), "")
+    table.add_row(f"abstention{label}", _share(report.abstention), str(counts["abstention"]))
     table.add_row("log p(new) - log p(old)", f"{report.logprob_margin:.2f}", "")
     if report.relative_norm is not None:
         table.add_row("|dW|/|W|", f"{report.relative_norm:.4g}", "")

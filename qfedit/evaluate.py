@@ -61,22 +61,22 @@ def answer_logprobs(
 
 @dataclass
 class EvalReport:
-    efficacy: float
-    paraphrase: float
-    specificity: float
+    efficacy: float | None
+    paraphrase: float | None
+    specificity: float | None
     """Neighbors and known facts answered as the unedited model answers them."""
-    abstention: float
+    abstention: float | None
     counts: dict[str, int]
     specificity_relative: float
     """Correct answers on neighbors and known facts, edited over unedited."""
     abstention_relative: float
-    specificity_neighbors: float
+    specificity_neighbors: float | None
     """The edited subjects' other relations, answered as before."""
-    specificity_known: float
+    specificity_known: float | None
     """Facts of other entities, answered as before."""
     logprob_margin: float
     """Mean log p(new answer) - log p(base model's answer), teacher-forced, edited model."""
-    logprob_success: float
+    logprob_success: float | None
     """Fraction of facts where the new answer is more likely than the base model's answer."""
     relative_norm: float | None = None
     in_context: float | None = None
@@ -88,8 +88,9 @@ class EvalReport:
         return asdict(self)
 
 
-def _fraction(hits: Sequence[bool]) -> float:
-    return sum(hits) / len(hits) if hits else 1.0
+def _fraction(hits: Sequence[bool]) -> float | None:
+    # A metric of an empty set is no metric: None, shown as "-", and never a passed threshold.
+    return sum(hits) / len(hits) if hits else None
 
 
 def evaluate(

@@ -29,7 +29,7 @@ from qfedit.pipeline.steps import ModelCache
 from qfedit.registry.aliases import get_alias, set_alias
 from qfedit.registry.base import digest_of_hashes
 from qfedit.registry.batches import batch_fact_ids, get_batch
-from qfedit.registry.facts import set_fact_status, to_record
+from qfedit.registry.facts import load_facts, set_fact_status, to_record
 from qfedit.registry.versions import record_version, version_fact_ids
 from qfedit.solve import Preservation, pick_form
 from qfedit.statistics import Observations, Statistics
@@ -116,7 +116,7 @@ def solve_batch(
         lifecycle.transition_batch(session, batch, BatchStatus.EVALUATING, actor=lifecycle.SYSTEM)
         session.commit()
 
-        metrics = _evaluate(loaded, session, config, settings, added, delta)
+        metrics = _evaluate(loaded, session, config, settings, fact_ids, len(added), delta)
         if before_commit is not None:
             before_commit()
 
@@ -204,16 +204,19 @@ def _evaluate(
     session: Session,
     config: ModelSettings,
     settings: Settings,
-    added: set[int],
+    fact_ids: set[int],
+    added: int,
     delta: Delta | None,
 ) -> dict[str, Any]:
+    """Metrics of the version: its whole fact set (or a seeded sample of it), never the batch's new
+    facts alone, so a retraction is measured on what remains."""
     from qfedit.evaluate import evaluate
 
-    ids = sorted(added)
+    ids = sorted(fact_ids)
     if config.eval_sample is not None and len(ids) > config.eval_sample:
         # Seeded by the fact set, so a retried or re-run batch measures the same facts.
         ids = sorted(random.Random(",".join(map(str, ids))).sample(ids, config.eval_sample))
-    rows = list(session.scalars(select(FactRow).where(FactRow.id.in_(ids))))
+    rows = load_facts(session, ids)
     session.rollback()
     known = corpora.read_facts(config.known_facts, "known_facts", settings)[: config.known_sample]
     unknown_facts = corpora.read_facts(config.unknown_questions, "unknown_questions", settings)
@@ -230,7 +233,7 @@ def _evaluate(
     )
     payload = report.to_json()
     payload.pop("details", None)
-    payload["counts"]["edited"] = len(added)
+    payload["counts"]["edited"] = added
     # Whether specificity and abstention were judged on what the edit was told to protect.
     payload["protocol"] = corpora.overlap(config.corpus(), known, unknown_facts, settings)
     if not payload["protocol"]["held_out"]:

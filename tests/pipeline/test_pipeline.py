@@ -74,3 +74,32 @@ def test_retraction_equals_a_version_built_without_the_facts(cluster: Cluster) -
         status = {f.id: f.status for f in registry.list_facts(session, model=model)}
     assert [status[i] for i in retracted] == [FactStatus.RETRACTED] * 2
     assert after.parent_id is not None and after.reason == "wrong founders"
+
+
+def test_a_version_with_nothing_to_measure_is_not_promoted(cluster: Cluster) -> None:
+    # Retracting every fact leaves nothing to measure efficacy on: no metric, not a perfect one,
+    # and `production` stays where the last measured version put it.
+    cluster.add_model("tiny", [fact(i) for i in range(2)], promote={"efficacy": 0.0})
+    cluster.start_worker("a")
+    first = cluster.wait(cluster.submit("tiny"))
+    assert first.status.value == "published", first.error
+    retraction = cluster.wait(cluster.submit("tiny", cluster.fact_ids("tiny"), retract="all wrong"))
+    assert retraction.status.value == "published", retraction.error
+    (measured,) = cluster.versions_of_batch(first.id)
+    (empty,) = cluster.versions_of_batch(retraction.id)
+    assert measured.metrics["efficacy"] is not None
+    assert empty.fact_count == 0 and empty.metrics["efficacy"] is None
+    with cluster.sessions() as session:
+        model = registry.get_model(session, "tiny")
+        assert registry.get_alias(session, model, "production").version_id == measured.id
+        assert registry.get_alias(session, model, "head").version_id == empty.id
+
+
+def test_version_metrics_cover_the_whole_fact_set(cluster: Cluster) -> None:
+    cluster.add_model("tiny", [fact(i) for i in range(5)])
+    cluster.start_worker("a")
+    ids = cluster.fact_ids("tiny")
+    assert cluster.wait(cluster.submit("tiny", ids[:3])).status.value == "published"
+    second = cluster.wait(cluster.submit("tiny", ids[3:]))
+    (version,) = cluster.versions_of_batch(second.id)
+    assert version.metrics["counts"]["facts"] == 5 and version.metrics["counts"]["edited"] == 2
