@@ -128,7 +128,19 @@ def run_batch(batch_id: int, wait: bool) -> None:
             f"[red]batch {batch_id} {batch.status.value}[/red]: {batch.error or ''}", highlight=False
         )
         raise typer.Exit(1)
-    console.print(f"batch {batch_id} published")
+
+    def made(session: Session) -> str:
+        version = registry.version_of_batch(session, registry.get_batch(session, batch_id))
+        if version is None:
+            return f"batch {batch_id} published"
+        shown = ", ".join(
+            f"{name} {value:.2f}"
+            for name, value in version.metrics.items()
+            if name in ("efficacy", "paraphrase", "specificity", "abstention") and isinstance(value, float)
+        )
+        return f"batch {batch_id} published {version.label}" + (f": {shown}" if shown else "")
+
+    console.print(in_session(made), highlight=False)
 
 
 @batch_app.command("submit")

@@ -128,7 +128,13 @@ def model_list(as_json: JsonOption = False) -> None:
             return
         table = Table("name", "source", "layer", "fingerprint", "added")
         for m in models:
-            table.add_row(m.name, m.source, cell(m.default_layer), m.fingerprint[:16], when(m.created_at))
+            # The layer its batches edit: its settings' own, else the one it was registered with.
+            layer = (
+                (m.settings or {})
+                .get("edit", {})
+                .get("layer", (m.settings or {}).get("layer", m.default_layer))
+            )
+            table.add_row(m.name, m.source, cell(layer), m.fingerprint[:16], when(m.created_at))
         console.print(table)
 
     in_session(work)

@@ -97,6 +97,7 @@ def export_full(
     keys = _shard_keys(base_dir)
     changes = {} if delta is None else {_file_key(name, keys): t for name, t in delta.tensors.items()}
     partial = _prepare_output(out_dir)
+    merged: list[Path] = []
     try:
         for source in sorted(base_dir.iterdir()):
             if not source.is_file() or source.name.startswith(".") or source.suffix in _SKIPPED_WEIGHTS:
@@ -105,10 +106,15 @@ def export_full(
             edited = [key for key, file in keys.items() if file == source and key in changes]
             if source.suffix == ".safetensors" and edited:
                 _write_merged_shard(source, target, {key: changes[key] for key in edited})
+                merged.append(target)
             else:
                 shutil.copy2(source, target)
         record = {"format": "full", "base": str(base_dir), "changed_tensors": sorted(changes), **(info or {})}
         (partial / EXPORT_INFO).write_text(json.dumps(record, indent=2) + "\n")
+        for target in merged:
+            # safetensors writes through a private (0600) temporary file: give merged shards the
+            # permissions a new file gets here, like the export's other files.
+            shutil.copymode(partial / EXPORT_INFO, target)
         _finish(partial, out_dir)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)

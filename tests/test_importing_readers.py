@@ -73,3 +73,18 @@ def test_a_large_record_is_decoded_in_linear_work(monkeypatch: pytest.MonkeyPatc
     items = list(readers.iter_json(io.BytesIO(data)))
     assert [line for line, _ in items] == [1, 1] and items[0][1] == record
     assert sum(scanned) <= 4 * len(data), f"{len(scanned)} decodes scanned {sum(scanned)} characters"
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("counterfact.json", importing.Format.COUNTERFACT),
+        ("zsre_mend_eval.json", importing.Format.ZSRE),
+        ("facts.jsonl", importing.Format.JSONL),
+        ("facts.rejects.jsonl", importing.Format.REJECTS),
+    ],
+)
+def test_the_public_datasets_are_told_by_their_names(name: str, expected: importing.Format) -> None:
+    from pathlib import Path
+
+    assert importing.detect_format(Path(name)) == expected

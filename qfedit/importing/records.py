@@ -87,6 +87,11 @@ def detect_format(path: Path) -> Format:
         return Format.JSONL
     if name.endswith(".csv"):
         return Format.CSV
+    # The public datasets' own file names (counterfact.json, zsre_mend_eval.json, ...).
+    if name.endswith(".json") and "counterfact" in name:
+        return Format.COUNTERFACT
+    if name.endswith(".json") and "zsre" in name:
+        return Format.ZSRE
     raise ImportFileError(
         f"{path.name}: cannot tell the format from the name; "
         "pass --format jsonl, csv, counterfact, zsre or rejects"

@@ -126,3 +126,14 @@ def test_commands_on_an_unmigrated_database_say_how_to_fix_it(cli: Any, database
         assert _json(cli("versions", "--json")) == []
     else:
         assert "qfedit db upgrade" in cli("versions", ok=False).output
+
+
+def test_model_list_shows_the_layer_its_batches_edit(cli: Any, tmp_path: Path) -> None:
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    save_file({"layers.1.down_proj.weight": torch.ones(2, 2)}, str(model_dir / "model.safetensors"))
+    cli("db", "upgrade")
+    cli("model", "add", "tiny", str(model_dir), "--layer", "1")
+    cli("model", "configure", "tiny", "--set", "edit.layer=3")  # what the demo's settings do
+    row = next(line for line in cli("model", "list").output.splitlines() if "tiny" in line)
+    assert [cell.strip() for cell in row.split("│")][3] == "3", row

@@ -32,8 +32,18 @@ def test_edit_ask_eval_on_a_local_model(tiny_model_dirs: dict[str, Path], tmp_pa
     assert measured.exit_code == 0, measured.output
     report = json.loads(measured.stdout)
     assert {"efficacy", "paraphrase", "specificity", "abstention", "counts"} <= set(report)
-    assert all(0.0 <= report[key] <= 1.0 for key in ("efficacy", "paraphrase", "specificity", "abstention"))
-    assert report["counts"]["facts"] == len(FACTS)
+    assert 0.0 <= report["efficacy"] <= 1.0 and report["counts"]["facts"] == len(FACTS)
+    # What nothing was given for is not measured (None), rather than reported perfect.
+    for key, count in (
+        ("paraphrase", "paraphrases"),
+        ("specificity", "specificity"),
+        ("abstention", "abstention"),
+    ):
+        if report["counts"][count] == 0:
+            assert report[key] is None, key
+        else:
+            assert 0.0 <= report[key] <= 1.0, key
+    assert report["abstention"] is None  # no --unknown
 
 
 def test_a_bad_fact_names_line_and_field_and_writes_nothing(

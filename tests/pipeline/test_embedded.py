@@ -46,7 +46,7 @@ def test_batch_submit_runs_through_the_queue_without_configuration(
     for step in steps:
         done = _qfedit(env, tmp_path, *step)
         assert done.returncode == 0, f"{step}: {done.stdout}\n{done.stderr}"
-    assert "batch 1 published" in done.stdout
+    assert "batch 1 published tiny@1" in done.stdout  # names the version it made
     assert _version_numbers(env, tmp_path) == [0, 1]
     assert (tmp_path / "qfedit-data" / "qfedit.db").is_file()
     assert (tmp_path / "qfedit-data" / "broker").is_dir()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import stat
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,10 @@ def test_full_export_loads_with_the_served_weights_and_logits(
     if dtype == "bfloat16":  # another base (its weights rounded); the same update, named for it
         delta = Delta(delta.tensors, load_model(base).fingerprint)
     out = export_full(base, delta, tmp_path / "export", info={"version": "tiny@2"})
+    # The merged shard gets the permissions of a new file, as the export's own record does (it is
+    # written through a private temporary file).
+    merged, written = (out / "model.safetensors").stat(), (out / EXPORT_INFO).stat()
+    assert stat.S_IMODE(merged.st_mode) == stat.S_IMODE(written.st_mode)
     for name in (
         "config.json",
         "generation_config.json",
