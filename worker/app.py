@@ -26,12 +26,14 @@ DEFAULT_QUEUE = "default"
 def embedded_broker(data_dir: Path) -> tuple[str, dict[str, object]]:
     """A broker in the data folder: messages are files, so the CLI and a worker child can share it."""
     folder = (data_dir / "broker").resolve()
-    for sub in ("queue", "processed"):
+    for sub in ("queue", "processed", "control"):
         (folder / sub).mkdir(parents=True, exist_ok=True)
     options: dict[str, object] = {
         "data_folder_in": str(folder / "queue"),
         "data_folder_out": str(folder / "queue"),
         "processed_folder": str(folder / "processed"),
+        # Kombu's default is `control/` in the working directory.
+        "control_folder": str(folder / "control"),
         "store_processed": "false",
     }
     return "filesystem://", options

@@ -50,6 +50,7 @@ def test_batch_submit_runs_through_the_queue_without_configuration(
     assert _version_numbers(env, tmp_path) == [0, 1]
     assert (tmp_path / "qfedit-data" / "qfedit.db").is_file()
     assert (tmp_path / "qfedit-data" / "broker").is_dir()
+    assert not (tmp_path / "control").exists()  # everything in the data folder, nothing in cwd
     # Nothing pending: a second submit is refused with the reason, and nothing changes.
     again = _qfedit(env, tmp_path, "batch", "submit", "--model", "tiny")
     assert again.returncode != 0 and "no pending facts" in again.stderr + again.stdout
