@@ -193,3 +193,18 @@ def test_the_http_health_checks_probe_routes_that_exist() -> None:
     assert serve is not None and serve.origin is not None
     assert '@app.get("/healthz")' in Path(serve.origin).read_text()
     assert "/healthz" in raw["serve"]["healthcheck"]["test"][3]
+
+
+def test_the_image_copies_every_package_the_wheel_ships() -> None:
+    # A package missing from the image installs a `qfedit` command that cannot import itself.
+    import tomllib
+
+    project = tomllib.loads((DEPLOY.parent / "pyproject.toml").read_text())["tool"]["setuptools"]
+    folders = {name.split(".")[0] for name in project["packages"]} | set(
+        project.get("package-dir", {}).values()
+    )
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    ignore = (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
+    for folder in sorted(folders):
+        assert f"COPY {folder} /src/{folder}" in dockerfile, folder
+        assert f"!{folder}/" in ignore, folder
