@@ -222,6 +222,42 @@ def batch_status(batch_id: int, as_json: JsonOption = False) -> None:
     in_session(work)
 
 
+@batch_app.command("list")
+def batch_list(
+    model_name: Annotated[str | None, typer.Option("--model", "-m", help="Only this model's.")] = None,
+    status: Annotated[str | None, typer.Option(help="Only batches in this status, e.g. failed.")] = None,
+    limit: Annotated[int, typer.Option(help="At most this many, newest first.", min=1, max=10_000)] = 20,
+    as_json: JsonOption = False,
+) -> None:
+    """Recent batches, newest first: model, kind, status, facts captured, version made."""
+    from rich.table import Table
+
+    from qfedit.db.models import BatchStatus
+    from qfedit.errors import InvalidInputError
+
+    def work(session: Session) -> None:
+        try:
+            wanted = BatchStatus(status) if status is not None else None
+        except ValueError:
+            names = ", ".join(s.value for s in BatchStatus)
+            raise InvalidInputError(f"--status {status!r}: one of {names}", field="status") from None
+        model = registry.get_model(session, model_name) if model_name else None
+        shown = [
+            views.batch_out(session, b)
+            for b in registry.list_batches(session, model=model, status=wanted, limit=limit)
+        ]
+        if as_json:
+            emit_json([b.model_dump(mode="json") for b in shown])
+            return
+        table = Table("batch", "model", "kind", "status", "captured", "version", "by")
+        for b in shown:
+            captured = f"{b.captured}/{b.fact_count}"
+            table.add_row(str(b.id), b.model, b.kind, b.status, captured, b.version or "-", b.requested_by)
+        console.print(table)
+
+    in_session(work)
+
+
 @batch_app.command("watch")
 def batch_watch(
     batch_id: int,

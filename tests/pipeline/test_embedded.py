@@ -51,6 +51,10 @@ def test_batch_submit_runs_through_the_queue_without_configuration(
     assert (tmp_path / "qfedit-data" / "qfedit.db").is_file()
     assert (tmp_path / "qfedit-data" / "broker").is_dir()
     assert not (tmp_path / "control").exists()  # everything in the data folder, nothing in cwd
+    (listed,) = json.loads(_qfedit(env, tmp_path, "batch", "list", "--json").stdout)
+    assert (listed["status"], listed["version"], listed["captured"]) == ("published", "tiny@1", 3)
+    refused = _qfedit(env, tmp_path, "batch", "list", "--status", "nope")
+    assert refused.returncode == EXIT_CODES[ErrorCode.INVALID] and "--status 'nope'" in refused.stderr
     # Nothing pending: a second submit is refused with the reason, and nothing changes.
     again = _qfedit(env, tmp_path, "batch", "submit", "--model", "tiny")
     assert again.returncode != 0 and "no pending facts" in again.stderr + again.stdout
