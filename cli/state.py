@@ -272,6 +272,7 @@ def model_configure(
                 raise InvalidInputError(f"--set {item!r}: expected KEY=VALUE")
             _assign(current, key.strip(), raw)
         validated = validate_settings(current, default_layer=model.default_layer, field="settings")
+        settings = get_settings()
         # A file a worker cannot open is refused now, not when a batch reaches it.
         corpora.check_names(
             {
@@ -279,14 +280,14 @@ def model_configure(
                 "known_facts": [validated.known_facts] if validated.known_facts else [],
                 "unknown_questions": [validated.unknown_questions] if validated.unknown_questions else [],
             },
-            get_settings(),
+            settings,
         )
         if validated.known_facts or validated.unknown_questions:
             found = corpora.overlap(
                 validated.corpus(),
-                corpora.read_facts(validated.known_facts, "known_facts", get_settings()),
-                corpora.read_facts(validated.unknown_questions, "unknown_questions", get_settings()),
-                get_settings(),
+                corpora.read_facts(validated.known_facts, "known_facts", settings),
+                corpora.read_facts(validated.unknown_questions, "unknown_questions", settings),
+                settings,
             )
             if not found["held_out"]:
                 errors.print(

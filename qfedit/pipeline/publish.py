@@ -18,7 +18,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from qfedit.config import Settings
-from qfedit.db.models import BatchKind, BatchStatus, FactRow, FactStatus, Model, Version
+from qfedit.db.models import BatchKind, BatchStatus, FactStatus, Model, Version
 from qfedit.delta import Delta
 from qfedit.edit import base_weight, preservation_for, solve_delta
 from qfedit.errors import NotFoundError, PermanentError
@@ -29,7 +29,7 @@ from qfedit.pipeline.steps import ModelCache
 from qfedit.registry.aliases import get_alias, set_alias
 from qfedit.registry.base import digest_of_hashes
 from qfedit.registry.batches import batch_fact_ids, get_batch
-from qfedit.registry.facts import load_facts, set_fact_status, to_record
+from qfedit.registry.facts import facts_of_model, load_facts, set_fact_status, to_record
 from qfedit.registry.versions import record_version, version_fact_ids
 from qfedit.solve import Preservation, pick_form
 from qfedit.statistics import Observations, Statistics
@@ -92,8 +92,7 @@ def solve_batch(
             ):
                 runs = captures.observation_runs(session, store, fact_ids, layer, model.fingerprint)
                 observations = Observations.concatenate(list(runs))
-            hashes = session.scalars(select(FactRow.content_hash).where(FactRow.id.in_(sorted(fact_ids))))
-            digest = digest_of_hashes(hashes)
+            digest = digest_of_hashes(facts_of_model(session, model, fact_ids).values())
             session.rollback()
             preservation = None
             if config.edit.solve.rule == "preserve":
@@ -171,20 +170,17 @@ def _statistics(
     removed: set[int],
 ) -> Statistics:
     d, m = base_weight(loaded, layer).shape
-    where = {"layer": layer, "fingerprint": model.fingerprint, "d": d, "m": m}
-    parent_stats = None
-    if parent is not None and parent.layer == layer and parent.statistics_path and parent.statistics_sha256:
-        parent_stats = Statistics.from_bytes(
-            store.read_bytes(parent.statistics_path, parent.statistics_sha256)
+
+    def stored(ids: set[int]) -> Statistics:
+        return captures.stored_statistics(
+            session, store, ids, layer=layer, fingerprint=model.fingerprint, d=d, m=m
         )
-    if parent_stats is None:
-        return captures.stored_statistics(session, store, fact_ids, **where)  # type: ignore[arg-type]
+
+    if parent is None or parent.layer != layer or not (parent.statistics_path and parent.statistics_sha256):
+        return stored(fact_ids)
     # The parent's sum plus what this batch adds, minus what it retracts.
-    return (
-        parent_stats
-        + captures.stored_statistics(session, store, added, **where)  # type: ignore[arg-type]
-        - captures.stored_statistics(session, store, removed, **where)  # type: ignore[arg-type]
-    )
+    parent_stats = Statistics.from_bytes(store.read_bytes(parent.statistics_path, parent.statistics_sha256))
+    return parent_stats + stored(added) - stored(removed)
 
 
 def build_preservation(loaded: LoadedModel, config: ModelSettings, settings: Settings) -> Preservation:
