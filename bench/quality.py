@@ -1,7 +1,7 @@
 """Edit quality on the demo model as the number of edited facts grows (prints a table).
 
     python bench/quality.py                          # N = 10, 100, 1000; seed and preserving rules
-    python bench/quality.py --n 100 --lam 30 60 300 --layers 3 4
+    python bench/quality.py --n 100 --lam 30 60 300 --layers 3 4 2-4   # 2-4: spread over 2, 3, 4
 
 For each N, rule and setting: one delta for the first N bundled edit facts, made the way
 production makes it (`qfedit.edit.make_delta` with the corpus of `pipeline.publish`), then:
@@ -35,9 +35,9 @@ from qfedit.edit import capture_observations, make_delta
 from qfedit.evaluate import ABSTENTION, contains, evaluate
 from qfedit.facts import Fact, read_jsonl
 from qfedit.generate import answer_batch
-from qfedit.hparams import EditConfig, SolveConfig
+from qfedit.hparams import EditConfig, SolveConfig, parse_layers
 from qfedit.modeling import LoadedModel, load_model
-from qfedit.pipeline.publish import build_preservation
+from qfedit.pipeline.publish import build_preservations
 from qfedit.pipeline.settings import validate_settings
 from qfedit.solve import IllConditionedError
 
@@ -59,12 +59,17 @@ def _in_sample(
 
 def main() -> None:
     from qfedit.demo import DEMO_DATA_DIR, DEMO_MODEL_DIR
-    from qfedit.demo.settings import DEMO_LAYER, DEMO_SOLVE, demo_settings
+    from qfedit.demo.settings import DEMO_LAYERS, DEMO_SOLVE, demo_settings
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, nargs="+", default=[10, 100, 1000])
     parser.add_argument("--rules", nargs="+", default=["seed", "preserve"])
-    parser.add_argument("--layers", type=int, nargs="+", default=[DEMO_LAYER])
+    parser.add_argument(
+        "--layers",
+        nargs="+",
+        default=[f"{DEMO_LAYERS[0]}-{DEMO_LAYERS[-1]}"],
+        help="a layer, or a spread such as 2-4 or 2,3,4",
+    )
     parser.add_argument("--lam", type=float, nargs="+", default=[DEMO_SOLVE["lam"]])
     parser.add_argument("--positions", choices=["answer", "all"], default="answer")
     parser.add_argument("--ridge", type=float, default=DEMO_SOLVE["ridge"])
@@ -109,10 +114,15 @@ def main() -> None:
         table.add_column(column, justify="right")
     for n in args.n:
         facts = edits[:n]
-        for layer in args.layers:
-            # Keys do not depend on the solve settings: capture once per (N, layer).
+        for spec in args.layers:
+            spread = parse_layers(spec)
+            layer = spread[-1]
+            # Keys do not depend on the solve settings: capture once per (N, layer). A spread
+            # recaptures per layer inside the edit.
             started = time.perf_counter()
-            observations = capture_observations(loaded, facts, EditConfig(layer=layer))
+            observations = (
+                capture_observations(loaded, facts, EditConfig(layer=layer)) if len(spread) == 1 else None
+            )
             capture_seconds = time.perf_counter() - started
             for rule in args.rules:
                 lams = args.lam if rule == "preserve" else [0.0]
@@ -123,11 +133,16 @@ def main() -> None:
                         ridge=args.ridge,
                         max_condition=1e14,
                     )
-                    config = EditConfig(layer=layer, solve=solve_config, preserve_positions=args.positions)
+                    config = EditConfig(
+                        layer=layer,
+                        layers=spread if len(spread) > 1 else None,
+                        solve=solve_config,
+                        preserve_positions=args.positions,
+                    )
                     preservation = None
                     if rule == "preserve":
                         # The production path's corpus and covariance (`qfedit.pipeline.publish`).
-                        preservation = build_preservation(
+                        preservation = build_preservations(
                             loaded, base.model_copy(update={"edit": config}), settings
                         )
                     started = time.perf_counter()
@@ -136,7 +151,7 @@ def main() -> None:
                             loaded, facts, config, preservation=preservation, observations=observations
                         )
                     except IllConditionedError as error:
-                        row = [str(n), rule, str(layer), f"{lam:g}", *["-"] * 7]
+                        row = [str(n), rule, spec, f"{lam:g}", *["-"] * 7]
                         table.add_row(*row, f"cond {error.condition:.1e}", "-")
                         continue
                     seconds = capture_seconds + time.perf_counter() - started
@@ -145,7 +160,7 @@ def main() -> None:
                     table.add_row(
                         str(n),
                         rule,
-                        str(layer),
+                        spec,
                         f"{lam:g}" if rule == "preserve" else "-",
                         _share(report.efficacy),
                         _share(report.paraphrase),
@@ -157,7 +172,7 @@ def main() -> None:
                         f"{result.solve.relative_norm:.3g}",
                         f"{seconds:.1f}",
                     )
-                    console.print(f"N={n} {rule} layer={layer} lam={lam:g}: done", style="dim")
+                    console.print(f"N={n} {rule} layer={spec} lam={lam:g}: done", style="dim")
     console.print(table)
 
 

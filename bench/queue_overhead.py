@@ -159,7 +159,7 @@ def run_pipeline(args: argparse.Namespace, workers: int, root: Path) -> dict[str
 def run_engine(args: argparse.Namespace, cache_dir: Path) -> dict[str, float]:
     from qfedit.demo import DEMO_MODEL_DIR, EDITS_PATH, KNOWN_PATH, UNKNOWN_PATH
     from qfedit.demo.settings import demo_settings
-    from qfedit.pipeline.publish import build_preservation
+    from qfedit.pipeline.publish import build_preservations
     from qfedit.pipeline.settings import validate_settings
 
     config = validate_settings(demo_settings())
@@ -170,7 +170,7 @@ def run_engine(args: argparse.Namespace, cache_dir: Path) -> dict[str, float]:
         loaded, facts, config.edit, shard_size=args.shard_size, batch_size=config.capture_batch_size
     )
     captured = time.perf_counter()
-    preservation = build_preservation(loaded, config, Settings(data_dir=cache_dir))
+    preservation = build_preservations(loaded, config, Settings(data_dir=cache_dir))
     # The engine's own path, as `qfedit edit` runs it, from the capture above.
     delta = make_delta(loaded, facts, config.edit, preservation=preservation, observations=observations).delta
     known = read_jsonl(KNOWN_PATH)[: config.known_sample]

@@ -77,8 +77,16 @@ def preservation_texts(loaded: LoadedModel, facts: Sequence[Fact], corpus: Path 
 def edit(
     model_dir: ModelDir,
     facts_file: Annotated[Path, typer.Argument(help="Facts JSONL.", exists=True, dir_okay=False)],
-    layer: Annotated[int, typer.Option(help="Decoder layer whose down_proj is edited.")],
     out: Annotated[Path, typer.Option(help="Where to write the delta (safetensors).")],
+    layer: Annotated[
+        int | None, typer.Option(help="Decoder layer whose down_proj is edited (the top one with --layers).")
+    ] = None,
+    layers: Annotated[
+        str | None,
+        typer.Option(
+            help="Spread the edit over these layers, lowest first, e.g. 2,3,4 (see `qfedit layers`)."
+        ),
+    ] = None,
     rule: Annotated[str, typer.Option(help="seed (exact, published QF) or preserve.")] = "preserve",
     lam: Annotated[float, typer.Option(help="Preserving rule: weight of preservation.")] = 1.0,
     ridge: Annotated[float, typer.Option(help="Preserving rule: ridge on the covariance.")] = 1e-2,
@@ -93,30 +101,38 @@ def edit(
     device: Device = "cpu",
     chat_template: ChatTemplate = None,
 ) -> None:
-    """Solve a delta that writes FACTS_FILE into MODEL_DIR's weights at one layer."""
-    from qfedit.edit import make_delta, preservation_for
-    from qfedit.hparams import EditConfig, SolveConfig
+    """Solve a delta that writes FACTS_FILE into MODEL_DIR's weights at one layer (or several)."""
+    from qfedit.edit import make_delta, preservations_for
+    from qfedit.hparams import EditConfig, SolveConfig, parse_layers
 
     with user_errors():
-        config = EditConfig(
-            layer=layer,
-            solve=SolveConfig(rule=rule, lam=lam, ridge=ridge),  # type: ignore[arg-type]
-            covariance_samples=samples,
-            preserve_positions=preserve_positions,  # type: ignore[arg-type]
+        spread = parse_layers(layers) if layers is not None else None
+        if layer is None and spread is None:
+            raise InvalidInputError("give --layer N or --layers A,B,C", field="layer")
+        config = EditConfig.model_validate(
+            {
+                **({"layer": layer} if layer is not None else {}),
+                "layers": spread,
+                "solve": SolveConfig(rule=rule, lam=lam, ridge=ridge),  # type: ignore[arg-type]
+                "covariance_samples": samples,
+                "preserve_positions": preserve_positions,
+            }
         )
         facts, labels = read_facts(facts_file)
         loaded = load(model_dir, dtype, device, chat_template)
-        loaded.architecture.check_layer(loaded.model, layer)
+        for edited in config.edited_layers:
+            loaded.architecture.check_layer(loaded.model, edited)
         preservation = None
         if config.solve.rule == "preserve":
-            preservation = preservation_for(loaded, config, preservation_texts(loaded, facts, preserve))
+            preservation = preservations_for(loaded, config, preservation_texts(loaded, facts, preserve))
         result = make_delta(loaded, facts, config, labels=labels, preservation=preservation)
     # Written beside the target and renamed, so a failed write never leaves a partial delta.
     partial = out.with_name(out.name + ".partial")
     result.delta.save(partial)
     partial.replace(out)
     console.print(
-        f"wrote {out}: {len(facts)} facts, {result.solve.positions} positions, rule {result.solve.rule} "
+        f"wrote {out}: {len(facts)} facts at layer(s) {','.join(map(str, config.edited_layers))}, "
+        f"{result.solve.positions} positions, rule {result.solve.rule} "
         f"({result.solve.form}), |dW|/|W| = {result.solve.relative_norm:.4g}, "
         f"condition {result.solve.condition_number:.3g}, capture {result.capture_seconds:.2f}s, "
         f"solve {result.solve_seconds:.2f}s",
@@ -244,16 +260,20 @@ def layers(
     device: Device = "cpu",
     chat_template: ChatTemplate = None,
 ) -> None:
-    """Measure at which layer an edit works: a seed-rule probe edit at every layer."""
+    """Measure at which layer an edit works (a seed-rule probe edit at every layer), then which
+    spread of layers ending there still works (`--layers` of `edit`, `layers` of a model)."""
     from rich.table import Table
 
     from qfedit.hparams import SolveConfig
-    from qfedit.layers import recommend_layer, scan_layers
+    from qfedit.layers import recommend_layer, recommend_spread, scan_layers, scan_spreads
 
+    solve = SolveConfig(rule="seed", max_condition=1e14)
     with user_errors():
         facts, _ = read_facts(facts_file)
         loaded = load(model_dir, dtype, device, chat_template)
-        scans = scan_layers(loaded, facts[:probe], SolveConfig(rule="seed", max_condition=1e14))
+        scans = scan_layers(loaded, facts[:probe], solve)
+        top = recommend_layer(scans)
+        spreads = scan_spreads(loaded, facts[:probe], solve, top)
     table = Table(title=f"probe edit of {min(probe, len(facts))} facts, seed rule")
     for column in ("layer", "efficacy", "|dW|/|W|", "note"):
         table.add_column(column, justify="right")
@@ -261,4 +281,17 @@ def layers(
         norm = f"{scan.relative_norm:.3g}" if scan.relative_norm is not None else "-"
         table.add_row(str(scan.layer), f"{scan.efficacy:.2f}", norm, scan.error or "")
     console.print(table)
-    console.print(f"recommended layer: {recommend_layer(scans)}")
+    console.print(f"recommended layer: {top}")
+    table = Table(title=f"the same probe spread over layers ending at {top}")
+    for column in ("layers", "efficacy", "|dW|/|W|", "note"):
+        table.add_column(column, justify="right")
+    for spread in spreads:
+        norm = f"{spread.relative_norm:.3g}" if spread.relative_norm is not None else "-"
+        table.add_row(spread.label, f"{spread.efficacy:.2f}", norm, spread.error or "")
+    console.print(table)
+    chosen = recommend_spread(spreads)
+    console.print(
+        f"recommended layers: {','.join(map(str, chosen))} (qfedit edit --layers {','.join(map(str, chosen))}; "
+        f"qfedit model configure NAME --set 'layers=[{','.join(map(str, chosen))}]')",
+        highlight=False,
+    )

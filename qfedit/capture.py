@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Literal
@@ -239,9 +240,14 @@ class CaptureOptions:
 
 
 def _trace_sequences(
-    loaded: LoadedModel, layer: int, sequences: list[list[int]], options: CaptureOptions
-) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, int]]:
-    """Yield `(sequence index, keys (T, m), residuals (T, d), offset)` for each sequence, batched by length."""
+    loaded: LoadedModel,
+    layer: int,
+    sequences: list[list[int]],
+    options: CaptureOptions,
+    key_layer: int | None = None,
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, int, torch.Tensor | None]]:
+    """Yield `(sequence index, keys (T, m), residuals (T, d), offset, keys at key_layer or None)`
+    for each sequence, batched by length; `key_layer` (below `layer`) is read in the same pass."""
     pad_id = loaded.tokenizer.pad_token_id
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
     for start in range(0, len(order), options.batch_size):
@@ -249,12 +255,93 @@ def _trace_sequences(
         ids, mask, positions, offsets = pad_batch(
             [sequences[i] for i in chunk], pad_id, options.padding_side, loaded.device
         )
-        with LayerTrace(loaded, layer) as trace:
+        with ExitStack() as stack:
+            low = (
+                stack.enter_context(LayerTrace(loaded, key_layer, stop=False, residuals=False))
+                if key_layer is not None
+                else None
+            )
+            trace = stack.enter_context(LayerTrace(loaded, layer))
             run_until_layer(loaded.model, ids, mask, positions)
-        if trace.keys is None or trace.residuals is None:
+        if trace.keys is None or trace.residuals is None or (low is not None and low.keys is None):
             raise RuntimeError(f"layer {layer} was not reached by the forward pass")
         for row, index in enumerate(chunk):
-            yield index, trace.keys[row], trace.residuals[row], offsets[row]
+            extra = low.keys[row] if low is not None and low.keys is not None else None
+            yield index, trace.keys[row], trace.residuals[row], offsets[row], extra
+
+
+@dataclass
+class SideCapture:
+    """One side of a set of facts (with or without context) at the answer-predicting positions:
+    the top layer's keys and residuals, and the keys of a lower layer read in the same pass."""
+
+    keys: torch.Tensor  # (n, m) at the top layer
+    residuals: torch.Tensor  # (n, d) entering the top layer's MLP
+    low_keys: torch.Tensor | None  # (n, m) at `key_layer`, when one was asked for
+    weights: torch.Tensor  # (n,) s_i
+    fact_index: torch.Tensor  # (n,)
+
+    def outputs(self, weight: torch.Tensor) -> torch.Tensor:
+        """The top layer's output `v + W k` at each position, (n, d) float64, for `W` (d x m)."""
+        return self.residuals.to(torch.float64) + self.keys.to(torch.float64) @ weight.to(torch.float64).T
+
+
+def capture_side(
+    loaded: LoadedModel,
+    facts: Sequence[Fact],
+    layer: int,
+    *,
+    context: bool,
+    key_layer: int | None = None,
+    labels: Sequence[str] | None = None,
+    options: CaptureOptions = CaptureOptions(),
+) -> SideCapture:
+    """Capture one side of `facts` at `layer` (and the keys of `key_layer` < `layer`), at the same
+    positions `capture` uses: the multi-layer edit captures its target once and recaptures the side
+    without context after each lower layer's edit."""
+    if not facts:
+        raise InvalidInputError("no facts to capture")
+    loaded.architecture.check_layer(loaded.model, layer)
+    if key_layer is not None:
+        loaded.architecture.check_layer(loaded.model, key_layer)
+        if key_layer >= layer:
+            raise InvalidInputError(f"key layer {key_layer} must be below layer {layer}")
+    names = (
+        list(labels) if labels is not None else [fact.id or f"fact {i + 1}" for i, fact in enumerate(facts)]
+    )
+    encoded = [
+        encode_fact(loaded, fact, name, include_eos=options.include_eos)
+        for fact, name in zip(facts, names, strict=True)
+    ]
+    sequences = [e.with_context if context else e.without_context for e in encoded]
+    rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = [
+        (torch.empty(0), torch.empty(0), None)
+    ] * len(sequences)
+    for index, keys, residuals, offset, low in _trace_sequences(loaded, layer, sequences, options, key_layer):
+        predicted = len(encoded[index].weights)
+        end = offset + len(sequences[index]) - 1
+        span = slice(end - predicted, end)
+        rows[index] = (keys[span], residuals[span], low[span] if low is not None else None)
+    parts: dict[str, list[torch.Tensor]] = {"k": [], "r": [], "l": [], "s": [], "f": []}
+    for fact, (enc, (keys, residuals, low)) in enumerate(zip(encoded, rows, strict=True)):
+        for name, tensor in (("keys", keys), ("residuals", residuals), ("keys", low)):
+            if tensor is not None and not torch.isfinite(tensor).all():
+                raise InvalidInputError(f"{names[fact]}: non-finite {name} (overflow in the model's dtype?)")
+        weights = torch.tensor(enc.weights, dtype=torch.float64)
+        keep = weights > 0
+        parts["k"].append(keys[keep.to(keys.device)])
+        parts["r"].append(residuals[keep.to(residuals.device)])
+        if low is not None:
+            parts["l"].append(low[keep.to(low.device)])
+        parts["s"].append(weights[keep])
+        parts["f"].append(torch.full((int(keep.sum()),), fact, dtype=torch.long))
+    return SideCapture(
+        keys=torch.cat(parts["k"]),
+        residuals=torch.cat(parts["r"]),
+        low_keys=torch.cat(parts["l"]) if parts["l"] else None,
+        weights=torch.cat(parts["s"]),
+        fact_index=torch.cat(parts["f"]),
+    )
 
 
 def capture(
@@ -287,7 +374,7 @@ def capture(
     n_facts = len(facts)
     keys: list[torch.Tensor | None] = [None] * len(sequences)
     residuals: list[torch.Tensor | None] = [None] * len(sequences)
-    for index, seq_keys, seq_residuals, offset in _trace_sequences(loaded, layer, sequences, options):
+    for index, seq_keys, seq_residuals, offset, _ in _trace_sequences(loaded, layer, sequences, options):
         fact = index % n_facts
         predicted = len(encoded[fact].weights)
         # Position p predicts token p + 1: the last `predicted` tokens are predicted by the

@@ -14,21 +14,22 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from qfedit.capture import CaptureOptions, capture
+from qfedit.capture import CaptureOptions, capture, capture_side
 from qfedit.covariance import CorpusText, compute_covariance, corpus_digest
-from qfedit.delta import Delta
+from qfedit.delta import Delta, applied
 from qfedit.errors import InvalidInputError
 from qfedit.facts import Fact, fact_set_digest
 from qfedit.hparams import EditConfig
 from qfedit.modeling import LoadedModel
 from qfedit.solve import Preservation, SolveResult, pick_form, solve
-from qfedit.statistics import Observations, Statistics, fact_runs
+from qfedit.statistics import Observations, Statistics, as_stored, fact_runs
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,40 @@ def preservation_for(
     )
 
 
+def _solve_layer(
+    loaded: LoadedModel,
+    config: EditConfig,
+    statistics: Statistics,
+    observations: Observations | None,
+    preservation: Preservation | None,
+) -> SolveResult:
+    """`dW` of `config.layer` (d x m, float64) from the statistics, in the form they call for."""
+    loaded.architecture.check_layer(loaded.model, config.layer)
+    weight = base_weight(loaded, config.layer)
+    m = weight.shape[1]
+    form = pick_form(config.solve.form, statistics.positions, m)
+    if form == "dual" and observations is None:
+        raise InvalidInputError("the dual form needs the fact set's observations, not only its statistics")
+    source: Observations | Statistics = observations if form == "dual" and observations else statistics
+    return solve(weight, source, config.solve.model_copy(update={"form": form}), preservation)
+
+
+def _parameter(loaded: LoadedModel, layer: int, change: torch.Tensor) -> tuple[str, torch.Tensor]:
+    return loaded.architecture.down_proj_name(layer), loaded.architecture.to_parameter_layout(
+        change.to(torch.float32)
+    )
+
+
+def preservations_for(
+    loaded: LoadedModel, config: EditConfig, texts: Sequence[CorpusText], cache_dir: Path | None = None
+) -> dict[int, Preservation]:
+    """The preservation covariance of `texts` at each layer the edit changes."""
+    return {
+        layer: preservation_for(loaded, config.at_layer(layer), texts, cache_dir)
+        for layer in config.edited_layers
+    }
+
+
 def solve_delta(
     loaded: LoadedModel,
     config: EditConfig,
@@ -116,21 +151,17 @@ def solve_delta(
     fact_set_digest: str,
     facts: int,
 ) -> tuple[Delta, SolveResult]:
-    """The delta of a fact set from its statistics (and, for the dual form, its observations).
+    """The delta of a fact set at one layer from its statistics (and, for the dual form, its
+    observations).
 
     Its metadata says exactly what made it: layer, edit settings, form, corpus and fact-set
     digests, and the solve's norms."""
-    loaded.architecture.check_layer(loaded.model, config.layer)
-    weight = base_weight(loaded, config.layer)
-    m = weight.shape[1]
-    form = pick_form(config.solve.form, statistics.positions, m)
-    if form == "dual" and observations is None:
-        raise InvalidInputError("the dual form needs the fact set's observations, not only its statistics")
-    source: Observations | Statistics = observations if form == "dual" and observations else statistics
-    result = solve(weight, source, config.solve.model_copy(update={"form": form}), preservation)
-    name = loaded.architecture.down_proj_name(config.layer)
+    if len(config.edited_layers) > 1:
+        raise InvalidInputError("an edit of several layers is solved by spread_delta, not from statistics")
+    result = _solve_layer(loaded, config, statistics, observations, preservation)
+    name, tensor = _parameter(loaded, config.layer, result.delta)
     delta = Delta(
-        tensors={name: loaded.architecture.to_parameter_layout(result.delta.to(torch.float32))},
+        tensors={name: tensor},
         base_fingerprint=loaded.fingerprint,
         metadata={
             "layer": config.layer,
@@ -156,19 +187,156 @@ def solve_delta(
     return delta, result
 
 
+def spread_delta(
+    loaded: LoadedModel,
+    facts: Sequence[Fact],
+    config: EditConfig,
+    *,
+    preservation: Mapping[int, Preservation] | None = None,
+    labels: Sequence[str] | None = None,
+    fact_ids: Sequence[int] | None = None,
+    fact_set_digest: str,
+    shard_size: int = CAPTURE_SHARD,
+    batch_size: int = CAPTURE_BATCH,
+) -> EditResult:
+    """An edit spread over `config.edited_layers`, lowest first (MEMIT's schedule, QF's target).
+
+    The target is the top layer's output with the context, captured once on the base model. Each
+    layer in turn, with the lower layers' edits applied, recaptures its own keys and the top
+    layer's output without the context, and is solved for `1 / (layers left)` of the remaining
+    error; the top layer closes what is left. Keys then depend on the lower edits, so this is
+    recaptured from the fact set each time: the version is still a pure function of (base, fact
+    set, settings), but not a sum of stored statistics. `fact_ids` order the statistics' runs as
+    `fact_runs` does (default: the facts' indexes)."""
+    layers = config.edited_layers
+    top = layers[-1]
+    for layer in layers:
+        loaded.architecture.check_layer(loaded.model, layer)
+    if not facts:
+        raise InvalidInputError("no facts to edit")
+    ids = list(fact_ids) if fact_ids is not None else list(range(len(facts)))
+    if len(ids) != len(facts):
+        raise InvalidInputError(f"{len(ids)} fact ids for {len(facts)} facts")
+    names = list(labels) if labels is not None else [f.id or f"fact {i + 1}" for i, f in enumerate(facts)]
+    options = CaptureOptions(batch_size=batch_size, include_eos=config.include_eos)
+    shards = [slice(start, start + shard_size) for start in range(0, len(facts), shard_size)]
+    top_weight = base_weight(loaded, top)
+    started = time.perf_counter()
+    targets = [
+        capture_side(loaded, facts[cut], top, context=True, labels=names[cut], options=options).outputs(
+            top_weight
+        )
+        for cut in shards
+    ]
+    capture_seconds, solve_seconds = time.perf_counter() - started, 0.0
+    tensors: dict[str, torch.Tensor] = {}
+    per_layer: dict[str, dict[str, Any]] = {}
+    results: list[SolveResult] = []
+    for done, layer in enumerate(layers):
+        started = time.perf_counter()
+        share = len(layers) - done
+        lower = Delta(dict(tensors), loaded.fingerprint) if tensors else None
+        parts = []
+        with applied(loaded, lower):
+            for cut, target in zip(shards, targets, strict=True):
+                side = capture_side(
+                    loaded,
+                    facts[cut],
+                    top,
+                    context=False,
+                    key_layer=layer if layer != top else None,
+                    labels=names[cut],
+                    options=options,
+                )
+                keys = side.low_keys if side.low_keys is not None else side.keys
+                errors = (target - side.outputs(top_weight)) / share
+                shard_ids = torch.tensor(ids[cut], dtype=torch.int64)
+                parts.append(
+                    Observations(as_stored(keys), as_stored(errors), side.weights, shard_ids[side.fact_index])
+                )
+        captured = time.perf_counter()
+        runs = list(fact_runs(Observations.concatenate(parts), ids))
+        d, m = base_weight(loaded, layer).shape
+        statistics = Statistics.accumulate(runs, d=d, m=m, layer=layer, fingerprint=loaded.fingerprint)
+        result = _solve_layer(
+            loaded,
+            config.at_layer(layer),
+            statistics,
+            Observations.concatenate(runs),
+            (preservation or {}).get(layer),
+        )
+        name, tensor = _parameter(loaded, layer, result.delta)
+        tensors[name] = tensor
+        results.append(result)
+        per_layer[str(layer)] = {
+            "share": 1 / share,
+            "relative_norm": result.relative_norm,
+            "condition_number": result.condition_number,
+        }
+        capture_seconds += captured - started
+        solve_seconds += time.perf_counter() - captured
+        log.info(
+            "layer %d: |dW|/|W| = %.4g, condition %.3g", layer, result.relative_norm, result.condition_number
+        )
+    weights = sum(float(base_weight(loaded, layer).norm() ** 2) for layer in layers)
+    changes = sum(float(r.delta.norm() ** 2) for r in results)
+    last = results[-1]
+    combined = SolveResult(
+        delta=last.delta,
+        rule=last.rule,
+        form=last.form,
+        condition_number=max(r.condition_number for r in results),
+        relative_norm=(changes / weights) ** 0.5 if weights else float("inf"),
+        positions=last.positions,
+    )
+    corpus = (preservation or {}).get(top)
+    delta = Delta(
+        tensors=tensors,
+        base_fingerprint=loaded.fingerprint,
+        metadata={
+            "layer": top,
+            "layers": list(layers),
+            "hparams": config.model_dump(mode="json"),
+            "form": combined.form,
+            "corpus_digest": corpus.corpus_digest if corpus is not None else None,
+            "fact_set_digest": fact_set_digest,
+            "facts": len(facts),
+            "positions": combined.positions,
+            "relative_norm": combined.relative_norm,
+            "condition_number": combined.condition_number,
+            "per_layer": per_layer,
+        },
+    )
+    return EditResult(delta, combined, capture_seconds, solve_seconds)
+
+
 def make_delta(
     loaded: LoadedModel,
     facts: Sequence[Fact],
     config: EditConfig,
     *,
     labels: Sequence[str] | None = None,
-    preservation: Preservation | None = None,
+    preservation: Preservation | Mapping[int, Preservation] | None = None,
     observations: Observations | None = None,
 ) -> EditResult:
-    """Capture `facts`, reduce and solve: a delta that teaches them at `config.layer`.
+    """Capture `facts`, reduce and solve: a delta that teaches them at `config.layer` (or spread
+    over `config.layers`, by `spread_delta`).
 
     `observations` of `facts` (from `capture_observations`), if given, are used instead of
-    capturing again: a sweep over solve settings captures once."""
+    capturing again: a sweep over solve settings captures once (one layer only)."""
+    if len(config.edited_layers) > 1:
+        if isinstance(preservation, Preservation):
+            raise InvalidInputError("an edit of several layers needs a preservation covariance per layer")
+        return spread_delta(
+            loaded,
+            facts,
+            config,
+            preservation=preservation,
+            labels=labels,
+            fact_set_digest=fact_set_digest(facts),
+        )
+    if isinstance(preservation, Mapping):
+        preservation = preservation.get(config.layer)
     loaded.architecture.check_layer(loaded.model, config.layer)
     started = time.perf_counter()
     if observations is None:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # Which key positions of a transcript go into the preservation covariance (see qfedit.covariance).
 PreservePositions = Literal["answer", "all"]
@@ -38,7 +38,14 @@ class EditConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    layer: int = Field(ge=0)
+    layer: int = Field(
+        ge=0, description="the edited layer; with `layers`, the top one, whose output is the target"
+    )
+    layers: tuple[int, ...] | None = Field(
+        default=None,
+        description="edit several layers, lowest first, ending at `layer` (the sequential spread, "
+        "qfedit.edit.spread_delta); None: `layer` alone",
+    )
     solve: SolveConfig = SolveConfig()
     include_eos: bool = True
     covariance_samples: int = Field(
@@ -49,9 +56,58 @@ class EditConfig(BaseModel):
         description="a transcript's positions in the preservation covariance: its answer's, or all",
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _top_layer(cls, data: Any) -> Any:
+        # `layers` alone names the top layer too: `{"layers": [2, 3, 4]}` edits up to layer 4.
+        if isinstance(data, dict) and data.get("layers") and "layer" not in data:
+            layers = data["layers"]
+            if isinstance(layers, list | tuple) and all(isinstance(x, int) for x in layers):
+                return {**data, "layer": max(layers)}
+        return data
+
+    @model_validator(mode="after")
+    def _layers_end_at_layer(self) -> EditConfig:
+        if self.layers is not None:
+            if not self.layers:
+                raise ValueError("layers: give at least one layer, or null for `layer` alone")
+            if any(x < 0 for x in self.layers):
+                raise ValueError(f"layers: {list(self.layers)} has a negative layer")
+            if list(self.layers) != sorted(set(self.layers)):
+                raise ValueError(f"layers: {list(self.layers)} must be distinct and increasing")
+            if self.layers[-1] != self.layer:
+                raise ValueError(
+                    f"layers: {list(self.layers)} must end at the edit's layer {self.layer} (its output is the target)"
+                )
+        return self
+
+    @property
+    def edited_layers(self) -> tuple[int, ...]:
+        """The layers whose `down_proj` changes, lowest first; the last is `layer`."""
+        return self.layers if self.layers is not None else (self.layer,)
+
+    def at_layer(self, layer: int) -> EditConfig:
+        """This edit as one layer's (its preservation covariance is measured there)."""
+        return self.model_copy(update={"layer": layer, "layers": None})
+
     def to_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
 
     @staticmethod
     def from_json(text: str) -> EditConfig:
         return EditConfig.model_validate_json(text)
+
+
+def parse_layers(text: str) -> tuple[int, ...]:
+    """`2,3,4` or `2-4` as layers (validated further by `EditConfig`)."""
+    from qfedit.errors import InvalidInputError
+
+    try:
+        if "-" in text.strip().lstrip("-") and "," not in text:
+            low, high = (int(part) for part in text.split("-", 1))
+            return tuple(range(low, high + 1))
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise InvalidInputError(
+            f"layers: {text!r} is not a list of layer numbers such as 2,3,4 or 2-4", field="layers"
+        ) from None

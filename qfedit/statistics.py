@@ -56,8 +56,8 @@ class Observations:
         """Errors against `weight` (d x m), the base model's `down_proj` of the captured layer;
         row `i` belongs to fact `offset + capture.fact_index[i]`."""
         return Observations(
-            keys=_as_stored(capture.keys_without),
-            errors=_as_stored(capture.errors(weight)),
+            keys=as_stored(capture.keys_without),
+            errors=as_stored(capture.errors(weight)),
             weights=capture.weights.to(device=capture.keys_without.device, dtype=torch.float64),
             facts=capture.fact_index.to(torch.int64) + offset,
         )
@@ -199,7 +199,8 @@ class Statistics:
         return Statistics.from_bytes(path.read_bytes(), str(path))
 
 
-def _as_stored(tensor: torch.Tensor) -> torch.Tensor:
+def as_stored(tensor: torch.Tensor) -> torch.Tensor:
+    """Rounded to float32, what the store keeps, and held in float64 (see `Observations`)."""
     return tensor.to(torch.float32).to(torch.float64)
 
 

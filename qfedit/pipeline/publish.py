@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from qfedit.config import Settings
 from qfedit.db.models import BatchKind, BatchStatus, FactStatus, Model, Version
 from qfedit.delta import Delta
-from qfedit.edit import base_weight, preservation_for, solve_delta
+from qfedit.edit import base_weight, preservations_for, solve_delta, spread_delta
 from qfedit.errors import NotFoundError, PermanentError
 from qfedit.modeling import LoadedModel
 from qfedit.pipeline import captures, corpora, lifecycle
@@ -83,7 +83,32 @@ def solve_batch(
         stats_object: StoredObject | None = None
         relative: float | None = None
         delta: Delta | None = None
-        if fact_ids:
+        if fact_ids and len(config.edit.edited_layers) > 1:
+            # Spread over layers: keys of the upper layers depend on the lower layers' edits, so the
+            # whole fact set is recaptured here (no statistics to add to, none stored).
+            ordered = sorted(fact_ids)
+            digest = digest_of_hashes(facts_of_model(session, model, fact_ids).values())
+            records = [to_record(row) for row in load_facts(session, ordered)]
+            session.rollback()
+            preservations = (
+                build_preservations(loaded, config, settings)
+                if config.edit.solve.rule == "preserve"
+                else None
+            )
+            edit = spread_delta(
+                loaded,
+                records,
+                config.edit,
+                preservation=preservations,
+                fact_ids=ordered,
+                labels=[f"fact {i}" for i in ordered],
+                fact_set_digest=digest,
+                shard_size=config.shard_size,
+                batch_size=config.capture_batch_size,
+            )
+            delta, relative = edit.delta, edit.solve.relative_norm
+            delta_object = store.put_bytes(delta.to_bytes())
+        elif fact_ids:
             statistics = _statistics(session, store, loaded, model, parent, layer, fact_ids, added, removed)
             observations = None
             if (
@@ -96,7 +121,7 @@ def solve_batch(
             session.rollback()
             preservation = None
             if config.edit.solve.rule == "preserve":
-                preservation = build_preservation(loaded, config, settings)
+                preservation = build_preservations(loaded, config, settings)[layer]
             delta, result = solve_delta(
                 loaded,
                 config.edit,
@@ -183,8 +208,11 @@ def _statistics(
     return parent_stats + stored(added) - stored(removed)
 
 
-def build_preservation(loaded: LoadedModel, config: ModelSettings, settings: Settings) -> Preservation:
-    """The preservation covariance of the model's corpus (read inside the corpus roots, cached)."""
+def build_preservations(
+    loaded: LoadedModel, config: ModelSettings, settings: Settings
+) -> dict[int, Preservation]:
+    """The preservation covariance of the model's corpus at each edited layer (read inside the
+    corpus roots, cached)."""
     corpus = config.corpus()
     if not corpus:
         raise PermanentError(
@@ -192,7 +220,7 @@ def build_preservation(loaded: LoadedModel, config: ModelSettings, settings: Set
         )
     setting = "preservation_corpus" if config.preservation_corpus else "known_facts"
     texts = corpora.read_texts(loaded, corpus, setting, settings)
-    return preservation_for(loaded, config.edit, texts, settings.cache_dir)
+    return preservations_for(loaded, config.edit, texts, settings.cache_dir)
 
 
 def _evaluate(

@@ -99,7 +99,7 @@ def validate_settings(
     `default_layer`. A refusal names the field, under `field`."""
     nested_raw = nested(raw)
     edit = nested_raw.setdefault("edit", {})
-    if isinstance(edit, dict) and "layer" not in edit and default_layer is not None:
+    if isinstance(edit, dict) and not {"layer", "layers"} & edit.keys() and default_layer is not None:
         edit["layer"] = default_layer
     try:
         return ModelSettings.model_validate(nested_raw)
@@ -120,10 +120,13 @@ def model_settings(
     model: Model, overrides: dict[str, Any] | None = None, *, field: str = "hyperparameters"
 ) -> ModelSettings:
     """The model's settings with a batch's overrides over them (e.g. `{"solve": {"lam": 10}}`)."""
+    base, override = nested(model.settings), nested(overrides)
+    edit_override = override.get("edit")
+    if isinstance(edit_override, dict) and "layers" in edit_override and "layer" not in edit_override:
+        # Overridden layers name their own top layer; the model's single layer does not bind them.
+        base["edit"] = {k: v for k, v in dict(base.get("edit") or {}).items() if k not in ("layer", "layers")}
     try:
-        return validate_settings(
-            _merged(nested(model.settings), nested(overrides)), default_layer=model.default_layer, field=field
-        )
+        return validate_settings(_merged(base, override), default_layer=model.default_layer, field=field)
     except InvalidInputError as error:
         if error.field and error.field.endswith("edit.layer") and "no edit layer" in str(error):
             raise InvalidInputError(f"model {model.name!r} has {error}", field=error.field) from None

@@ -112,3 +112,59 @@ def test_preserving_rule_without_a_corpus_is_refused_before_any_work(
     )
     assert done.exit_code == 0, done.output
     assert "rule preserve" in done.output
+
+
+def test_edit_spread_over_layers_writes_one_tensor_per_layer(
+    tiny_model_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    from qfedit.delta import Delta
+
+    model = str(tiny_model_dirs["qwen2"])
+    write_jsonl(FACTS, tmp_path / "facts.jsonl")
+    out = tmp_path / "delta.safetensors"
+    args = ["edit", model, str(tmp_path / "facts.jsonl"), "--rule", "seed", "--out", str(out)]
+    done = runner.invoke(get_app(), [*args, "--layers", "1-2"])
+    assert done.exit_code == 0, done.output
+    delta = Delta.load(out)
+    assert sorted(delta.tensors) == [f"model.layers.{i}.mlp.down_proj.weight" for i in (1, 2)]
+    assert delta.metadata["layers"] == [1, 2] and set(delta.metadata["per_layer"]) == {"1", "2"}
+    for bad, reason in (
+        (["--layers", "2,1"], "distinct and increasing"),
+        (["--layers", "0,1", "--layer", "2"], "must end at the edit's layer 2"),
+        (["--layers", "one,two"], "not a list of layer numbers"),
+        ([], "give --layer N or --layers"),
+    ):
+        refused = runner.invoke(get_app(), [*args[:-2], "--out", str(tmp_path / "x.safetensors"), *bad])
+        assert refused.exit_code == 2, (bad, refused.output)
+        assert reason in refused.output, (bad, refused.output)
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_layers_recommends_the_reading_layer_and_a_spread_ending_there(tmp_path: Path) -> None:
+    from qfedit.demo import DEMO_MODEL_DIR, EDITS_PATH
+    from qfedit.facts import read_jsonl
+
+    write_jsonl(read_jsonl(EDITS_PATH)[:8], tmp_path / "probe.jsonl")
+    done = runner.invoke(
+        get_app(), ["layers", str(DEMO_MODEL_DIR), str(tmp_path / "probe.jsonl"), "--probe", "8"]
+    )
+    assert done.exit_code == 0, done.output
+    # The demo model reads its context in its last layer (4): only an edit there, or a spread
+    # whose target is taken there, teaches anything.
+    assert "recommended layer: 4" in done.output
+    line = next(row for row in done.output.splitlines() if row.startswith("recommended layers:"))
+    spread = [int(x) for x in line.split()[2].split(",")]
+    assert spread[-1] == 4 and spread == list(range(spread[0], 5))
+
+
+def test_recommend_spread_is_the_widest_that_works() -> None:
+    from qfedit.layers import SpreadScan, recommend_spread
+
+    scans = [
+        SpreadScan((4,), 1.0, 1.0),
+        SpreadScan((3, 4), 0.98, 0.8),
+        SpreadScan((2, 3, 4), 0.9, 0.7),
+        SpreadScan((1, 2, 3, 4), 0.97, 0.6),
+    ]
+    assert recommend_spread(scans) == (1, 2, 3, 4)
+    assert recommend_spread(scans[:3]) == (3, 4)

@@ -19,9 +19,9 @@ FAMILIES = ["qwen2", "llama", "mistral", "gemma", "phi3", "gpt2"]
 LAYER = 1
 
 
-def _layer_outputs(loaded: LoadedModel, with_context: bool) -> torch.Tensor:
-    """The edited layer's output at every answer-predicting position, fact after fact."""
-    layer = loaded.architecture.layer_list(loaded.model)[LAYER]
+def _layer_outputs(loaded: LoadedModel, with_context: bool, at: int = LAYER) -> torch.Tensor:
+    """Layer `at`'s output at every answer-predicting position, fact after fact."""
+    layer = loaded.architecture.layer_list(loaded.model)[at]
     rows = []
     for index, fact in enumerate(FACTS):
         encoded = encode_fact(loaded, fact, f"fact {index}")
@@ -62,6 +62,39 @@ def test_seed_edit_makes_the_layer_behave_as_with_context(
     with applied(loaded, deltas["dual"]):
         after = _layer_outputs(loaded, with_context=False)
     assert float((after - target).norm() / target.norm()) < 1e-4
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_seed_edit_over_several_layers_makes_the_top_layer_behave_as_with_context(
+    tiny_model_dirs: dict[str, Path], family: str
+) -> None:
+    loaded = load_model(tiny_model_dirs[family])
+    top = 2
+    target = _layer_outputs(loaded, with_context=True, at=top)
+    before = _layer_outputs(loaded, with_context=False, at=top)
+    assert float((before - target).norm() / target.norm()) > 1e-2
+
+    config = EditConfig(layers=(0, 1, 2), solve=SolveConfig(rule="seed"))
+    result = make_delta(loaded, FACTS, config)
+    names = [loaded.architecture.down_proj_name(layer) for layer in (0, 1, 2)]
+    assert sorted(result.delta.tensors) == sorted(names)
+    assert result.delta.metadata["layers"] == [0, 1, 2] and result.delta.metadata["layer"] == top
+    # Every layer carries part of the edit, not the top one alone.
+    for name in names:
+        assert float(result.delta.tensors[name].norm()) > 0, name
+    with applied(loaded, result.delta):
+        after = _layer_outputs(loaded, with_context=False, at=top)
+    assert float((after - target).norm() / target.norm()) < 1e-4
+    # The lower layers alone close part of the error, not all of it: the top layer has its share.
+    with applied(
+        loaded,
+        type(result.delta)(
+            {k: v for k, v in result.delta.tensors.items() if k != names[-1]}, loaded.fingerprint
+        ),
+    ):
+        lower_only = _layer_outputs(loaded, with_context=False, at=top)
+    remaining = float((lower_only - target).norm() / (before - target).norm())
+    assert 0.05 < remaining < 0.95
 
 
 def test_apply_then_revert_restores_every_weight_bitwise(tiny_model_dirs: dict[str, Path]) -> None:

@@ -22,9 +22,13 @@ from .test_embedded import _qfedit, _unconfigured_env
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("count", [5, 70], ids=["dual-5-facts", "primal-70-facts-2-shards"])
+@pytest.mark.parametrize(
+    ("count", "layers"),
+    [(5, None), (70, None), (70, "0,1")],
+    ids=["dual-5-facts", "primal-70-facts-2-shards", "spread-over-layers-0-1"],
+)
 def test_cli_and_queue_make_bitwise_identical_deltas(
-    tiny_model_dirs: dict[str, Path], tmp_path: Path, count: int
+    tiny_model_dirs: dict[str, Path], tmp_path: Path, count: int, layers: str | None
 ) -> None:
     model_dir = tiny_model_dirs["qwen2"]
     env = _unconfigured_env()
@@ -41,11 +45,14 @@ def test_cli_and_queue_make_bitwise_identical_deltas(
         ("import", "facts.jsonl", "--model", "tiny"),
         ("batch", "submit", "--model", "tiny"),
     ]
+    if layers is not None:
+        steps.insert(3, ("model", "configure", "tiny", "--set", f"layers=[{layers}]"))
+    spread = ("--layers", layers) if layers is not None else ("--layer", "1")
     for step in steps:
         done = _qfedit(env, tmp_path, *step)
         assert done.returncode == 0, f"{step}: {done.stdout}\n{done.stderr}"
     edited = subprocess.run(
-        [sys.executable, "-m", "cli", "edit", str(model_dir), "facts.jsonl", "--layer", "1", *solve, *out],
+        [sys.executable, "-m", "cli", "edit", str(model_dir), "facts.jsonl", *spread, *solve, *out],
         env=env,
         cwd=tmp_path,
         capture_output=True,
@@ -67,7 +74,7 @@ def test_cli_and_queue_make_bitwise_identical_deltas(
     local = Delta.load(tmp_path / "cli.safetensors")
 
     assert queued.base_fingerprint == local.base_fingerprint
-    assert list(queued.tensors) == list(local.tensors)
+    assert sorted(queued.tensors) == sorted(local.tensors)
     for name, tensor in queued.tensors.items():
         assert torch.equal(tensor, local.tensors[name]), name  # bitwise, not close
     assert dict(queued.metadata) == dict(local.metadata)
@@ -78,4 +85,6 @@ def test_cli_and_queue_make_bitwise_identical_deltas(
         k: meta["hparams"]["solve"][k] for k in ("max_condition", "form")
     }
     assert meta["facts"] == count and meta["corpus_digest"] and meta["fact_set_digest"]
+    if layers is not None:
+        assert meta["layers"] == [0, 1] and len(queued.tensors) == 2
     assert "promote" not in meta["hparams"] and "shard_size" not in meta["hparams"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from sqlalchemy import func, select
 
@@ -18,8 +19,7 @@ def _delta(cluster: Cluster, version: Version) -> torch.Tensor:
     store = LocalStore(cluster.root / "data" / "store")
     assert version.checkpoint_path is not None and version.checkpoint_sha256 is not None
     delta = Delta.from_bytes(store.read_bytes(version.checkpoint_path, version.checkpoint_sha256))
-    (tensor,) = delta.tensors.values()
-    return tensor.to(torch.float64)
+    return torch.cat([delta.tensors[name].flatten() for name in sorted(delta.tensors)]).to(torch.float64)
 
 
 def test_submit_publishes_a_version_and_moves_head(cluster: Cluster) -> None:
@@ -51,10 +51,14 @@ def test_submit_publishes_a_version_and_moves_head(cluster: Cluster) -> None:
     assert version.parent_id is not None
 
 
-def test_retraction_equals_a_version_built_without_the_facts(cluster: Cluster) -> None:
+@pytest.mark.parametrize("layers", [None, [0, 1]], ids=["one-layer", "spread-over-layers"])
+def test_retraction_equals_a_version_built_without_the_facts(
+    cluster: Cluster, layers: list[int] | None
+) -> None:
     facts = [fact(i) for i in range(6)]
-    cluster.add_model("tiny", facts)
-    cluster.add_model("scratch", facts[2:])
+    spread = {"layers": layers} if layers else {}
+    cluster.add_model("tiny", facts, **spread)
+    cluster.add_model("scratch", facts[2:], **spread)
     cluster.start_worker("a")
     assert cluster.wait(cluster.submit("tiny")).status.value == "published"
     retracted = cluster.fact_ids("tiny")[:2]
@@ -74,6 +78,9 @@ def test_retraction_equals_a_version_built_without_the_facts(cluster: Cluster) -
         status = {f.id: f.status for f in registry.list_facts(session, model=model)}
     assert [status[i] for i in retracted] == [FactStatus.RETRACTED] * 2
     assert after.parent_id is not None and after.reason == "wrong founders"
+    if layers:  # one tensor per layer, nothing summed from stored statistics
+        assert after.statistics_path is None
+        assert after.hyperparameters["edit"]["layers"] == layers
 
 
 def test_a_version_with_nothing_to_measure_is_not_promoted(cluster: Cluster) -> None:

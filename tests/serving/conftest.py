@@ -32,12 +32,12 @@ def seed_delta(loaded: object, facts: list, layer: int) -> Delta:
 
 @pytest.fixture(scope="session")
 def deltas(tiny_model_dirs: dict[str, Path]) -> dict[str, dict[str, Delta]]:
-    """Per family: `a` edits layer 1 with two facts; `b` edits layers 1 and 2 with all three."""
+    """Per family: `a` edits layer 1 with two facts; `b` spreads all three over layers 1 and 2."""
     found: dict[str, dict[str, Delta]] = {}
     for family in ("qwen2", "gpt2"):
         loaded = load_model(tiny_model_dirs[family])
         a = seed_delta(loaded, FACTS[:2], 1)
-        b1, b2 = seed_delta(loaded, FACTS, 1), seed_delta(loaded, FACTS, 2)
-        b = Delta({**b1.tensors, **b2.tensors}, loaded.fingerprint, {"layers": [1, 2]})
+        b = make_delta(loaded, FACTS, EditConfig(layers=(1, 2), solve=SolveConfig(rule="seed"))).delta
+        assert len(b.tensors) == 2
         found[family] = {"a": a, "b": b}
     return found
