@@ -179,6 +179,11 @@ class BatchRequest(BaseModel):
     )
 
 
+class UnteachableFact(BaseModel):
+    fact_id: int
+    context_answer: str | None = Field(description="What the model answers with the fact in context.")
+
+
 class BatchOut(BaseModel):
     id: int
     model: str
@@ -194,6 +199,14 @@ class BatchOut(BaseModel):
     fact_count: int
     captured: int = Field(description="Facts whose observations are stored, of `fact_count`.")
     version: str | None = Field(description="The version this batch published, once it has.")
+    unteachable: list[UnteachableFact] = Field(
+        default_factory=list,
+        description="Captured facts the base model does not answer right even with the fact as its "
+        "system message (QF's teacher), by id; the first 100.",
+    )
+    excluded: list[int] = Field(
+        default_factory=list, description="Facts left out of the version (the model's `unteachable` setting)."
+    )
     created_at: datetime
     updated_at: datetime
     started_at: datetime | None

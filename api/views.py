@@ -6,6 +6,7 @@ The one owner of how a row looks from outside: the API answers with these models
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from sqlalchemy.orm import Session
 
@@ -18,14 +19,18 @@ from api.schemas import (
     FactOut,
     MetricChange,
     ModelOut,
+    UnteachableFact,
     VersionDetail,
     VersionDiffOut,
     VersionOut,
     VersionRefOut,
 )
 from qfedit import registry
-from qfedit.db.models import Alias, AliasMove, AuditEntry, Batch, FactRow, Model, Version
+from qfedit.db.models import Alias, AliasMove, AuditEntry, Batch, BatchKind, FactRow, Model, Version
+from qfedit.errors import QFEditError
+from qfedit.pipeline import captures
 from qfedit.pipeline.lifecycle import batch_progress
+from qfedit.pipeline.settings import batch_settings
 
 
 def model_out(model: Model) -> ModelOut:
@@ -81,10 +86,27 @@ def batch_out(session: Session, batch: Batch) -> BatchOut:
         fact_count=progress.facts,
         captured=progress.captured,
         version=version.label if version is not None else None,
+        unteachable=[
+            UnteachableFact(fact_id=e["fact_id"], context_answer=e["context_answer"])
+            for e in _unteachable(session, batch)[:100]
+        ],
+        excluded=[int(e["fact_id"]) for e in batch.excluded_facts or []],
         created_at=batch.created_at,
         updated_at=batch.updated_at,
         started_at=batch.started_at,
         finished_at=batch.finished_at,
+    )
+
+
+def _unteachable(session: Session, batch: Batch) -> list[dict[str, Any]]:
+    if batch.kind != BatchKind.EDIT:
+        return []
+    try:
+        layer = batch_settings(batch).edit.layer
+    except QFEditError:  # settings that no longer validate are reported by the batch's own error
+        return []
+    return captures.unteachable(
+        session, registry.batch_fact_ids(session, batch), layer, batch.model.fingerprint
     )
 
 

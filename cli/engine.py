@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 
 from cli.app import app
-from cli.common import user_errors
+from cli.common import errors, user_errors
 from qfedit.errors import InvalidInputError
 
 if TYPE_CHECKING:
@@ -59,6 +59,28 @@ def load(model_dir: Path, dtype: str, device: str, chat_template: Path | None = 
     return load_model(model_dir, dtype=dtype, device=device, chat_template=template)
 
 
+def teachable_only(loaded: LoadedModel, facts: list[Fact], labels: list[str]) -> tuple[list[Fact], list[str]]:
+    """The facts the model answers right with the fact in context, naming the others."""
+    from qfedit.teachable import read_with_context
+
+    readings = read_with_context(loaded, facts)
+    kept = [i for i, reading in enumerate(readings) if reading.teachable]
+    for i, reading in enumerate(readings):
+        if not reading.teachable:
+            errors.print(
+                f"left out {labels[i]}: with the fact in context the model answers "
+                f"{reading.context_answer!r}, not {facts[i].answer!r} (--unteachable include writes it anyway)",
+                highlight=False,
+            )
+    if not kept:
+        raise InvalidInputError(
+            f"every fact is unteachable: the model does not answer any of the {len(facts)} right even with "
+            "the fact in context",
+            field="facts",
+        )
+    return [facts[i] for i in kept], [labels[i] for i in kept]
+
+
 def preservation_texts(loaded: LoadedModel, facts: Sequence[Fact], corpus: Path | None) -> list[CorpusText]:
     """Texts whose keys the preserving rule protects: a given corpus, else the facts' neighbors."""
     from qfedit.covariance import corpus_texts, transcript
@@ -97,11 +119,19 @@ def edit(
     preserve_positions: Annotated[
         str, typer.Option(help="answer (a transcript's answer positions) or all (every position).")
     ] = "answer",
+    unteachable: Annotated[
+        str,
+        typer.Option(
+            help="exclude: leave out facts the model does not answer right even with the fact in its "
+            "system message (QF's teacher), and name them; include: write them as it reads them."
+        ),
+    ] = "exclude",
     dtype: Dtype = "float32",
     device: Device = "cpu",
     chat_template: ChatTemplate = None,
 ) -> None:
     """Solve a delta that writes FACTS_FILE into MODEL_DIR's weights at one layer (or several)."""
+    from qfedit.capture import encode_fact
     from qfedit.edit import make_delta, preservations_for
     from qfedit.hparams import EditConfig, SolveConfig, parse_layers
 
@@ -118,13 +148,21 @@ def edit(
                 "preserve_positions": preserve_positions,
             }
         )
+        if unteachable not in ("exclude", "include"):
+            raise InvalidInputError(
+                f"unteachable: {unteachable!r} is not exclude or include", field="unteachable"
+            )
         facts, labels = read_facts(facts_file)
         loaded = load(model_dir, dtype, device, chat_template)
         for edited in config.edited_layers:
             loaded.architecture.check_layer(loaded.model, edited)
-        preservation = None
-        if config.solve.rule == "preserve":
-            preservation = preservations_for(loaded, config, preservation_texts(loaded, facts, preserve))
+        # Refusals of what was typed come before any work: each fact encodes, the corpus exists.
+        for fact, label in zip(facts, labels, strict=True):
+            encode_fact(loaded, fact, label, include_eos=config.include_eos)
+        texts = preservation_texts(loaded, facts, preserve) if config.solve.rule == "preserve" else None
+        if unteachable == "exclude":
+            facts, labels = teachable_only(loaded, facts, labels)
+        preservation = preservations_for(loaded, config, texts) if texts is not None else None
         result = make_delta(loaded, facts, config, labels=labels, preservation=preservation)
     # Written beside the target and renamed, so a failed write never leaves a partial delta.
     partial = out.with_name(out.name + ".partial")

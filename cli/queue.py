@@ -138,7 +138,14 @@ def run_batch(batch_id: int, wait: bool) -> None:
             for name, value in version.metrics.items()
             if name in ("efficacy", "paraphrase", "specificity", "abstention") and isinstance(value, float)
         )
-        return f"batch {batch_id} published {version.label}" + (f": {shown}" if shown else "")
+        line = f"batch {batch_id} published {version.label}" + (f": {shown}" if shown else "")
+        left_out = version.metrics.get("excluded", {}).get("unteachable")
+        if left_out:
+            line += (
+                f"\n{left_out} facts left out: the model does not answer them right even with the fact "
+                f"in context (qfedit batch status {batch_id})"
+            )
+        return line
 
     console.print(in_session(made), highlight=False)
 

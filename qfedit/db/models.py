@@ -189,6 +189,8 @@ class Batch(Base):
     reason: Mapped[str | None] = mapped_column(Text)
     # The version this batch builds on, fixed when it takes the model's line.
     parent_version_id: Mapped[int | None] = mapped_column(ForeignKey("versions.id", use_alter=True))
+    excluded_facts: Mapped[list[Any] | None] = mapped_column(JSON)
+    """Facts of the batch left out of its version, `[{"fact_id", "reason", "context_answer"}]`."""
 
     model: Mapped[Model] = relationship()
 
@@ -225,6 +227,10 @@ class FactCapture(Base):
     object_sha256: Mapped[str] = mapped_column(String(64))
     positions: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    context_answer: Mapped[str | None] = mapped_column(Text)
+    """The greedy answer of the base model with the fact as its system message: QF's teacher."""
+    teachable: Mapped[bool | None] = mapped_column()
+    """Whether that answer contains the fact's answer; None for captures made before it was checked."""
 
 
 class BatchFact(Base):

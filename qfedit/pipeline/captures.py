@@ -9,6 +9,7 @@ is never captured there again, and a retraction reads its rows back to subtract 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 import torch
 from safetensors.torch import load as load_tensors
@@ -20,6 +21,7 @@ from qfedit.db.models import FactCapture
 from qfedit.errors import PermanentError
 from qfedit.statistics import STATISTICS_RUN, Observations, Statistics, fact_runs
 from qfedit.store import CheckpointStore, StoredObject
+from qfedit.teachable import Reading
 from qfedit.tensorfile import check_format
 
 FORMAT = "qfedit.observations/1"
@@ -80,12 +82,15 @@ def record_captures(
     positions: dict[int, int],
     layer: int,
     fingerprint: str,
+    readings: dict[int, Reading] | None = None,
 ) -> None:
     """Record that `stored` holds the rows of each fact in `positions` (fact id -> row count),
-    for the facts not already recorded (a redelivered task records nothing twice)."""
+    and what the model answers with each fact in context (`readings`), for the facts not already
+    recorded (a redelivered task records nothing twice)."""
     known = captured_fact_ids(session, positions, layer, fingerprint)
     for fact_id, count in positions.items():
         if fact_id not in known:
+            reading = (readings or {}).get(fact_id)
             session.add(
                 FactCapture(
                     fact_id=fact_id,
@@ -94,8 +99,26 @@ def record_captures(
                     object_path=stored.path,
                     object_sha256=stored.sha256,
                     positions=count,
+                    context_answer=reading.context_answer if reading is not None else None,
+                    teachable=reading.teachable if reading is not None else None,
                 )
             )
+
+
+def unteachable(
+    session: Session, fact_ids: Iterable[int], layer: int, fingerprint: str
+) -> list[dict[str, Any]]:
+    """The facts among `fact_ids` whose capture found the model does not answer them right with
+    the fact in context, as `{"fact_id", "reason", "context_answer"}`, by id."""
+    found = [c for c in find_captures(session, fact_ids, layer, fingerprint) if c.teachable is False]
+    return [
+        {
+            "fact_id": c.fact_id,
+            "reason": "unteachable: with the fact as its system message the model answers otherwise",
+            "context_answer": c.context_answer,
+        }
+        for c in sorted(found, key=lambda c: c.fact_id)
+    ]
 
 
 def observation_runs(

@@ -27,6 +27,7 @@ from qfedit.pipeline import captures, corpora, lifecycle
 from qfedit.pipeline.settings import ModelSettings, batch_settings
 from qfedit.pipeline.steps import ModelCache
 from qfedit.registry.aliases import get_alias, set_alias
+from qfedit.registry.audit import record_audit
 from qfedit.registry.base import digest_of_hashes
 from qfedit.registry.batches import batch_fact_ids, get_batch
 from qfedit.registry.facts import facts_of_model, load_facts, set_fact_status, to_record
@@ -71,9 +72,19 @@ def solve_batch(
         )
         parent_ids = version_fact_ids(session, parent) if parent is not None else set()
         batch_ids = set(batch_fact_ids(session, batch))
+        excluded: list[dict[str, Any]] = []
         if batch.kind == BatchKind.EDIT:
-            fact_ids = parent_ids | batch_ids
             added, removed = batch_ids - parent_ids, set()
+            if config.unteachable == "exclude":
+                excluded = captures.unteachable(session, added, layer, model.fingerprint)
+                added -= {entry["fact_id"] for entry in excluded}
+                if excluded and not added:
+                    raise PermanentError(
+                        f"every fact this batch adds is unteachable (the model with the fact as its system "
+                        f"message does not answer it right): facts {[e['fact_id'] for e in excluded][:20]}; "
+                        "see `qfedit batch status`, or set unteachable=include to write them as it reads them"
+                    )
+            fact_ids = parent_ids | added
         else:
             fact_ids = parent_ids - batch_ids
             added, removed = set(), batch_ids & parent_ids
@@ -141,6 +152,8 @@ def solve_batch(
         session.commit()
 
         metrics = _evaluate(loaded, session, config, settings, fact_ids, len(added), delta)
+        if excluded:
+            metrics["excluded"] = {"unteachable": len(excluded), "facts": [e["fact_id"] for e in excluded]}
         if before_commit is not None:
             before_commit()
 
@@ -168,6 +181,17 @@ def solve_batch(
         if added:
             set_fact_status(
                 session, added, FactStatus.APPLIED, actor=lifecycle.SYSTEM, reason=f"batch {batch.id}"
+            )
+        if excluded:
+            # Left pending: a later base model, or a fixed fact, may teach them.
+            batch.excluded_facts = excluded
+            record_audit(
+                session,
+                actor=lifecycle.SYSTEM,
+                action="batch.excluded",
+                object_type="batch",
+                object_id=str(batch.id),
+                details={"unteachable": [e["fact_id"] for e in excluded][:100], "count": len(excluded)},
             )
         if removed:
             set_fact_status(

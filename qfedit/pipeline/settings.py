@@ -9,7 +9,7 @@ same, and the flat keys are moved under `edit` before validation.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -42,6 +42,12 @@ class ModelSettings(BaseModel):
         "over every fact and paraphrase is most of a large batch's time); None: all of them",
     )
     abstention: str = "I do not know."
+    unteachable: Literal["exclude", "include"] = Field(
+        default="exclude",
+        description="facts the base model does not answer right even with the fact as its system "
+        "message (QF's teacher): left out of the version and named on the batch (exclude), or "
+        "written in as the model reads them (include)",
+    )
     promote: dict[str, float] | None = Field(
         default=None, description="minimum metrics for moving `production` automatically; None: never"
     )

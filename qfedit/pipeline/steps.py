@@ -31,6 +31,7 @@ from qfedit.registry.facts import to_record
 from qfedit.registry.models import base_mismatch
 from qfedit.registry.versions import latest_version
 from qfedit.store import CheckpointStore
+from qfedit.teachable import read_with_context
 
 
 @dataclass
@@ -135,9 +136,10 @@ def capture_shard(
 
     loaded = models.get(model)
     try:
+        records = [to_record(row) for row in rows]
         observations = capture_observations(
             loaded,
-            [to_record(row) for row in rows],
+            records,
             settings.edit,
             labels=[f"fact {row.id}" for row in rows],
             fact_ids=[row.id for row in rows],
@@ -146,6 +148,9 @@ def capture_shard(
         )
     except FactError as error:
         raise PermanentError(str(error)) from error
+    # QF's teacher is the model with the fact in context: what it answers there is what an edit
+    # can write (qfedit.teachable); the solve leaves out the facts it gets wrong.
+    readings = dict(zip([row.id for row in rows], read_with_context(loaded, records), strict=True))
     stored = store.put_bytes(captures.observation_file(observations))
     if before_commit is not None:
         before_commit()
@@ -155,7 +160,7 @@ def capture_shard(
     positions = {row.id: found.get(row.id, 0) for row in rows}
 
     # Record where each fact's observations are, then mark the shard done; both only once.
-    captures.record_captures(session, stored, positions, settings.edit.layer, fingerprint)
+    captures.record_captures(session, stored, positions, settings.edit.layer, fingerprint, readings)
     lifecycle.finish_shard(session, shard_id, batch_id)
     advanced = lifecycle.advance_to_solving(session, batch_id)
     session.commit()

@@ -20,7 +20,19 @@ def test_edit_ask_eval_on_a_local_model(tiny_model_dirs: dict[str, Path], tmp_pa
     out = tmp_path / "delta.safetensors"
     done = runner.invoke(
         get_app(),
-        ["edit", model, str(tmp_path / "facts.jsonl"), "--layer", "2", "--rule", "seed", "--out", str(out)],
+        [
+            "edit",
+            model,
+            str(tmp_path / "facts.jsonl"),
+            "--layer",
+            "2",
+            "--rule",
+            "seed",
+            "--out",
+            str(out),
+            "--unteachable",
+            "include",
+        ],
     )
     assert done.exit_code == 0, done.output
     assert out.is_file() and "|dW|/|W|" in done.output
@@ -89,6 +101,8 @@ def test_preserving_rule_without_a_corpus_is_refused_before_any_work(
             "1",
             "--out",
             str(out),
+            "--unteachable",
+            "include",
         ],
     )
     assert done.exit_code == 2 and "preservation corpus" in done.output
@@ -104,6 +118,8 @@ def test_preserving_rule_without_a_corpus_is_refused_before_any_work(
             "1",
             "--out",
             str(out),
+            "--unteachable",
+            "include",
             "--preserve",
             str(tmp_path / "known.jsonl"),
             "--lam",
@@ -122,7 +138,17 @@ def test_edit_spread_over_layers_writes_one_tensor_per_layer(
     model = str(tiny_model_dirs["qwen2"])
     write_jsonl(FACTS, tmp_path / "facts.jsonl")
     out = tmp_path / "delta.safetensors"
-    args = ["edit", model, str(tmp_path / "facts.jsonl"), "--rule", "seed", "--out", str(out)]
+    args = [
+        "edit",
+        model,
+        str(tmp_path / "facts.jsonl"),
+        "--rule",
+        "seed",
+        "--unteachable",
+        "include",
+        "--out",
+        str(out),
+    ]
     done = runner.invoke(get_app(), [*args, "--layers", "1-2"])
     assert done.exit_code == 0, done.output
     delta = Delta.load(out)
@@ -168,3 +194,47 @@ def test_recommend_spread_is_the_widest_that_works() -> None:
     ]
     assert recommend_spread(scans) == (1, 2, 3, 4)
     assert recommend_spread(scans[:3]) == (3, 4)
+
+
+def test_edit_leaves_out_and_names_facts_the_model_cannot_read(
+    tiny_model_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    """A tiny random model answers nothing right even with the fact in context: nothing to teach."""
+    write_jsonl(FACTS, tmp_path / "facts.jsonl")
+    out = tmp_path / "delta.safetensors"
+    args = ["edit", str(tiny_model_dirs["qwen2"]), str(tmp_path / "facts.jsonl"), "--layer", "1"]
+    done = runner.invoke(get_app(), [*args, "--rule", "seed", "--out", str(out)])
+    assert done.exit_code == 2, done.output
+    assert "every fact is unteachable" in done.output
+    assert done.output.count("left out facts.jsonl line") == len(FACTS)
+    assert not out.exists()
+
+
+def test_edit_keeps_what_the_demo_model_reads_and_leaves_out_what_it_does_not(tmp_path: Path) -> None:
+    from qfedit.delta import Delta
+    from qfedit.demo import DEMO_MODEL_DIR, EDITS_PATH
+    from qfedit.facts import read_jsonl
+
+    good = read_jsonl(EDITS_PATH)[:3]
+    # The context says one thing, the answer another: the model reads the context, not the answer.
+    wrong = good[0].model_copy(update={"answer": good[1].answer, "paraphrases": [], "neighbors": []})
+    write_jsonl([*good, wrong], tmp_path / "facts.jsonl")
+    out = tmp_path / "delta.safetensors"
+    done = runner.invoke(
+        get_app(),
+        [
+            "edit",
+            str(DEMO_MODEL_DIR),
+            str(tmp_path / "facts.jsonl"),
+            "--layer",
+            "4",
+            "--rule",
+            "seed",
+            "--out",
+            str(out),
+        ],
+    )
+    assert done.exit_code == 0, done.output
+    assert "left out facts.jsonl line 4" in done.output
+    assert "line 1" not in done.output and "line 2" not in done.output
+    assert Delta.load(out).metadata["facts"] == 3

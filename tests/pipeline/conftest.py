@@ -177,7 +177,10 @@ class Cluster:
                 process.wait()
         self.workers.clear()
 
-    def add_model(self, name: str, facts: list[Fact], **settings: object) -> int:
+    def add_model(
+        self, name: str, facts: list[Fact], model_dir: Path | None = None, **settings: object
+    ) -> int:
+        model_dir = model_dir or self.model_dir
         path = self.root / f"{name}-facts.jsonl"
         write_jsonl(facts, path)
         known = self.root / "known.jsonl"
@@ -186,13 +189,15 @@ class Cluster:
             model = registry.add_model(
                 session,
                 name=name,
-                source=str(self.model_dir),
-                fingerprint=weights_fingerprint(self.model_dir),
+                source=str(model_dir),
+                fingerprint=weights_fingerprint(model_dir),
                 actor="test",
                 default_layer=1,
             )
             model.settings = {
                 "solve": {"rule": "preserve", "lam": 0.5},
+                # A tiny random model answers nothing right, not even with the fact in context.
+                "unteachable": "include",
                 "known_facts": str(known),
                 "unknown_questions": str(known),
                 "shard_size": 2,

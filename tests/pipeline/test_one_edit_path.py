@@ -41,6 +41,8 @@ def test_cli_and_queue_make_bitwise_identical_deltas(
     steps = [
         ("model", "add", "tiny", str(model_dir), "--layer", "1"),
         ("model", "configure", "tiny", "--set", "solve.lam=3", "--set", "solve.ridge=0.01"),
+        # A tiny random model answers nothing right, not even with the fact in context.
+        ("model", "configure", "tiny", "--set", "unteachable=include"),
         ("model", "configure", "tiny", "--set", 'preservation_corpus=["corpus.jsonl"]'),
         ("import", "facts.jsonl", "--model", "tiny"),
         ("batch", "submit", "--model", "tiny"),
@@ -52,7 +54,19 @@ def test_cli_and_queue_make_bitwise_identical_deltas(
         done = _qfedit(env, tmp_path, *step)
         assert done.returncode == 0, f"{step}: {done.stdout}\n{done.stderr}"
     edited = subprocess.run(
-        [sys.executable, "-m", "cli", "edit", str(model_dir), "facts.jsonl", *spread, *solve, *out],
+        [
+            sys.executable,
+            "-m",
+            "cli",
+            "edit",
+            str(model_dir),
+            "facts.jsonl",
+            *spread,
+            *solve,
+            *out,
+            "--unteachable",
+            "include",
+        ],
         env=env,
         cwd=tmp_path,
         capture_output=True,

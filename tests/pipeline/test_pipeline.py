@@ -110,3 +110,40 @@ def test_version_metrics_cover_the_whole_fact_set(cluster: Cluster) -> None:
     second = cluster.wait(cluster.submit("tiny", ids[3:]))
     (version,) = cluster.versions_of_batch(second.id)
     assert version.metrics["counts"]["facts"] == 5 and version.metrics["counts"]["edited"] == 2
+
+
+def test_facts_the_model_cannot_read_are_left_out_and_named(cluster: Cluster) -> None:
+    """QF's teacher is the model with the fact in context: on the demo model, a fact whose answer
+    contradicts its own context is answered from the context, so it is left out, not written."""
+    from api.views import batch_out
+    from qfedit.demo import DEMO_MODEL_DIR, EDITS_PATH
+    from qfedit.facts import read_jsonl
+
+    good = read_jsonl(EDITS_PATH)[:3]
+    wrong = good[0].model_copy(update={"answer": good[1].answer, "paraphrases": (), "neighbors": ()})
+    cluster.add_model("demo", [*good, wrong], model_dir=DEMO_MODEL_DIR, layer=4, unteachable="exclude")
+    cluster.start_worker("a")
+    batch = cluster.wait(cluster.submit("demo"))
+    assert batch.status.value == "published", batch.error
+    (version,) = cluster.versions_of_batch(batch.id)
+    wrong_id = cluster.fact_ids("demo")[3]
+    assert version.fact_count == 3
+    assert version.metrics["excluded"] == {"unteachable": 1, "facts": [wrong_id]}
+    with cluster.sessions() as session:
+        shown = batch_out(session, registry.get_batch(session, batch.id))
+        assert shown.excluded == [wrong_id]
+        assert [u.fact_id for u in shown.unteachable] == [wrong_id]
+        assert (
+            shown.unteachable[0].context_answer and good[1].answer not in shown.unteachable[0].context_answer
+        )
+        status = {
+            f.id: f.status for f in registry.list_facts(session, model=registry.get_model(session, "demo"))
+        }
+        assert status[wrong_id] == FactStatus.PENDING
+        assert sorted(i for i, s in status.items() if s == FactStatus.APPLIED) == cluster.fact_ids("demo")[:3]
+
+    # A batch of nothing but such facts fails, naming them, and publishes nothing.
+    again = cluster.wait(cluster.submit("demo", [wrong_id]))
+    assert again.status.value == "failed"
+    assert "unteachable" in (again.error or "") and str(wrong_id) in (again.error or "")
+    assert cluster.versions_of_batch(again.id) == []
