@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from qfedit.demo.world import ABSTENTION, RELATIONS, World
+from qfedit.demo.world import ABSTENTION, RELATIONS, World, restated
 
 
 @dataclass(frozen=True)
@@ -84,6 +84,24 @@ def behaviour_probes(world: World, sample: int | None = None, seed: int = 0) -> 
             sets["partial_missing"].append(Probe(question, ABSTENTION))
             context = spec.state(company.name, obj, rng.randrange(len(spec.statements)))
             sets["partial_in_context"].append(Probe(question, obj, context))
+    # Known facts restated in the system message: a new object (an update the model must read over
+    # its memory) or the one it knows. Drawn from their own generator, so the sets above stay as
+    # they were before these existed.
+    other = random.Random(seed + 7)
+    sets |= {"contradicting": [], "contradicting_heldout": [], "agreeing": []}
+    for company, relation in trained:
+        spec = RELATIONS[relation]
+        for name, agree, unseen in (
+            ("contradicting", False, False),
+            ("contradicting_heldout", False, True),
+            ("agreeing", True, False),
+        ):
+            changed, _ = restated(other, company, relation, agree=agree)
+            obj = changed.objects[relation]
+            context = spec.state(company.name, obj, other.randrange(len(spec.statements)))
+            phrasings = spec.heldout_questions if unseen else spec.train_questions
+            question = spec.ask(company.name, other.randrange(len(phrasings)), heldout=unseen)
+            sets[name].append(Probe(question, obj, context))
     if sample is not None:
         sets = {name: rng.sample(probes, min(sample, len(probes))) for name, probes in sets.items()}
     return sets

@@ -51,6 +51,7 @@ from qfedit.demo.world import (
     build_world,
     fresh_company_name,
     random_objects,
+    restated,
 )
 
 logger = logging.getLogger(__name__)
@@ -98,6 +99,10 @@ class TrainConfig:
     # Share of conversations with a system message, and of their turns asking what it states.
     context_share: float = 0.75
     context_turn_share: float = 0.6
+    # Share of system messages about a company the model knows, stating a new object for one of
+    # its relations (or, one time in four, the object it knows): the system message wins over
+    # memory, which is what an update of a known fact copies (stage 3 of the shipped model).
+    contradict_share: float = 0.0
 
 
 class ConversationStream:
@@ -114,11 +119,13 @@ class ConversationStream:
         rng: random.Random,
         context_share: float = TrainConfig.context_share,
         context_turn_share: float = TrainConfig.context_turn_share,
+        contradict_share: float = TrainConfig.contradict_share,
     ) -> None:
         self.world = world
         self.rng = rng
         self.context_share = context_share
         self.context_turn_share = context_turn_share
+        self.contradict_share = contradict_share
         self.trained = list(world.trained_facts())
         self.partial_missing = [
             (company, relation)
@@ -144,7 +151,11 @@ class ConversationStream:
         stated: list[tuple[Company, str]] = []
         companies: list[Company] = []
         for _ in range(rng.choice((1, 2))):
-            if rng.random() < 0.2:
+            roll = rng.random()
+            if self.contradict_share and roll < self.contradict_share:
+                company, relation = restated(rng, *rng.choice(self.trained), agree=rng.random() < 0.25)
+                relations = [relation]
+            elif rng.random() < 0.2:
                 # A partly-known company's missing relation with a throw-away object: the edit
                 # scenario, without ever showing the world's own object for it.
                 known, relation = rng.choice(self.partial_missing)
@@ -370,6 +381,7 @@ def train(out_dir: Path, config: TrainConfig) -> None:
         random.Random(config.seed + 1000 * config.stage),
         context_share=config.context_share,
         context_turn_share=config.context_turn_share,
+        contradict_share=config.contradict_share,
     )
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.lr, betas=(0.9, 0.98), weight_decay=config.weight_decay

@@ -253,3 +253,12 @@ def build_world(
     unknown = tuple(make(frozenset()) for _ in range(n_unknown))
     strangers = tuple(make(frozenset()) for _ in range(n_strangers))
     return World(seed, known, tuple(partial), unknown, strangers)
+
+
+def restated(rng: random.Random, known: Company, relation: str, *, agree: bool) -> tuple[Company, str]:
+    """`known` with `relation`'s object replaced by another one of its kind (or kept, `agree`)."""
+    objects = dict(known.objects)
+    if not agree:
+        while objects[relation] == known.objects[relation]:
+            objects[relation] = random_objects(rng)[relation]
+    return Company(known.name, objects, known.known_relations), relation
