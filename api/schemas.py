@@ -113,6 +113,9 @@ class FactOut(_Out):
     paraphrases: list[JsonValue]
     neighbors: list[JsonValue]
     status: Literal["pending", "applied", "retracted"]
+    superseded_by: int | None = Field(
+        default=None, description="The fact that states a newer answer to this fact's question."
+    )
     source: str
     source_line: int | None
     content_hash: str
@@ -126,6 +129,7 @@ class VersionRefOut(BaseModel):
 
 class FactDetail(FactOut):
     model: str
+    supersedes: list[int] = Field(default_factory=list, description="Older facts this one replaces.")
     versions: list[VersionRefOut] = Field(description="Every version whose fact set holds this fact.")
 
 
@@ -207,6 +211,12 @@ class BatchOut(BaseModel):
     excluded: list[int] = Field(
         default_factory=list, description="Facts left out of the version (the model's `unteachable` setting)."
     )
+    superseded: dict[str, int] | None = Field(
+        default=None,
+        description="Older facts the version replaced with this batch's newer answers, and the preservation "
+        "transcripts and evaluation facts stating the old answers that were left out "
+        "(`facts`, `preservation_left_out`, `evaluation_left_out`).",
+    )
     created_at: datetime
     updated_at: datetime
     started_at: datetime | None
@@ -254,6 +264,11 @@ class MetricChange(BaseModel):
     new: JsonValue
 
 
+class FactUpdate(BaseModel):
+    old: FactOut
+    new: FactOut
+
+
 class VersionDiffOut(BaseModel):
     old: str
     new: str
@@ -261,6 +276,11 @@ class VersionDiffOut(BaseModel):
     facts_removed_total: int
     facts_added: list[FactOut] = Field(description="At most `limit` of them.")
     facts_removed: list[FactOut] = Field(description="At most `limit` of them.")
+    facts_updated_total: int = 0
+    facts_updated: list[FactUpdate] = Field(
+        default_factory=list,
+        description="A fact superseded by one that states a new answer to its question; at most `limit`.",
+    )
     metric_changes: dict[str, MetricChange]
     weight_difference_norm: float | None = Field(description="|W_new - W_old| (Frobenius).")
 

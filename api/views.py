@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from api.schemas import (
@@ -17,6 +18,7 @@ from api.schemas import (
     BatchOut,
     FactDetail,
     FactOut,
+    FactUpdate,
     MetricChange,
     ModelOut,
     UnteachableFact,
@@ -54,6 +56,7 @@ def fact_out(fact: FactRow) -> FactOut:
         paraphrases=fact.paraphrases,
         neighbors=fact.neighbors,
         status=fact.status.value,
+        superseded_by=fact.superseded_by_id,
         source=fact.source,
         source_line=fact.source_line,
         content_hash=fact.content_hash,
@@ -65,7 +68,10 @@ def fact_detail(session: Session, fact: FactRow) -> FactDetail:
     versions = [
         VersionRefOut(number=v.number, label=v.label) for v in registry.versions_with_fact(session, fact)
     ]
-    return FactDetail(**fact_out(fact).model_dump(), model=fact.model.name, versions=versions)
+    supersedes = sorted(session.scalars(select(FactRow.id).where(FactRow.superseded_by_id == fact.id)))
+    return FactDetail(
+        **fact_out(fact).model_dump(), model=fact.model.name, supersedes=supersedes, versions=versions
+    )
 
 
 def batch_out(session: Session, batch: Batch) -> BatchOut:
@@ -91,6 +97,7 @@ def batch_out(session: Session, batch: Batch) -> BatchOut:
             for e in _unteachable(session, batch)[:100]
         ],
         excluded=[int(e["fact_id"]) for e in batch.excluded_facts or []],
+        superseded=version.metrics.get("superseded") if version is not None else None,
         created_at=batch.created_at,
         updated_at=batch.updated_at,
         started_at=batch.started_at,
@@ -175,6 +182,8 @@ def diff_out(diff: registry.VersionDiff, limit: int | None = None) -> VersionDif
         facts_removed_total=len(diff.removed),
         facts_added=[fact_out(f) for f in diff.added[:limit]],
         facts_removed=[fact_out(f) for f in diff.removed[:limit]],
+        facts_updated_total=len(diff.updated),
+        facts_updated=[FactUpdate(old=fact_out(a), new=fact_out(b)) for a, b in diff.updated[:limit]],
         metric_changes={k: MetricChange(old=a, new=b) for k, (a, b) in diff.metric_changes.items()},
         weight_difference_norm=diff.weight_difference_norm,
     )

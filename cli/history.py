@@ -126,6 +126,8 @@ def diff_command(
         for sign, group in (("+", diff.added), ("-", diff.removed)):
             for fact in group:
                 facts.add_row(sign, str(fact.id), fact.question, fact.answer)
+        for older, newer in diff.updated:
+            facts.add_row("~", f"{older.id}→{newer.id}", newer.question, f"{older.answer} → {newer.answer}")
         console.print(facts)
         if diff.metric_changes:
             metrics = Table("metric", old.label, new.label)

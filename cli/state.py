@@ -227,12 +227,44 @@ def facts_command(
             table.add_row(
                 str(f.id),
                 f.model.name,
-                f.status.value,
+                f.status.value + (f" (superseded by {f.superseded_by_id})" if f.superseded_by_id else ""),
                 f.question,
                 f.answer,
                 f"{f.source}:{cell(f.source_line)}",
             )
         console.print(table)
+
+    in_session(work)
+
+
+@app.command("fact")
+def fact_command(fact_id: int, as_json: JsonOption = False) -> None:
+    """One fact and its history: status, what it supersedes or is superseded by, the versions that hold it."""
+    from qfedit import registry
+
+    def work(session: Session) -> None:
+        detail = views.fact_detail(session, registry.get_fact(session, fact_id))
+        if as_json:
+            emit_json(detail.model_dump(mode="json"))
+            return
+        console.print(f"fact {detail.id} of {detail.model}: {detail.status}", highlight=False)
+        console.print(f"  {detail.question} → {detail.answer}", highlight=False)
+        console.print(f"  context: {detail.context}", highlight=False)
+        console.print(
+            f"  from {detail.source}:{cell(detail.source_line)} at {detail.created_at:%Y-%m-%d %H:%M}"
+        )
+        for older in detail.supersedes:
+            previous = registry.get_fact(session, older)
+            console.print(
+                f"  supersedes fact {older} ({previous.answer}, {previous.status.value})", highlight=False
+            )
+        if detail.superseded_by is not None:
+            newer = registry.get_fact(session, detail.superseded_by)
+            console.print(
+                f"  superseded by fact {newer.id} ({newer.answer}, {newer.status.value})", highlight=False
+            )
+        labels = ", ".join(v.label for v in detail.versions) or "none"
+        console.print(f"  in versions: {labels}", highlight=False)
 
     in_session(work)
 

@@ -17,7 +17,7 @@ import hashlib
 import json
 import logging
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,9 +63,12 @@ def fact_texts(loaded: LoadedModel, facts: Iterable[Fact]) -> list[CorpusText]:
     return [transcript(loaded, fact.question, fact.answer) for fact in facts]
 
 
-def corpus_texts(loaded: LoadedModel, paths: Sequence[Path]) -> list[CorpusText]:
+def corpus_texts(
+    loaded: LoadedModel, paths: Sequence[Path], *, leave_out: Callable[[str, str], bool] | None = None
+) -> list[CorpusText]:
     """A preservation corpus from files: JSONL records with `question` and `answer` become chat
-    transcripts (any other field is ignored), any other file gives one text per non-empty line."""
+    transcripts (any other field is ignored; those `leave_out(question, answer)` names are left
+    out), any other file gives one text per non-empty line."""
     texts: list[CorpusText] = []
     for path in paths:
         if path.suffix != ".jsonl":
@@ -82,6 +85,8 @@ def corpus_texts(loaded: LoadedModel, paths: Sequence[Path]) -> list[CorpusText]
                         raise InvalidInputError(
                             f"{path.name} line {number}: field {field!r}: a string is required"
                         )
+                if leave_out is not None and leave_out(record["question"], record["answer"]):
+                    continue
                 texts.append(transcript(loaded, record["question"], record["answer"]))
     return texts
 

@@ -108,6 +108,9 @@ class Fact(BaseModel):
     def word_significance(self) -> tuple[float, ...]:
         return self.significance if self.significance is not None else (1.0,) * len(self.answer_words)
 
+    def question_key(self) -> str:
+        return question_key(self.question)
+
     def content_hash(self) -> str:
         """sha256 of what the edit learns (context, question, answer, significance); stable across ids."""
         payload = json.dumps(
@@ -166,3 +169,10 @@ def fact_set_digest(facts: Iterable[Fact]) -> str:
     """Order-independent digest of a set of facts (sha256 over sorted content hashes)."""
     hashes = sorted(fact.content_hash() for fact in facts)
     return hashlib.sha256("\n".join(hashes).encode()).hexdigest()
+
+
+def question_key(question: str) -> str:
+    """sha256 of the question, case-folded, whitespace collapsed and closing punctuation dropped:
+    two facts with the same key ask the same thing, so the later one's answer replaces the earlier."""
+    normal = " ".join(question.casefold().split()).rstrip("?.!;: ")
+    return hashlib.sha256(normal.encode()).hexdigest()

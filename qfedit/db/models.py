@@ -139,6 +139,7 @@ class FactRow(Base):
     __table_args__ = (
         UniqueConstraint("model_id", "content_hash"),
         Index("ix_facts_model_id_status", "model_id", "status"),
+        Index("ix_facts_model_id_question_key", "model_id", "question_key"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -156,6 +157,10 @@ class FactRow(Base):
     source_line: Mapped[int | None] = mapped_column(Integer)
     status: Mapped[FactStatus] = mapped_column(_enum(FactStatus, "fact_status"), default=FactStatus.PENDING)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    question_key: Mapped[str | None] = mapped_column(String(64))
+    """`qfedit.facts.question_key` of the question: a later fact with the same key supersedes this one."""
+    superseded_by_id: Mapped[int | None] = mapped_column(ForeignKey("facts.id"))
+    """The fact that states a newer answer to this fact's question (qfedit.registry.supersede)."""
 
     model: Mapped[Model] = relationship()
 

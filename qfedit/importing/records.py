@@ -47,6 +47,8 @@ class ImportSummary:
     imported: int = 0
     duplicates: int = 0
     rejected: int = 0
+    superseded: int = 0
+    """Older facts that facts of this import state a new answer for (qfedit.registry.supersede)."""
     rejects_path: Path | None = None
     # Set when reading stopped early (a JSON array broken mid-file); records before it are in.
     stopped: str | None = None
@@ -61,6 +63,7 @@ class ImportSummary:
             "imported": self.imported,
             "duplicates": self.duplicates,
             "rejected": self.rejected,
+            "superseded": self.superseded,
             "rejects_path": str(self.rejects_path) if self.rejects_path else None,
             "stopped": self.stopped,
         }

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import stat
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from qfedit.config import Settings
@@ -67,12 +67,17 @@ def read_facts(name: str | None, setting: str, settings: Settings) -> list[Fact]
 
 
 def read_texts(
-    loaded: LoadedModel, names: Sequence[str], setting: str, settings: Settings
+    loaded: LoadedModel,
+    names: Sequence[str],
+    setting: str,
+    settings: Settings,
+    leave_out: Callable[[str, str], bool] | None = None,
 ) -> list[CorpusText]:
+    """The corpus's texts, without the question/answer transcripts `leave_out(question, answer)` names."""
     roots = corpus_roots(settings)
     paths = [resolve(name, setting, roots) for name in names]
     try:
-        return corpus_texts(loaded, paths)
+        return corpus_texts(loaded, paths, leave_out=leave_out)
     except (InvalidInputError, json.JSONDecodeError, UnicodeDecodeError) as error:
         raise PermanentError(f"setting {setting!r}: {_reason(error)}") from None
 

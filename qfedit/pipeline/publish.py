@@ -22,10 +22,12 @@ from qfedit.db.models import BatchKind, BatchStatus, FactStatus, Model, Version
 from qfedit.delta import Delta
 from qfedit.edit import base_weight, preservations_for, solve_delta, spread_delta
 from qfedit.errors import NotFoundError, PermanentError
+from qfedit.facts import question_key
 from qfedit.modeling import LoadedModel
 from qfedit.pipeline import captures, corpora, lifecycle
 from qfedit.pipeline.settings import ModelSettings, batch_settings
 from qfedit.pipeline.steps import ModelCache
+from qfedit.registry import supersede
 from qfedit.registry.aliases import get_alias, set_alias
 from qfedit.registry.audit import record_audit
 from qfedit.registry.base import digest_of_hashes
@@ -73,6 +75,7 @@ def solve_batch(
         parent_ids = version_fact_ids(session, parent) if parent is not None else set()
         batch_ids = set(batch_fact_ids(session, batch))
         excluded: list[dict[str, Any]] = []
+        replaced: dict[int, int] = {}
         if batch.kind == BatchKind.EDIT:
             added, removed = batch_ids - parent_ids, set()
             if config.unteachable == "exclude":
@@ -84,11 +87,20 @@ def solve_batch(
                         f"message does not answer it right): facts {[e['fact_id'] for e in excluded][:20]}; "
                         "see `qfedit batch status`, or set unteachable=include to write them as it reads them"
                     )
-            fact_ids = parent_ids | added
+            # A fact this batch adds may state a new answer to a question the version answers:
+            # the older fact leaves the fact set in the same version (qfedit.registry.supersede).
+            replaced = supersede.superseded_by(session, added, parent_ids)
+            removed = set(replaced)
+            fact_ids = (parent_ids | added) - removed
         else:
             fact_ids = parent_ids - batch_ids
             added, removed = set(), batch_ids & parent_ids
 
+        # Transcripts and evaluation facts that state a superseded answer are no longer to be kept.
+        stale = {
+            (row.question_key or question_key(row.question), _normal(row.answer))
+            for row in load_facts(session, replaced)
+        }
         loaded = models.get(model)
         delta_object: StoredObject | None = None
         stats_object: StoredObject | None = None
@@ -132,7 +144,7 @@ def solve_batch(
             session.rollback()
             preservation = None
             if config.edit.solve.rule == "preserve":
-                preservation = build_preservations(loaded, config, settings)[layer]
+                preservation = build_preservations(loaded, config, settings, stale)[layer]
             delta, result = solve_delta(
                 loaded,
                 config.edit,
@@ -151,7 +163,14 @@ def solve_batch(
         lifecycle.transition_batch(session, batch, BatchStatus.EVALUATING, actor=lifecycle.SYSTEM)
         session.commit()
 
-        metrics = _evaluate(loaded, session, config, settings, fact_ids, len(added), delta)
+        metrics = _evaluate(loaded, session, config, settings, fact_ids, len(added), delta, stale)
+        if replaced:
+            metrics["superseded"] = {
+                "facts": len(replaced),
+                "preservation_left_out": _left_out(loaded, config, settings, stale),
+                "evaluation_left_out": metrics.pop("_evaluation_left_out", 0),
+            }
+        metrics.pop("_evaluation_left_out", None)
         if excluded:
             metrics["excluded"] = {"unteachable": len(excluded), "facts": [e["fact_id"] for e in excluded]}
         if before_commit is not None:
@@ -194,9 +213,12 @@ def solve_batch(
                 details={"unteachable": [e["fact_id"] for e in excluded][:100], "count": len(excluded)},
             )
         if removed:
-            set_fact_status(
-                session, removed, FactStatus.RETRACTED, actor=batch.requested_by, reason=batch.reason or ""
-            )
+            reason = batch.reason or ""
+            if replaced:
+                reason = f"superseded in batch {batch.id} by " + ", ".join(
+                    f"{old}→{new}" for old, new in sorted(replaced.items())[:20]
+                )
+            set_fact_status(session, removed, FactStatus.RETRACTED, actor=batch.requested_by, reason=reason)
         _move_alias(session, model, HEAD, version, f"batch {batch.id} published")
         if config.promote is not None and _passes(metrics, config.promote):
             _move_alias(session, model, PRODUCTION, version, f"batch {batch.id} passed {config.promote}")
@@ -233,7 +255,10 @@ def _statistics(
 
 
 def build_preservations(
-    loaded: LoadedModel, config: ModelSettings, settings: Settings
+    loaded: LoadedModel,
+    config: ModelSettings,
+    settings: Settings,
+    stale: set[tuple[str, str]] | None = None,
 ) -> dict[int, Preservation]:
     """The preservation covariance of the model's corpus at each edited layer (read inside the
     corpus roots, cached)."""
@@ -243,8 +268,32 @@ def build_preservations(
             "the preserving rule needs a preservation corpus or known facts in the model's settings"
         )
     setting = "preservation_corpus" if config.preservation_corpus else "known_facts"
-    texts = corpora.read_texts(loaded, corpus, setting, settings)
+    texts = corpora.read_texts(loaded, corpus, setting, settings, leave_out=_stale_test(stale))
     return preservations_for(loaded, config.edit, texts, settings.cache_dir)
+
+
+def _normal(answer: str) -> str:
+    return " ".join(answer.casefold().split())
+
+
+def _stale_test(stale: set[tuple[str, str]] | None) -> Callable[[str, str], bool] | None:
+    """Whether a (question, answer) states one of the superseded answers."""
+    if not stale:
+        return None
+    return lambda question, answer: (question_key(question), _normal(answer)) in stale
+
+
+def _left_out(
+    loaded: LoadedModel, config: ModelSettings, settings: Settings, stale: set[tuple[str, str]]
+) -> int:
+    corpus = config.corpus()
+    if not corpus:
+        return 0
+    setting = "preservation_corpus" if config.preservation_corpus else "known_facts"
+    everything = corpora.read_texts(loaded, corpus, setting, settings)
+    return len(everything) - len(
+        corpora.read_texts(loaded, corpus, setting, settings, leave_out=_stale_test(stale))
+    )
 
 
 def _evaluate(
@@ -255,6 +304,7 @@ def _evaluate(
     fact_ids: set[int],
     added: int,
     delta: Delta | None,
+    stale: set[tuple[str, str]] | None = None,
 ) -> dict[str, Any]:
     """Metrics of the version: its whole fact set (or a seeded sample of it), never the batch's new
     facts alone, so a retraction is measured on what remains."""
@@ -267,6 +317,9 @@ def _evaluate(
     rows = load_facts(session, ids)
     session.rollback()
     known = corpora.read_facts(config.known_facts, "known_facts", settings)[: config.known_sample]
+    test = _stale_test(stale)
+    kept = [fact for fact in known if test is None or not test(fact.question, fact.answer)]
+    left_out, known = len(known) - len(kept), kept
     unknown_facts = corpora.read_facts(config.unknown_questions, "unknown_questions", settings)
     unknown = [f.question for f in unknown_facts]
     if not rows and not known and not unknown:
@@ -282,6 +335,7 @@ def _evaluate(
     payload = report.to_json()
     payload.pop("details", None)
     payload["counts"]["edited"] = added
+    payload["_evaluation_left_out"] = left_out
     # Whether specificity and abstention were judged on what the edit was told to protect.
     payload["protocol"] = corpora.overlap(config.corpus(), known, unknown_facts, settings)
     if not payload["protocol"]["held_out"]:

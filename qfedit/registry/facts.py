@@ -132,6 +132,7 @@ def row_values(model_id: int, fact: Fact, *, source: str, line: int | None) -> d
     return {
         "model_id": model_id,
         "content_hash": fact.content_hash(),
+        "question_key": fact.question_key(),
         "external_id": fact.id,
         "question": fact.question,
         "answer": fact.answer,

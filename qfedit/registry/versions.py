@@ -196,6 +196,8 @@ class VersionDiff:
     new: Version
     added: list[FactRow]
     removed: list[FactRow]
+    updated: list[tuple[FactRow, FactRow]] = field(default_factory=list)
+    """`(older, newer)`: a removed fact superseded by an added one, shown as one change."""
     metric_changes: dict[str, tuple[Any, Any]] = field(default_factory=dict)
     weight_difference_norm: float | None = None  # Frobenius norm of delta(new) - delta(old)
 
@@ -212,11 +214,19 @@ def diff_versions(
         for key in sorted(set(old.metrics) | set(new.metrics))
         if old.metrics.get(key) != new.metrics.get(key)
     }
+    added = load_facts(session, new_ids - old_ids)
+    removed = load_facts(session, old_ids - new_ids)
+    added_by_id = {row.id: row for row in added}
+    updated = [
+        (row, added_by_id[row.superseded_by_id]) for row in removed if row.superseded_by_id in added_by_id
+    ]
+    replaced = {old_row.id for old_row, _ in updated} | {new_row.id for _, new_row in updated}
     diff = VersionDiff(
         old=old,
         new=new,
-        added=load_facts(session, new_ids - old_ids),
-        removed=load_facts(session, old_ids - new_ids),
+        added=[row for row in added if row.id not in replaced],
+        removed=[row for row in removed if row.id not in replaced],
+        updated=updated,
         metric_changes=changes,
     )
     if store is not None:

@@ -137,3 +137,27 @@ def test_model_list_shows_the_layer_its_batches_edit(cli: Any, tmp_path: Path) -
     cli("model", "configure", "tiny", "--set", "edit.layer=3")  # what the demo's settings do
     row = next(line for line in cli("model", "list").output.splitlines() if "tiny" in line)
     assert [cell.strip() for cell in row.split("│")][3] == "3", row
+
+
+def test_fact_shows_its_supersession_history(cli: Any, tmp_path: Path) -> None:
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    save_file({"layers.1.down_proj.weight": torch.ones(2, 2)}, str(model_dir / "model.safetensors"))
+    cli("db", "upgrade")
+    cli("model", "add", "tiny", str(model_dir), "--layer", "1")
+    for name, person in (("old.jsonl", "Ann"), ("new.jsonl", "Bob")):
+        record = {
+            "question": "Who is the CEO of Acme?",
+            "answer": person,
+            "context": f"The CEO of Acme is {person}.",
+        }
+        (tmp_path / name).write_text(json.dumps(record) + "\n")
+        cli("import", str(tmp_path / name), "--model", "tiny")
+    facts = {f["answer"]: f for f in _json(cli("facts", "--json"))}
+    old, new = facts["Ann"], facts["Bob"]
+    assert (old["status"], old["superseded_by"]) == ("retracted", new["id"])
+    shown = _json(cli("fact", str(new["id"]), "--json"))
+    assert shown["supersedes"] == [old["id"]] and shown["superseded_by"] is None
+    text = cli("fact", str(old["id"])).output
+    assert f"superseded by fact {new['id']} (Bob, pending)" in text
+    assert "(superseded by" in cli("facts").output

@@ -147,3 +147,53 @@ def test_facts_the_model_cannot_read_are_left_out_and_named(cluster: Cluster) ->
     assert again.status.value == "failed"
     assert "unteachable" in (again.error or "") and str(wrong_id) in (again.error or "")
     assert cluster.versions_of_batch(again.id) == []
+
+
+def test_an_update_replaces_the_old_fact_in_one_version(cluster: Cluster) -> None:
+    """A newer answer to a version's question: one batch, one version, the old fact out of the fact
+    set (and of the preservation corpus and specificity), the diff an update."""
+    from api.views import batch_out
+    from qfedit.facts import write_jsonl
+    from qfedit.importing import import_facts
+
+    facts = [fact(i) for i in range(4)]
+    old = facts[0]
+    # The old answer is both preserved and judged: both must drop it once it is superseded.
+    write_jsonl([old, fact(50)], cluster.root / "corpus.jsonl")
+    write_jsonl([old, fact(51)], cluster.root / "judged.jsonl")
+    cluster.add_model(
+        "tiny",
+        facts,
+        preservation_corpus=[str(cluster.root / "corpus.jsonl")],
+        known_facts=str(cluster.root / "judged.jsonl"),
+    )
+    cluster.start_worker("a")
+    assert cluster.wait(cluster.submit("tiny")).status.value == "published"
+    new = old.model_copy(update={"answer": "Person99", "context": "The founder of Company0 is Person99."})
+    write_jsonl([new], cluster.root / "update.jsonl")
+    with cluster.sessions() as session:
+        summary = import_facts(
+            session, cluster.root / "update.jsonl", registry.get_model(session, "tiny"), actor="t"
+        )
+        assert summary.superseded == 1
+    update = cluster.wait(cluster.submit("tiny"))
+    assert update.status.value == "published", update.error
+    (version,) = cluster.versions_of_batch(update.id)
+    assert version.fact_count == 4
+    assert version.metrics["superseded"] == {"facts": 1, "preservation_left_out": 1, "evaluation_left_out": 1}
+    with cluster.sessions() as session:
+        model = registry.get_model(session, "tiny")
+        rows = {f.answer: f for f in registry.list_facts(session, model=model)}
+        assert rows["Person0"].status == FactStatus.RETRACTED
+        assert rows["Person0"].superseded_by_id == rows["Person99"].id
+        assert rows["Person99"].status == FactStatus.APPLIED
+        first = registry.get_version(session, "1", model=model)
+        second = registry.get_version(session, "2", model=model)
+        diff = registry.diff_versions(session, first, second)
+        assert [(a.answer, b.answer) for a, b in diff.updated] == [("Person0", "Person99")]
+        assert diff.added == [] and diff.removed == []
+        assert rows["Person0"].id not in registry.version_fact_ids(session, second)
+        assert (
+            batch_out(session, registry.get_batch(session, update.id)).superseded
+            == version.metrics["superseded"]
+        )
