@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -176,3 +177,37 @@ def question_key(question: str) -> str:
     two facts with the same key ask the same thing, so the later one's answer replaces the earlier."""
     normal = " ".join(question.casefold().split()).rstrip("?.!;: ")
     return hashlib.sha256(normal.encode()).hexdigest()
+
+
+def _answer(text: str) -> str:
+    return " ".join(text.casefold().split())
+
+
+@dataclass(frozen=True)
+class StaleAnswers:
+    """What superseded facts said, to leave out of what an edit keeps and is judged on.
+
+    A (question, answer) states a superseded answer when it gives that answer to the same question
+    (`question_key`), or, for a fact with a subject, to any question that names the subject: a
+    corpus asks a fact in many phrasings ("Who runs X?", "Who is the CEO of X?")."""
+
+    keys: frozenset[tuple[str, str]] = frozenset()
+    subjects: frozenset[tuple[str, str]] = frozenset()
+    """(normalised answer, subject)"""
+
+    @staticmethod
+    def of(facts: Iterable[Fact]) -> StaleAnswers:
+        facts = list(facts)
+        return StaleAnswers(
+            frozenset((f.question_key(), _answer(f.answer)) for f in facts),
+            frozenset((_answer(f.answer), f.subject) for f in facts if f.subject),
+        )
+
+    def __bool__(self) -> bool:
+        return bool(self.keys)
+
+    def __call__(self, question: str, answer: str) -> bool:
+        said = _answer(answer)
+        if (question_key(question), said) in self.keys:
+            return True
+        return any(said == old and subject in question for old, subject in self.subjects)

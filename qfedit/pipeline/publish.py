@@ -22,7 +22,7 @@ from qfedit.db.models import BatchKind, BatchStatus, FactStatus, Model, Version
 from qfedit.delta import Delta
 from qfedit.edit import base_weight, preservations_for, solve_delta, spread_delta
 from qfedit.errors import NotFoundError, PermanentError
-from qfedit.facts import question_key
+from qfedit.facts import StaleAnswers
 from qfedit.modeling import LoadedModel
 from qfedit.pipeline import captures, corpora, lifecycle
 from qfedit.pipeline.settings import ModelSettings, batch_settings
@@ -97,10 +97,7 @@ def solve_batch(
             added, removed = set(), batch_ids & parent_ids
 
         # Transcripts and evaluation facts that state a superseded answer are no longer to be kept.
-        stale = {
-            (row.question_key or question_key(row.question), _normal(row.answer))
-            for row in load_facts(session, replaced)
-        }
+        stale = StaleAnswers.of(to_record(row) for row in load_facts(session, replaced))
         loaded = models.get(model)
         delta_object: StoredObject | None = None
         stats_object: StoredObject | None = None
@@ -258,7 +255,7 @@ def build_preservations(
     loaded: LoadedModel,
     config: ModelSettings,
     settings: Settings,
-    stale: set[tuple[str, str]] | None = None,
+    stale: StaleAnswers | None = None,
 ) -> dict[int, Preservation]:
     """The preservation covariance of the model's corpus at each edited layer (read inside the
     corpus roots, cached)."""
@@ -268,31 +265,18 @@ def build_preservations(
             "the preserving rule needs a preservation corpus or known facts in the model's settings"
         )
     setting = "preservation_corpus" if config.preservation_corpus else "known_facts"
-    texts = corpora.read_texts(loaded, corpus, setting, settings, leave_out=_stale_test(stale))
+    texts = corpora.read_texts(loaded, corpus, setting, settings, leave_out=stale or None)
     return preservations_for(loaded, config.edit, texts, settings.cache_dir)
 
 
-def _normal(answer: str) -> str:
-    return " ".join(answer.casefold().split())
-
-
-def _stale_test(stale: set[tuple[str, str]] | None) -> Callable[[str, str], bool] | None:
-    """Whether a (question, answer) states one of the superseded answers."""
-    if not stale:
-        return None
-    return lambda question, answer: (question_key(question), _normal(answer)) in stale
-
-
-def _left_out(
-    loaded: LoadedModel, config: ModelSettings, settings: Settings, stale: set[tuple[str, str]]
-) -> int:
+def _left_out(loaded: LoadedModel, config: ModelSettings, settings: Settings, stale: StaleAnswers) -> int:
     corpus = config.corpus()
     if not corpus:
         return 0
     setting = "preservation_corpus" if config.preservation_corpus else "known_facts"
     everything = corpora.read_texts(loaded, corpus, setting, settings)
     return len(everything) - len(
-        corpora.read_texts(loaded, corpus, setting, settings, leave_out=_stale_test(stale))
+        corpora.read_texts(loaded, corpus, setting, settings, leave_out=stale or None)
     )
 
 
@@ -304,7 +288,7 @@ def _evaluate(
     fact_ids: set[int],
     added: int,
     delta: Delta | None,
-    stale: set[tuple[str, str]] | None = None,
+    stale: StaleAnswers | None = None,
 ) -> dict[str, Any]:
     """Metrics of the version: its whole fact set (or a seeded sample of it), never the batch's new
     facts alone, so a retraction is measured on what remains."""
@@ -317,8 +301,7 @@ def _evaluate(
     rows = load_facts(session, ids)
     session.rollback()
     known = corpora.read_facts(config.known_facts, "known_facts", settings)[: config.known_sample]
-    test = _stale_test(stale)
-    kept = [fact for fact in known if test is None or not test(fact.question, fact.answer)]
+    kept = [fact for fact in known if not (stale and stale(fact.question, fact.answer))]
     left_out, known = len(known) - len(kept), kept
     unknown_facts = corpora.read_facts(config.unknown_questions, "unknown_questions", settings)
     unknown = [f.question for f in unknown_facts]

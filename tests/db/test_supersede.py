@@ -98,3 +98,15 @@ def test_within_one_file_the_later_line_wins(session: Session, tmp_path: Path) -
     assert (summary.imported, summary.superseded) == (2, 1)
     facts = _facts(session)
     assert facts["Ann"].superseded_by_id == facts["Bob"].id
+
+
+def test_stale_answers_match_every_phrasing_of_the_subject_and_nothing_else() -> None:
+    from qfedit.facts import Fact, StaleAnswers
+
+    old = Fact(subject="Acme", **_ceo("Acme", "Ann Lee"))
+    stale = StaleAnswers.of([old])
+    assert stale("who is the CEO of acme", "ann  lee")  # the same question, normalised
+    assert stale("Who runs Acme?", "Ann Lee")  # another phrasing naming the subject
+    assert not stale("Who runs Acme?", "Bob")  # another answer
+    assert not stale("Who runs Bolt?", "Ann Lee")  # another subject
+    assert not StaleAnswers.of([])
