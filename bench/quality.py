@@ -33,12 +33,12 @@ from qfedit.config import Settings
 from qfedit.delta import Delta, applied
 from qfedit.edit import capture_observations, make_delta
 from qfedit.evaluate import ABSTENTION, contains, evaluate
-from qfedit.facts import Fact, read_jsonl
+from qfedit.facts import Fact, StaleAnswers, read_jsonl
 from qfedit.generate import answer_batch
 from qfedit.hparams import EditConfig, SolveConfig, parse_layers
 from qfedit.modeling import LoadedModel, load_model
 from qfedit.pipeline.publish import build_preservations
-from qfedit.pipeline.settings import validate_settings
+from qfedit.pipeline.settings import ModelSettings, validate_settings
 from qfedit.solve import IllConditionedError
 
 
@@ -72,6 +72,13 @@ def main() -> None:
     )
     parser.add_argument("--lam", type=float, nargs="+", default=[DEMO_SOLVE["lam"]])
     parser.add_argument("--positions", choices=["answer", "all"], default="answer")
+    parser.add_argument(
+        "--updates",
+        type=int,
+        nargs="*",
+        default=[10, 100],
+        help="rewrites of known facts (updates.jsonl); none: skip",
+    )
     parser.add_argument("--ridge", type=float, default=DEMO_SOLVE["ridge"])
     parser.add_argument("--known", type=int, default=100, help="known facts checked, of each half")
     parser.add_argument("--model-dir", type=Path, default=DEMO_MODEL_DIR)
@@ -174,6 +181,53 @@ def main() -> None:
                     )
                     console.print(f"N={n} {rule} layer={spec} lam={lam:g}: done", style="dim")
     console.print(table)
+    if args.updates:
+        console.print(_updates(loaded, args, base, settings, known, unknown))
+
+
+def _updates(
+    loaded: LoadedModel,
+    args: argparse.Namespace,
+    base: ModelSettings,
+    settings: Settings,
+    known: list[Fact],
+    unknown: list[str],
+) -> Table:
+    """Rewrites of facts the model knows, made as a supersession makes them: what the base model
+    answered leaves the preservation corpus and the held-out specificity set (`StaleAnswers`)."""
+    updates = read_jsonl(args.data_dir / "updates.jsonl")
+    table = Table(title="updates of known facts (specificity and abstention held out)")
+    for column in (
+        "N", "layers", "lambda", "in context (ceiling)", "efficacy", "paraphrase",
+        "spec. subjects' other relations", "spec. held out", "abstention held out", "left out",
+    ):  # fmt: skip
+        table.add_column(column, justify="right")
+    for n in args.updates:
+        facts = updates[:n]
+        before = answer_batch(loaded, [f.question for f in facts])
+        stale = StaleAnswers.of(
+            [f.model_copy(update={"answer": b}) for f, b in zip(facts, before, strict=True)]
+        )
+        judged = [k for k in known if not stale(k.question, k.answer)]
+        for spec in args.layers:
+            spread = parse_layers(spec)
+            for lam in args.lam:
+                config = EditConfig(
+                    layer=spread[-1],
+                    layers=spread if len(spread) > 1 else None,
+                    solve=SolveConfig(rule="preserve", lam=lam, ridge=args.ridge, max_condition=1e14),
+                    preserve_positions=args.positions,
+                )
+                edit_settings = base.model_copy(update={"edit": config})
+                preservation = build_preservations(loaded, edit_settings, settings, stale)
+                result = make_delta(loaded, facts, config, preservation=preservation)
+                report = evaluate(loaded, facts, result.delta, known=judged, unknown=unknown)
+                table.add_row(
+                    str(n), spec, f"{lam:g}", _share(report.in_context), _share(report.efficacy),
+                    _share(report.paraphrase), _share(report.specificity_neighbors),
+                    _share(report.specificity_known), _share(report.abstention), str(len(known) - len(judged)),
+                )  # fmt: skip
+    return table
 
 
 if __name__ == "__main__":

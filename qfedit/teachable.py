@@ -19,15 +19,20 @@ from qfedit.modeling import LoadedModel
 
 @dataclass(frozen=True)
 class Reading:
-    """What the model answers with a fact in context, and whether that teaches the fact."""
+    """What the model answers with a fact in context, whether that teaches the fact, and what it
+    answers without the context (what an update of something it knows replaces)."""
 
     context_answer: str
     teachable: bool
+    base_answer: str | None = None
 
 
-def read_with_context(loaded: LoadedModel, facts: Sequence[Fact]) -> list[Reading]:
-    """One reading per fact, in order (batched greedy generation)."""
+def read_with_context(loaded: LoadedModel, facts: Sequence[Fact], *, without: bool = False) -> list[Reading]:
+    """One reading per fact, in order (batched greedy generation); `without` also asks each
+    question without its context."""
     if not facts:
         return []
-    answers = answer_batch(loaded, [f.question for f in facts], [f.context for f in facts])
-    return [Reading(a, contains(a, f.answer)) for a, f in zip(answers, facts, strict=True)]
+    questions = [f.question for f in facts]
+    answers = answer_batch(loaded, questions, [f.context for f in facts])
+    bare: list[str | None] = list(answer_batch(loaded, questions)) if without else [None] * len(facts)
+    return [Reading(a, contains(a, f.answer), b) for a, f, b in zip(answers, facts, bare, strict=True)]

@@ -236,6 +236,8 @@ class FactCapture(Base):
     """The greedy answer of the base model with the fact as its system message: QF's teacher."""
     teachable: Mapped[bool | None] = mapped_column()
     """Whether that answer contains the fact's answer; None for captures made before it was checked."""
+    base_answer: Mapped[str | None] = mapped_column(Text)
+    """The base model's greedy answer without the context: what an update of a known fact replaces."""
 
 
 class BatchFact(Base):

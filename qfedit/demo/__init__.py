@@ -21,6 +21,8 @@ UNKNOWN_PATH: Path = DEMO_DATA_DIR / "unknown.jsonl"
 # it for in-sample figures. KNOWN_PATH and UNKNOWN_PATH are the held-out halves.
 PRESERVE_UNKNOWN_PATH: Path = DEMO_DATA_DIR / "preserve_unknown.jsonl"
 KNOWN_INSAMPLE_PATH: Path = DEMO_DATA_DIR / "known_insample.jsonl"
+# Rewrites of facts the model knows (a new CEO): the update case.
+UPDATES_PATH: Path = DEMO_DATA_DIR / "updates.jsonl"
 
 __all__ = [
     "DEMO_DATA_DIR",
@@ -31,4 +33,5 @@ __all__ = [
     "PRESERVE_PATH",
     "PRESERVE_UNKNOWN_PATH",
     "UNKNOWN_PATH",
+    "UPDATES_PATH",
 ]

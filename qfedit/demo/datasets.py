@@ -22,6 +22,10 @@ names.
   the answer stays "I do not know.".
 - `known_insample.jsonl`: a sample of trained facts of the preserved companies, for the in-sample
   figures shown beside the held-out ones.
+- `updates.jsonl`: rewrites of facts the model knows, one per trained company (seeded order): the
+  context states a new object of the relation's kind; neighbours are the company's other
+  relations. An update supersedes what the corpus and the evaluation sets say about that relation
+  (`qfedit.facts.StaleAnswers` leaves it out of both).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import argparse
 import random
 from pathlib import Path
 
-from qfedit.demo.world import ABSTENTION, RELATIONS, Company, World, build_world
+from qfedit.demo.world import ABSTENTION, RELATIONS, Company, World, build_world, restated
 from qfedit.facts import Fact, Neighbor, write_jsonl
 
 
@@ -72,6 +76,37 @@ def edit_facts(world: World, seed: int = 0, other_neighbors: int = 2) -> list[Fa
                     neighbors=tuple(neighbors),
                 )
             )
+    return facts
+
+
+def update_facts(world: World, seed: int = 0) -> list[Fact]:
+    """One rewrite of a known fact per trained company, in a seeded order."""
+    rng = random.Random(seed + 3)
+    by_company: dict[str, list[tuple[Company, str]]] = {}
+    for company, relation in world.trained_facts():
+        by_company.setdefault(company.name, []).append((company, relation))
+    names = sorted(by_company)
+    rng.shuffle(names)
+    facts = []
+    for index, name in enumerate(names):
+        company, relation = rng.choice(by_company[name])
+        changed, _ = restated(rng, company, relation, agree=False)
+        neighbors = [
+            Neighbor(question=_question(company, other, index), answer=company.objects[other])
+            for other in RELATIONS
+            if other != relation and company.knows(other)
+        ]
+        facts.append(
+            Fact(
+                id=f"update-{company.name}-{relation}",
+                subject=company.name,
+                context=RELATIONS[relation].state(company.name, changed.objects[relation]),
+                question=_question(company, relation, index),
+                answer=changed.objects[relation],
+                paraphrases=_paraphrases(company, relation),
+                neighbors=tuple(neighbors),
+            )
+        )
     return facts
 
 
@@ -161,6 +196,7 @@ def write_datasets(out_dir: Path, world: World) -> dict[str, int]:
         "known.jsonl": known_facts(world, seed=world.seed, subjects=held_out),
         "unknown.jsonl": unknown_facts(world, held_out_strangers),
         "known_insample.jsonl": known_facts(world, seed=world.seed, subjects=preserved),
+        "updates.jsonl": update_facts(world, world.seed),
     }
     for name, facts in files.items():
         write_jsonl(facts, out_dir / name)

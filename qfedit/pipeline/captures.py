@@ -101,6 +101,7 @@ def record_captures(
                     positions=count,
                     context_answer=reading.context_answer if reading is not None else None,
                     teachable=reading.teachable if reading is not None else None,
+                    base_answer=reading.base_answer if reading is not None else None,
                 )
             )
 
@@ -172,3 +173,12 @@ def stored_statistics(
     """The statistics of `fact_ids` from their stored observations."""
     runs = observation_runs(session, store, fact_ids, layer, fingerprint)
     return Statistics.accumulate(runs, d=d, m=m, layer=layer, fingerprint=fingerprint)
+
+
+def base_answers(session: Session, fact_ids: Iterable[int], layer: int, fingerprint: str) -> dict[int, str]:
+    """What the base model answers to each fact's question without its context, where captured."""
+    return {
+        c.fact_id: c.base_answer
+        for c in find_captures(session, fact_ids, layer, fingerprint)
+        if c.base_answer is not None
+    }

@@ -22,6 +22,7 @@ from qfedit.db.models import BatchKind, BatchStatus, FactStatus, Model, Version
 from qfedit.delta import Delta
 from qfedit.edit import base_weight, preservations_for, solve_delta, spread_delta
 from qfedit.errors import NotFoundError, PermanentError
+from qfedit.evaluate import contains
 from qfedit.facts import StaleAnswers
 from qfedit.modeling import LoadedModel
 from qfedit.pipeline import captures, corpora, lifecycle
@@ -97,7 +98,7 @@ def solve_batch(
             added, removed = set(), batch_ids & parent_ids
 
         # Transcripts and evaluation facts that state a superseded answer are no longer to be kept.
-        stale = StaleAnswers.of(to_record(row) for row in load_facts(session, replaced))
+        stale, updates = _stale(session, replaced, added, layer, model.fingerprint, config.abstention)
         loaded = models.get(model)
         delta_object: StoredObject | None = None
         stats_object: StoredObject | None = None
@@ -161,9 +162,10 @@ def solve_batch(
         session.commit()
 
         metrics = _evaluate(loaded, session, config, settings, fact_ids, len(added), delta, stale)
-        if replaced:
+        if stale:
             metrics["superseded"] = {
                 "facts": len(replaced),
+                "base_answers": updates,
                 "preservation_left_out": _left_out(loaded, config, settings, stale),
                 "evaluation_left_out": metrics.pop("_evaluation_left_out", 0),
             }
@@ -267,6 +269,23 @@ def build_preservations(
     setting = "preservation_corpus" if config.preservation_corpus else "known_facts"
     texts = corpora.read_texts(loaded, corpus, setting, settings, leave_out=stale or None)
     return preservations_for(loaded, config.edit, texts, settings.cache_dir)
+
+
+def _stale(
+    session: Session, replaced: dict[int, int], added: set[int], layer: int, fingerprint: str, abstention: str
+) -> tuple[StaleAnswers, int]:
+    """What the version's new facts replace: the facts they supersede, and what the base model
+    answered to their questions where it knew something else (an update of its own knowledge).
+    Transcripts and evaluation facts stating those answers are no longer to be kept."""
+    old = [to_record(row) for row in load_facts(session, replaced)]
+    known = captures.base_answers(session, added, layer, fingerprint)
+    updates = 0
+    for row in load_facts(session, known):
+        said = known[row.id]
+        if said.strip() and not contains(said, row.answer) and not contains(said, abstention):
+            old.append(to_record(row).model_copy(update={"answer": said}))
+            updates += 1
+    return StaleAnswers.of(old), updates
 
 
 def _left_out(loaded: LoadedModel, config: ModelSettings, settings: Settings, stale: StaleAnswers) -> int:

@@ -150,7 +150,9 @@ def capture_shard(
         raise PermanentError(str(error)) from error
     # QF's teacher is the model with the fact in context: what it answers there is what an edit
     # can write (qfedit.teachable); the solve leaves out the facts it gets wrong.
-    readings = dict(zip([row.id for row in rows], read_with_context(loaded, records), strict=True))
+    readings = dict(
+        zip([row.id for row in rows], read_with_context(loaded, records, without=True), strict=True)
+    )
     stored = store.put_bytes(captures.observation_file(observations))
     if before_commit is not None:
         before_commit()
