@@ -24,10 +24,13 @@ console = Console()
 def demo(
     facts: Annotated[int, typer.Option(help="How many of the bundled edit facts to write in.")] = 20,
     show: Annotated[int, typer.Option(help="How many facts to show before/with context/after.")] = 5,
+    updates: Annotated[
+        int, typer.Option(help="How many facts the model already knows to change (a new CEO, say).")
+    ] = 1,
 ) -> None:
     """The main job on the embedded default: edit bundled facts into the demo model through the queue."""
     from cli.engine import load, print_report
-    from qfedit.demo import DEMO_MODEL_DIR, EDITS_PATH
+    from qfedit.demo import DEMO_MODEL_DIR, EDITS_PATH, UPDATES_PATH
     from qfedit.demo.settings import demo_settings
     from qfedit.evaluate import EvalReport
     from qfedit.facts import read_jsonl, write_jsonl
@@ -38,7 +41,8 @@ def demo(
     from qfedit.store import store_from_settings
 
     settings = get_settings()
-    chosen = read_jsonl(EDITS_PATH)[:facts]
+    changed = read_jsonl(UPDATES_PATH)[:updates]
+    chosen = read_jsonl(EDITS_PATH)[:facts] + changed
     corpus = settings.data_dir / "demo-facts.jsonl"
     corpus.parent.mkdir(parents=True, exist_ok=True)
     write_jsonl(chosen, corpus)
@@ -95,7 +99,7 @@ def demo(
 
     delta, info = in_session(published)
     loaded = load(DEMO_MODEL_DIR, settings.dtype, settings.device)
-    sample = chosen[:show]
+    sample = chosen[:show] + changed
     questions = [f.question for f in sample]
     before = answer_batch(loaded, questions)
     with_context = answer_batch(loaded, questions, [f.context for f in sample])
@@ -106,13 +110,27 @@ def demo(
     from rich.table import Table
 
     table = Table(title=f"answers, base model vs {info['label']}")
-    for column in ("question", "expected", "before", "with context", "after edit"):
+    for column in ("", "question", "expected", "before", "with context", "after edit"):
         table.add_column(column)
     for fact, b, c, a in zip(sample, before, with_context, after, strict=True):
-        table.add_row(fact.question, fact.answer, b, c, a)
+        table.add_row("update" if fact in changed else "new", fact.question, fact.answer, b, c, a)
     console.print(table)
     metrics = dict(info["metrics"])  # type: ignore[call-overload]
+    excluded, superseded = metrics.pop("excluded", None), metrics.pop("superseded", None)
     if metrics:
         protocol = metrics.pop("protocol", None)
         print_report(EvalReport(**{**metrics, "relative_norm": info["norm"]}), protocol)
+    if superseded:
+        console.print(
+            f"updates: {superseded['base_answers']} facts the model knew changed, "
+            f"{superseded['preservation_left_out']} preservation transcripts and "
+            f"{superseded['evaluation_left_out']} evaluation facts stating the old answers left out",
+            highlight=False,
+        )
+    if excluded:
+        console.print(
+            f"{excluded['unteachable']} facts left out: the model does not answer them right even with the "
+            f"fact in context (qfedit batch status {batch_id})",
+            highlight=False,
+        )
     console.print(f"see the history: qfedit versions, qfedit show {info['label']}, qfedit log")

@@ -7,8 +7,16 @@ if there is one; the same commands run with `--device cpu`, only far slower. The
 
     python -m qfedit.demo.train --device cuda --out /tmp/stage0 --steps 500 --turns 1 \
         --context-share 1 --context-turn-share 1 --measure 0
-    python -m qfedit.demo.train --device cuda --out qfedit/data/demo-model --init /tmp/stage0 \
+    python -m qfedit.demo.train --device cuda --out /tmp/stage1 --init /tmp/stage0 \
         --stage 1 --steps 3402 --warmup 20 --context-share 0.8 --context-turn-share 0.7
+
+then two short stages on CPU (2 cores, about 10 and 6 minutes) that teach it to answer from a system
+message that contradicts what it knows, the teacher an update of a known fact needs:
+
+    python -m qfedit.demo.train --device cpu --out /tmp/stage3 --init /tmp/stage1 --stage 3 \
+        --steps 300 --warmup 20 --lr 1e-3 --contradict-share 0.3 --context-share 0.8 --context-turn-share 0.7
+    python -m qfedit.demo.train --device cpu --out qfedit/data/demo-model --init /tmp/stage3 --stage 4 \
+        --steps 300 --warmup 20 --lr 1e-3 --contradict-share 0.4 --context-share 0.8 --context-turn-share 0.7
 
 There is no third stage: a low-rate one (`--stage 2 --lr 1e-3`) helped memorisation and abstention
 after short runs, but after a long stage 1 it no longer moved them. Where and how long the shipped

@@ -22,6 +22,7 @@ from qfedit.demo import (
     PRESERVE_PATH,
     PRESERVE_UNKNOWN_PATH,
     UNKNOWN_PATH,
+    UPDATES_PATH,
 )
 from qfedit.demo.behaviour import accuracy, behaviour_probes
 from qfedit.demo.chat import END_OF_TEXT, IM_END, IM_START, render_prompt
@@ -117,6 +118,13 @@ def test_abstains_for_unknown_companies_and_unknown_relations(model, tokenizer, 
     assert accuracy(model, tokenizer, probes["partial_missing"]) >= 0.9
 
 
+def test_answers_from_a_system_message_that_contradicts_what_it_knows(model, tokenizer, probes) -> None:  # type: ignore[no-untyped-def]
+    # QF's teacher for an update of a known fact (a new CEO) is the model reading the new one.
+    assert accuracy(model, tokenizer, probes["contradicting"]) >= 0.9
+    assert accuracy(model, tokenizer, probes["contradicting_heldout"]) >= 0.9
+    assert accuracy(model, tokenizer, probes["agreeing"]) >= 0.95
+
+
 def test_held_out_phrasings_mostly_work_without_context(model, tokenizer, probes) -> None:  # type: ignore[no-untyped-def]
     assert accuracy(model, tokenizer, probes["known_heldout"]) >= 0.7
 
@@ -140,7 +148,15 @@ def test_world_groups_are_disjoint_and_shaped_for_editing(world) -> None:  # typ
 
 @pytest.mark.parametrize(
     "path",
-    [EDITS_PATH, KNOWN_PATH, PRESERVE_PATH, UNKNOWN_PATH, PRESERVE_UNKNOWN_PATH, KNOWN_INSAMPLE_PATH],
+    [
+        EDITS_PATH,
+        KNOWN_PATH,
+        PRESERVE_PATH,
+        UNKNOWN_PATH,
+        PRESERVE_UNKNOWN_PATH,
+        KNOWN_INSAMPLE_PATH,
+        UPDATES_PATH,
+    ],
     ids=lambda p: Path(p).name,
 )
 def test_data_files_validate(path: Path) -> None:
@@ -182,3 +198,15 @@ def test_the_preservation_corpus_is_half_of_what_the_model_knows_and_evaluation_
     trained_names = {c.name for c, _ in world.trained_facts()}
     assert abs(len(trained_names & preserved_subjects) - len(trained_names) / 2) <= 1
     assert abs(len({c.name for c in world.strangers} & preserved_subjects) - len(world.strangers) / 2) <= 1
+
+
+def test_updates_rewrite_one_known_fact_of_each_trained_company(world) -> None:  # type: ignore[no-untyped-def]
+    updates = read_jsonl(UPDATES_PATH)
+    trained = {(c.name, r): c.objects[r] for c, r in world.trained_facts()}
+    assert len({fact.subject for fact in updates}) == len(updates) >= 100
+    for fact in updates:
+        relation = fact.id.rsplit("-", 1)[1]
+        assert fact.answer != trained[(fact.subject, relation)]  # a new answer to a known question
+        assert fact.answer in fact.context
+        # Neighbours are the company's other relations, answered as the model knows them.
+        assert all(n.answer in trained.values() for n in fact.neighbors)
