@@ -122,9 +122,9 @@ def demo(
         print_report(EvalReport(**{**metrics, "relative_norm": info["norm"]}), protocol)
     if superseded:
         console.print(
-            f"updates: {superseded['base_answers']} facts the model knew changed, "
-            f"{superseded['preservation_left_out']} preservation transcripts and "
-            f"{superseded['evaluation_left_out']} evaluation facts stating the old answers left out",
+            f"updates of what the model knew: {superseded['base_answers'] + superseded['facts']}; left out "
+            f"as stating the old answers: preservation transcripts {superseded['preservation_left_out']}, "
+            f"evaluation facts {superseded['evaluation_left_out']}",
             highlight=False,
         )
     if excluded:

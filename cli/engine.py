@@ -81,12 +81,14 @@ def teachable_only(loaded: LoadedModel, facts: list[Fact], labels: list[str]) ->
     return [facts[i] for i in kept], [labels[i] for i in kept]
 
 
-def preservation_texts(loaded: LoadedModel, facts: Sequence[Fact], corpus: Path | None) -> list[CorpusText]:
-    """Texts whose keys the preserving rule protects: a given corpus, else the facts' neighbors."""
+def preservation_texts(
+    loaded: LoadedModel, facts: Sequence[Fact], corpus: Sequence[Path] | None
+) -> list[CorpusText]:
+    """Texts whose keys the preserving rule protects: the given corpus files, else the facts' neighbors."""
     from qfedit.covariance import corpus_texts, transcript
 
-    if corpus is not None:
-        return corpus_texts(loaded, [corpus])
+    if corpus:
+        return corpus_texts(loaded, list(corpus))
     neighbors = [transcript(loaded, n.question, n.answer) for f in facts for n in f.neighbors]
     if not neighbors:
         raise InvalidInputError(
@@ -113,7 +115,10 @@ def edit(
     lam: Annotated[float, typer.Option(help="Preserving rule: weight of preservation.")] = 1.0,
     ridge: Annotated[float, typer.Option(help="Preserving rule: ridge on the covariance.")] = 1e-2,
     preserve: Annotated[
-        Path | None, typer.Option(help="Preservation corpus: facts JSONL (question/answer) or text lines.")
+        list[Path] | None,
+        typer.Option(
+            help="Preservation corpus: facts JSONL (question/answer) or text lines; repeat for several files."
+        ),
     ] = None,
     samples: Annotated[int, typer.Option(help="Key positions in the preservation covariance.")] = 20_000,
     preserve_positions: Annotated[

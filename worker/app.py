@@ -36,7 +36,8 @@ def embedded_broker(data_dir: Path) -> tuple[str, dict[str, object]]:
         "control_folder": str(folder / "control"),
         "store_processed": "false",
     }
-    return "filesystem://", options
+    # The host is ignored by this transport; naming one keeps kombu from warning on every connection.
+    return "filesystem://localhost/", options
 
 
 def create_app(settings: Settings) -> Celery:

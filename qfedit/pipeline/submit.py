@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from qfedit.db.models import Batch, BatchKind, FactRow, FactStatus, Model
+from qfedit.db.models import Batch, BatchKind, FactCapture, FactRow, FactStatus, Model
 from qfedit.errors import InvalidInputError
 from qfedit.pipeline.settings import check_overrides, model_settings
 from qfedit.registry.batches import batch_for_key, create_batch, request_digest
@@ -34,7 +34,7 @@ def submit_batch(
     refused at submission rather than failing the batch later). Only edit settings may be
     overridden (`check_overrides`)."""
     check_overrides(hyperparameters)
-    model_settings(model, hyperparameters)
+    settings = model_settings(model, hyperparameters)
     # The key is bound to the request as sent: "every pending fact" is resolved only once.
     digest = request_digest(model, BatchKind.EDIT, fact_ids, hyperparameters)
     if idempotency_key is not None:
@@ -47,8 +47,28 @@ def submit_batch(
                 select(FactRow.id).where(FactRow.model_id == model.id, FactRow.status == FactStatus.PENDING)
             )
         )
+        if settings.unteachable == "exclude":
+            # Facts a capture found the model cannot be taught stay pending (named on their batch);
+            # "every pending fact" leaves them out, or every nightly batch would fail on them again.
+            unteachable = set(
+                session.scalars(
+                    select(FactCapture.fact_id)
+                    .join(FactRow, FactRow.id == FactCapture.fact_id)
+                    .where(
+                        FactRow.model_id == model.id,
+                        FactRow.status == FactStatus.PENDING,
+                        FactCapture.layer == settings.edit.layer,
+                        FactCapture.fingerprint == model.fingerprint,
+                        FactCapture.teachable.is_(False),
+                    )
+                )
+            )
+            fact_ids = [fact_id for fact_id in fact_ids if fact_id not in unteachable]
         if not fact_ids:
-            raise NothingPendingError(f"model {model.name!r} has no pending facts to edit", field="fact_ids")
+            raise NothingPendingError(
+                f"model {model.name!r} has no pending facts to edit (unteachable ones aside)",
+                field="fact_ids",
+            )
     return create_batch(
         session,
         model=model,

@@ -238,3 +238,33 @@ def test_edit_keeps_what_the_demo_model_reads_and_leaves_out_what_it_does_not(tm
     assert "left out facts.jsonl line 4" in done.output
     assert "line 1" not in done.output and "line 2" not in done.output
     assert Delta.load(out).metadata["facts"] == 3
+
+
+def test_repeated_preserve_uses_every_file(tiny_model_dirs: dict[str, Path], tmp_path: Path) -> None:
+    from qfedit.delta import Delta
+
+    write_jsonl(FACTS, tmp_path / "facts.jsonl")
+    write_jsonl(FACTS[:1], tmp_path / "a.jsonl")
+    write_jsonl(FACTS[1:], tmp_path / "b.jsonl")
+    digests = []
+    for corpus in (["a.jsonl", "b.jsonl"], ["b.jsonl"]):
+        out = tmp_path / f"{len(corpus)}.safetensors"
+        preserve = [arg for name in corpus for arg in ("--preserve", str(tmp_path / name))]
+        done = runner.invoke(
+            get_app(),
+            [
+                "edit",
+                str(tiny_model_dirs["qwen2"]),
+                str(tmp_path / "facts.jsonl"),
+                "--layer",
+                "1",
+                "--unteachable",
+                "include",
+                "--out",
+                str(out),
+                *preserve,
+            ],
+        )
+        assert done.exit_code == 0, done.output
+        digests.append(Delta.load(out).metadata["corpus_digest"])
+    assert digests[0] != digests[1]  # A then B is not B alone

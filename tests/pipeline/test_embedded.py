@@ -81,6 +81,8 @@ def test_demo_publishes_a_version_and_prints_answers_and_quality(tmp_path: Path)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "batch 1 published" in done.stdout
     assert "ceiling: read from context" in done.stdout and "abstention (held out)" in done.stdout
+    # One fact the model knew is changed (an update), beside the new ones.
+    assert "│ update" in done.stdout and "updates of what the model knew: 1" in done.stdout
     assert _version_numbers(env, tmp_path) == [0, 1]
     # A second run in the same folder is the same batch (idempotency key of the fact set).
     again = _qfedit(env, tmp_path, "demo", "--facts", "3", "--show", "2")

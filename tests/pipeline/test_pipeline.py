@@ -10,6 +10,8 @@ from qfedit import registry
 from qfedit.db import BatchShard, FactCapture, Version
 from qfedit.db.models import FactStatus
 from qfedit.delta import Delta
+from qfedit.pipeline import submit
+from qfedit.pipeline.submit import NothingPendingError
 from qfedit.store import LocalStore
 
 from .conftest import Cluster, fact
@@ -145,7 +147,12 @@ def test_facts_the_model_cannot_read_are_left_out_and_named(cluster: Cluster) ->
         assert status[wrong_id] == FactStatus.PENDING
         assert sorted(i for i, s in status.items() if s == FactStatus.APPLIED) == cluster.fact_ids("demo")[:3]
 
-    # A batch of nothing but such facts fails, naming them, and publishes nothing.
+    # "Every pending fact" (the nightly batch) leaves it out rather than failing on it every night.
+    with cluster.sessions() as session, pytest.raises(NothingPendingError, match="unteachable ones aside"):
+        submit.submit_batch(
+            session, model=registry.get_model(session, "demo"), fact_ids=None, requested_by="t"
+        )
+    # A batch of nothing but such facts, asked for by id, fails, naming them, and publishes nothing.
     again = cluster.wait(cluster.submit("demo", [wrong_id]))
     assert again.status.value == "failed"
     assert "unteachable" in (again.error or "") and str(wrong_id) in (again.error or "")
