@@ -109,6 +109,23 @@ def single_model(session: Session, name: str | None) -> Any:
     return models[0]
 
 
+def model_of_facts(session: Session, name: str | None, fact_ids: list[int]) -> Any:
+    """The model `--model` names, else the one model the facts belong to: an id names its model."""
+    from qfedit import registry
+    from qfedit.errors import InvalidInputError
+
+    if name:
+        return registry.get_model(session, name)
+    models = {registry.get_fact(session, fact_id).model for fact_id in fact_ids}
+    if len(models) != 1:
+        names = ", ".join(sorted(m.name for m in models)) or "none"
+        raise InvalidInputError(
+            f"the facts belong to several models ({names}): retract them per model with --model",
+            field="fact_ids",
+        )
+    return models.pop()
+
+
 # -- facts and gc ---------------------------------------------------------------------------
 
 

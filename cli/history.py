@@ -219,10 +219,19 @@ def alias_set(
 
 @alias_app.command("history")
 def alias_history_command(name: str, model_name: ModelOption = None, as_json: JsonOption = False) -> None:
-    """Every move of alias NAME, oldest first."""
+    """Every move of alias NAME (or MODEL@NAME), oldest first."""
 
     def work(session: Session) -> None:
-        model = single_model(session, model_name)
+        nonlocal name
+        given = model_name
+        if "@" in name and given is None:
+            given, name = name.split("@", 1)
+        if given is None:
+            # The models that have this alias: one of them is the one meant.
+            holders = [a.model for a in registry.list_aliases(session) if a.name == name]
+            model = holders[0] if len(holders) == 1 else single_model(session, None)
+        else:
+            model = registry.get_model(session, given)
         moves = registry.alias_history(session, model, name)
         rows = [
             {

@@ -185,7 +185,9 @@ def batch_submit(
 def retract(
     fact_ids: Annotated[list[int], typer.Argument(help="Ids of the facts to take out.")],
     reason: Annotated[str, typer.Option(help="Why (kept in the audit log and the version).")],
-    model_name: Annotated[str | None, typer.Option("--model", "-m", help="Model name.")] = None,
+    model_name: Annotated[
+        str | None, typer.Option("--model", "-m", help="Model name (default: the facts' model).")
+    ] = None,
     idempotency_key: Annotated[
         str | None, typer.Option(help="Submitting the same key twice makes one batch.")
     ] = None,
@@ -196,9 +198,9 @@ def retract(
     """Publish a version without these facts (their statistics subtracted)."""
 
     def work(session: Session) -> int:
-        from cli.common import single_model
+        from cli.common import model_of_facts
 
-        model = single_model(session, model_name)
+        model = model_of_facts(session, model_name, fact_ids)
         batch = submit.submit_retraction(
             session,
             model=model,

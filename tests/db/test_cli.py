@@ -85,6 +85,11 @@ def test_history_commands(cli: Any, database_url: str, tmp_path: Path) -> None:
     assert diff["metric_changes"] == {"acc": {"old": 1.0, "new": 3.0}}
     history = _json(cli("alias", "history", "production", "--json"))
     assert [(h["from"], h["to"], h["reason"]) for h in history] == [(None, 2, "ship"), (2, 1, "rollback")]
+    # With a second model, the alias still names its model: only tiny has `production`.
+    cli("model", "add", "other", str(model_dir), "--layer", "1")
+    assert _json(cli("alias", "history", "production", "--json")) == history
+    assert _json(cli("alias", "history", "tiny@production", "--json")) == history
+    assert "no alias 'production'" in cli("alias", "history", "other@production", ok=False).output
     log = _json(cli("log", "--action", "alias", "--json"))
     assert [e["details"]["reason"] for e in log] == ["rollback", "ship"]
     assert all(e["actor"] == "tester" for e in log)
@@ -161,3 +166,20 @@ def test_fact_shows_its_supersession_history(cli: Any, tmp_path: Path) -> None:
     text = cli("fact", str(old["id"])).output
     assert f"superseded by fact {new['id']} (Bob, pending)" in text
     assert "(superseded by" in cli("facts").output
+
+
+def test_retract_finds_the_model_from_the_fact_ids(session: Session) -> None:
+    from cli.common import model_of_facts
+    from qfedit.errors import InvalidInputError
+
+    from .helpers import add_facts, add_model
+
+    tiny, other = add_model(session, "tiny"), add_model(session, "other")
+    (mine,), (theirs,) = add_facts(session, tiny, 1), add_facts(session, other, 1, start=5)
+    session.commit()
+    assert model_of_facts(session, None, [theirs]).name == "other"  # no --model needed
+    assert model_of_facts(session, "tiny", [mine]).name == "tiny"
+    with pytest.raises(InvalidInputError, match=r"several models \(other, tiny\)"):
+        model_of_facts(session, None, [mine, theirs])
+    with pytest.raises(registry.NotFoundError, match="no fact 999999"):
+        model_of_facts(session, None, [999999])
