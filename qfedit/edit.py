@@ -327,6 +327,10 @@ def make_delta(
     if len(config.edited_layers) > 1:
         if isinstance(preservation, Preservation):
             raise InvalidInputError("an edit of several layers needs a preservation covariance per layer")
+        if observations is not None:
+            raise InvalidInputError(
+                "a spread recaptures per layer: observations of one layer cannot serve it"
+            )
         return spread_delta(
             loaded,
             facts,

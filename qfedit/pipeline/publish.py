@@ -18,6 +18,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from qfedit.config import Settings
+from qfedit.covariance import CorpusText
 from qfedit.db.models import BatchKind, BatchStatus, FactStatus, Model, Version
 from qfedit.delta import Delta
 from qfedit.edit import base_weight, preservations_for, solve_delta, spread_delta
@@ -100,6 +101,16 @@ def solve_batch(
         # Transcripts and evaluation facts that state a superseded answer are no longer to be kept.
         stale, updates = _stale(session, replaced, added, layer, model.fingerprint, config.abstention)
         loaded = models.get(model)
+        left_out = 0
+
+        def preservations() -> dict[int, Preservation] | None:
+            # Both solve paths preserve the same corpus, without the stale transcripts.
+            nonlocal left_out
+            if config.edit.solve.rule != "preserve":
+                return None
+            texts, left_out = preservation_texts(loaded, config, settings, stale)
+            return preservations_for(loaded, config.edit, texts, settings.cache_dir)
+
         delta_object: StoredObject | None = None
         stats_object: StoredObject | None = None
         relative: float | None = None
@@ -111,16 +122,11 @@ def solve_batch(
             digest = digest_of_hashes(facts_of_model(session, model, fact_ids).values())
             records = [to_record(row) for row in load_facts(session, ordered)]
             session.rollback()
-            preservations = (
-                build_preservations(loaded, config, settings)
-                if config.edit.solve.rule == "preserve"
-                else None
-            )
             edit = spread_delta(
                 loaded,
                 records,
                 config.edit,
-                preservation=preservations,
+                preservation=preservations(),
                 fact_ids=ordered,
                 labels=[f"fact {i}" for i in ordered],
                 fact_set_digest=digest,
@@ -140,9 +146,8 @@ def solve_batch(
                 observations = Observations.concatenate(list(runs))
             digest = digest_of_hashes(facts_of_model(session, model, fact_ids).values())
             session.rollback()
-            preservation = None
-            if config.edit.solve.rule == "preserve":
-                preservation = build_preservations(loaded, config, settings, stale)[layer]
+            found = preservations()
+            preservation = found[layer] if found is not None else None
             delta, result = solve_delta(
                 loaded,
                 config.edit,
@@ -161,15 +166,16 @@ def solve_batch(
         lifecycle.transition_batch(session, batch, BatchStatus.EVALUATING, actor=lifecycle.SYSTEM)
         session.commit()
 
-        metrics = _evaluate(loaded, session, config, settings, fact_ids, len(added), delta, stale)
+        metrics, judged_left_out = _evaluate(
+            loaded, session, config, settings, fact_ids, len(added), delta, stale
+        )
         if stale:
             metrics["superseded"] = {
                 "facts": len(replaced),
                 "base_answers": updates,
-                "preservation_left_out": _left_out(loaded, config, settings, stale),
-                "evaluation_left_out": metrics.pop("_evaluation_left_out", 0),
+                "preservation_left_out": left_out,
+                "evaluation_left_out": judged_left_out,
             }
-        metrics.pop("_evaluation_left_out", None)
         if excluded:
             metrics["excluded"] = {"unteachable": len(excluded), "facts": [e["fact_id"] for e in excluded]}
         if before_commit is not None:
@@ -253,21 +259,36 @@ def _statistics(
     return parent_stats + stored(added) - stored(removed)
 
 
-def build_preservations(
-    loaded: LoadedModel,
-    config: ModelSettings,
-    settings: Settings,
-    stale: StaleAnswers | None = None,
-) -> dict[int, Preservation]:
-    """The preservation covariance of the model's corpus at each edited layer (read inside the
-    corpus roots, cached)."""
+def preservation_texts(
+    loaded: LoadedModel, config: ModelSettings, settings: Settings, stale: StaleAnswers | None = None
+) -> tuple[list[CorpusText], int]:
+    """The model's preservation corpus (read inside the corpus roots) without the transcripts that
+    state a stale answer, and how many those were."""
     corpus = config.corpus()
     if not corpus:
         raise PermanentError(
             "the preserving rule needs a preservation corpus or known facts in the model's settings"
         )
     setting = "preservation_corpus" if config.preservation_corpus else "known_facts"
-    texts = corpora.read_texts(loaded, corpus, setting, settings, leave_out=stale or None)
+    dropped = 0
+
+    def leave_out(question: str, answer: str) -> bool:
+        nonlocal dropped
+        stated = stale is not None and stale(question, answer)
+        dropped += stated
+        return stated
+
+    return corpora.read_texts(loaded, corpus, setting, settings, leave_out=leave_out), dropped
+
+
+def build_preservations(
+    loaded: LoadedModel,
+    config: ModelSettings,
+    settings: Settings,
+    stale: StaleAnswers | None = None,
+) -> dict[int, Preservation]:
+    """The preservation covariance of the model's corpus at each edited layer (cached)."""
+    texts, _ = preservation_texts(loaded, config, settings, stale)
     return preservations_for(loaded, config.edit, texts, settings.cache_dir)
 
 
@@ -288,17 +309,6 @@ def _stale(
     return StaleAnswers.of(old), updates
 
 
-def _left_out(loaded: LoadedModel, config: ModelSettings, settings: Settings, stale: StaleAnswers) -> int:
-    corpus = config.corpus()
-    if not corpus:
-        return 0
-    setting = "preservation_corpus" if config.preservation_corpus else "known_facts"
-    everything = corpora.read_texts(loaded, corpus, setting, settings)
-    return len(everything) - len(
-        corpora.read_texts(loaded, corpus, setting, settings, leave_out=stale or None)
-    )
-
-
 def _evaluate(
     loaded: LoadedModel,
     session: Session,
@@ -308,9 +318,10 @@ def _evaluate(
     added: int,
     delta: Delta | None,
     stale: StaleAnswers | None = None,
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], int]:
     """Metrics of the version: its whole fact set (or a seeded sample of it), never the batch's new
-    facts alone, so a retraction is measured on what remains."""
+    facts alone, so a retraction is measured on what remains; and how many known facts were left
+    out of specificity for stating a `stale` answer."""
     from qfedit.evaluate import evaluate
 
     ids = sorted(fact_ids)
@@ -325,7 +336,7 @@ def _evaluate(
     unknown_facts = corpora.read_facts(config.unknown_questions, "unknown_questions", settings)
     unknown = [f.question for f in unknown_facts]
     if not rows and not known and not unknown:
-        return {}
+        return {}, left_out
     report = evaluate(
         loaded,
         [to_record(row) for row in rows],
@@ -337,14 +348,13 @@ def _evaluate(
     payload = report.to_json()
     payload.pop("details", None)
     payload["counts"]["edited"] = added
-    payload["_evaluation_left_out"] = left_out
     # Whether specificity and abstention were judged on what the edit was told to protect.
     payload["protocol"] = corpora.overlap(config.corpus(), known, unknown_facts, settings)
     if not payload["protocol"]["held_out"]:
         log.warning(
             "metrics are in-sample: the preservation corpus names evaluation facts %s", payload["protocol"]
         )
-    return payload
+    return payload, left_out
 
 
 def _passes(metrics: dict[str, Any], thresholds: dict[str, float]) -> bool:

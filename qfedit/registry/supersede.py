@@ -51,9 +51,9 @@ def link(
         (FactRow.external_id, sorted({v for v in external_ids if v})),
     ):
         groups: dict[str, list[FactRow]] = {}
+        # The query autoflushes: a row the first pass retracted is not active in the second.
         for row in _active(session, model_id, column, values):
-            if row.status in _ACTIVE:  # a row retracted by the first pass is seen here again
-                groups.setdefault(str(getattr(row, column.key)), []).append(row)  # type: ignore[attr-defined]
+            groups.setdefault(str(getattr(row, column.key)), []).append(row)  # type: ignore[attr-defined]
         for rows in groups.values():
             rows.sort(key=lambda r: r.id)
             newest = rows[-1]

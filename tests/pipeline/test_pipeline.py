@@ -159,7 +159,8 @@ def test_facts_the_model_cannot_read_are_left_out_and_named(cluster: Cluster) ->
     assert cluster.versions_of_batch(again.id) == []
 
 
-def test_an_update_replaces_the_old_fact_in_one_version(cluster: Cluster) -> None:
+@pytest.mark.parametrize("layers", [None, [0, 1]], ids=["one-layer", "spread-over-layers"])
+def test_an_update_replaces_the_old_fact_in_one_version(cluster: Cluster, layers: list[int] | None) -> None:
     """A newer answer to a version's question: one batch, one version, the old fact out of the fact
     set (and of the preservation corpus and specificity), the diff an update."""
     from api.views import batch_out
@@ -176,6 +177,7 @@ def test_an_update_replaces_the_old_fact_in_one_version(cluster: Cluster) -> Non
         facts,
         preservation_corpus=[str(cluster.root / "corpus.jsonl")],
         known_facts=str(cluster.root / "judged.jsonl"),
+        **({"layers": layers} if layers else {}),
     )
     cluster.start_worker("a")
     assert cluster.wait(cluster.submit("tiny")).status.value == "published"
