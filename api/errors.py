@@ -127,9 +127,10 @@ async def _store_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def _qfedit_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, QFEditError)
-    # The library names fields as it knows them; those it is handed come from the request body.
+    # The library names fields as it knows them; those it is handed come from the request body,
+    # but for the stored model settings a request runs with (`model.settings.*`).
     field = exc.field
-    if field is not None and not field.startswith(("body.", "query.", "path.", "header.")):
+    if field is not None and not field.startswith(("body.", "query.", "path.", "header.", "model.")):
         field = f"body.{field}"
     return JSONResponse(error_body(exc.code.value, str(exc), field), status_code=HTTP_STATUS[exc.code])
 

@@ -24,7 +24,7 @@ from qfedit.db.engine import engine_from_settings, session_factory
 
 logger = logging.getLogger(__name__)
 console = Console()
-errors = Console(stderr=True)
+errors = Console(stderr=True, soft_wrap=True)  # an error is one line, whatever the width
 
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]

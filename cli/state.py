@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
@@ -33,8 +33,10 @@ from qfedit.config import get_settings
 from qfedit.db import migrate
 from qfedit.db.models import FactStatus
 from qfedit.errors import InvalidInputError
+from qfedit.hparams import parse_layers
 from qfedit.pipeline import corpora
-from qfedit.pipeline.settings import nested, validate_settings
+from qfedit.pipeline.preflight import check_runnable
+from qfedit.pipeline.settings import ModelSettings, merged, nested, validate_settings
 
 # -- db -------------------------------------------------------------------------------------
 
@@ -78,42 +80,194 @@ def db_current() -> None:
 # -- models ---------------------------------------------------------------------------------
 
 
+PRESETS = ("demo",)
+
+
+def _settings_file(path: Path) -> dict[str, Any]:
+    """Model settings from a TOML or JSON file; file names in it are taken from the file's folder."""
+    import tomllib
+
+    try:
+        text = path.read_text(encoding="utf-8")
+        loaded = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as error:
+        raise InvalidInputError(f"--settings {path}: {error}", field="settings") from None
+    if not isinstance(loaded, dict):
+        raise InvalidInputError(f"--settings {path}: expected a table of settings", field="settings")
+    return _resolved_paths(loaded, path.parent)
+
+
+_PATH_SETTINGS = ("preservation_corpus", "known_facts", "unknown_questions")
+
+
+def _resolved_path(name: str, folder: Path) -> str:
+    """A file name as typed, made absolute when it names a file from `folder` (the user's working
+    directory, or a settings file's): a stored relative name would mean something else to a worker."""
+    candidate = folder / name
+    return str(candidate.resolve()) if candidate.exists() else name
+
+
+def _resolved_paths(raw: dict[str, Any], folder: Path) -> dict[str, Any]:
+    resolved = dict(raw)
+    for key in _PATH_SETTINGS:
+        value = resolved.get(key)
+        if isinstance(value, str):
+            resolved[key] = _resolved_path(value, folder)
+        elif isinstance(value, list):
+            resolved[key] = [_resolved_path(v, folder) if isinstance(v, str) else v for v in value]
+    return resolved
+
+
+def checked_settings(raw: dict[str, Any], *, default_layer: int | None, source: str) -> ModelSettings:
+    """Settings validated, and refused unless an edit can run with them (files parsed); warns when
+    the evaluation sets are not held out from the preservation corpus."""
+    validated = validate_settings(raw, default_layer=default_layer, field="settings")
+    settings = get_settings()
+    check_runnable(validated, source=source, app=settings, parse=True)
+    if validated.known_facts or validated.unknown_questions:
+        found = corpora.overlap(
+            validated.corpus(),
+            corpora.read_facts(validated.known_facts, "known_facts", settings),
+            corpora.read_facts(validated.unknown_questions, "unknown_questions", settings),
+            settings,
+        )
+        if not found["held_out"]:
+            errors.print(
+                f"[yellow]warning:[/yellow] the preservation corpus names {found['known_in_corpus']} "
+                f"known and {found['unknown_in_corpus']} unknown evaluation facts: specificity and "
+                "abstention will be in-sample, not held out (versions say so in their metrics)",
+                highlight=False,
+            )
+    return validated
+
+
 @model_app.command("add")
 def model_add(
     name: str,
-    model_dir: Annotated[Path, typer.Argument(help="Directory holding the model's *.safetensors weights.")],
-    layer: Annotated[int | None, typer.Option("--layer", help="Default layer to edit.")] = None,
+    model_dir: Annotated[
+        Path | None,
+        typer.Argument(
+            help="Directory holding the model's *.safetensors weights (--preset demo: the shipped one)."
+        ),
+    ] = None,
+    layer: Annotated[
+        int | None, typer.Option("--layer", help="Layer to edit (the top one with --layers).")
+    ] = None,
+    layers: Annotated[
+        str | None, typer.Option("--layers", help="Spread the edit over layers, e.g. 0-4 or 2,3,4.")
+    ] = None,
+    preserve: Annotated[
+        list[Path] | None,
+        typer.Option("--preserve", help="Preservation corpus file (repeatable): facts JSONL or text lines."),
+    ] = None,
+    known: Annotated[
+        Path | None,
+        typer.Option(
+            "--known", help="Facts JSONL the model knows: specificity (and the corpus if no --preserve)."
+        ),
+    ] = None,
+    unknown: Annotated[
+        Path | None,
+        typer.Option("--unknown", help="Facts JSONL about strangers it should not answer: abstention."),
+    ] = None,
+    rule: Annotated[
+        str | None,
+        typer.Option("--rule", help="preserve (default; needs a corpus) or seed (QF's rule alone)."),
+    ] = None,
+    lam: Annotated[
+        float | None, typer.Option("--lam", help="Weight of preservation against the edit.")
+    ] = None,
+    ridge: Annotated[
+        float | None, typer.Option("--ridge", help="Ridge on the preservation covariance.")
+    ] = None,
+    settings_file: Annotated[
+        Path | None,
+        typer.Option("--settings", help="Settings from a TOML or JSON file (options override it)."),
+    ] = None,
+    preset: Annotated[
+        str | None,
+        typer.Option("--preset", help=f"Named settings: {', '.join(PRESETS)} (the demo model's tuned ones)."),
+    ] = None,
     revision: Annotated[str | None, typer.Option("--revision", help="Hub revision or commit.")] = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Register a base model; its fingerprint is computed from the weights."""
+    """Register a base model with the settings its batches are edited with; refused unless an edit can
+    run with them (a corpus for the preserving rule, layers the model has, files that parse)."""
     from qfedit import registry
 
     def work(session: Session) -> None:
-        if not model_dir.is_dir():
-            raise FileNotFoundError(f"{model_dir}: not a directory")
+        raw: dict[str, Any] = {}
+        directory = model_dir
+        if preset is not None:
+            if preset not in PRESETS:
+                raise InvalidInputError(f"--preset {preset!r}: one of {', '.join(PRESETS)}", field="preset")
+            from qfedit.demo import DEMO_MODEL_DIR
+            from qfedit.demo.settings import demo_settings
+
+            raw = nested(demo_settings())
+            directory = directory or DEMO_MODEL_DIR
+        if settings_file is not None:
+            raw = merged(raw, nested(_settings_file(settings_file)))
+        if directory is None:
+            raise InvalidInputError("MODEL_DIR: give the model's directory", field="model_dir")
+        if not directory.is_dir():
+            raise FileNotFoundError(f"{directory}: not a directory")
+        edit: dict[str, Any] = dict(raw.get("edit") or {})
+        if layers is not None:
+            edit["layers"] = list(parse_layers(layers))
+            edit.pop("layer", None)
+        if layer is not None:
+            edit["layer"] = layer
+        solve = {k: v for k, v in {"rule": rule, "lam": lam, "ridge": ridge}.items() if v is not None}
+        if solve:
+            edit["solve"] = {**dict(edit.get("solve") or {}), **solve}
+        if edit:
+            raw["edit"] = edit
+        cwd = Path.cwd()
+        if preserve:
+            raw["preservation_corpus"] = [_resolved_path(str(p), cwd) for p in preserve]
+        if known is not None:
+            raw["known_facts"] = _resolved_path(str(known), cwd)
+        if unknown is not None:
+            raw["unknown_questions"] = _resolved_path(str(unknown), cwd)
+        source = str(directory.resolve())
+        validated = checked_settings(raw, default_layer=layer, source=source)
         # Imported here: it pulls in torch, which only this command needs.
         from qfedit.modeling import weights_fingerprint
 
-        fingerprint = weights_fingerprint(model_dir)
+        fingerprint = weights_fingerprint(directory)
         model = registry.add_model(
             session,
             name=name,
-            source=str(model_dir.resolve()),
+            source=source,
             fingerprint=fingerprint,
             revision=revision,
-            default_layer=layer,
+            default_layer=validated.edit.layer,
             actor=current_actor(),
         )
+        model.settings = validated.model_dump(mode="json", exclude_defaults=True)
         session.commit()
         if as_json:
             emit_json(views.model_out(model).model_dump(mode="json"))
         else:
             console.print(
-                f"registered {model.name} (fingerprint {fingerprint[:16]}…), version {model.name}@0"
+                f"registered {model.name} (fingerprint {fingerprint[:16]}…), version {model.name}@0; "
+                f"settings: qfedit model configure {model.name}",
+                highlight=False,
             )
 
     in_session(work)
+
+
+def _edited_layers(model: Any) -> str:
+    """The layers its batches edit, as `4` or `0-4`; `-` when its settings name none."""
+    try:
+        layers = validate_settings(model.settings, default_layer=model.default_layer).edit.edited_layers
+    except InvalidInputError:
+        return "-"
+    if len(layers) > 1 and list(layers) == list(range(layers[0], layers[-1] + 1)):
+        return f"{layers[0]}-{layers[-1]}"
+    return ",".join(str(x) for x in layers)
 
 
 @model_app.command("list")
@@ -126,15 +280,9 @@ def model_list(as_json: JsonOption = False) -> None:
         if as_json:
             emit_json([views.model_out(m).model_dump(mode="json") for m in models])
             return
-        table = Table("name", "source", "layer", "fingerprint", "added")
+        table = Table("name", "source", "layers", "fingerprint", "added")
         for m in models:
-            # The layer its batches edit: its settings' own, else the one it was registered with.
-            layer = (
-                (m.settings or {})
-                .get("edit", {})
-                .get("layer", (m.settings or {}).get("layer", m.default_layer))
-            )
-            table.add_row(m.name, m.source, cell(layer), m.fingerprint[:16], when(m.created_at))
+            table.add_row(m.name, m.source, _edited_layers(m), m.fingerprint[:16], when(m.created_at))
         console.print(table)
 
     in_session(work)
@@ -270,18 +418,28 @@ def fact_command(fact_id: int, as_json: JsonOption = False) -> None:
 
 
 def _assign(target: dict[str, object], dotted: str, raw: str) -> None:
-    """`solve.lam=10` sets target["solve"]["lam"] = 10; values are JSON when they parse as JSON."""
-
+    """`solve.lam=10` sets target["solve"]["lam"] = 10; values are JSON when they parse as JSON.
+    List settings also take commas (`preservation_corpus=a.jsonl,b.jsonl`, `layers=0-4`), and
+    file names are made absolute when they name a file from the working directory."""
     keys = dotted.split(".")
     for key in keys[:-1]:
         child = target.setdefault(key, {})
         if not isinstance(child, dict):
             raise InvalidInputError(f"setting {dotted!r}: {key!r} is not a group")
         target = child
+    leaf = keys[-1]
+    value: object
     try:
-        target[keys[-1]] = json.loads(raw)
+        value = json.loads(raw)
     except json.JSONDecodeError:
-        target[keys[-1]] = raw
+        value = raw
+    if leaf == "layers" and isinstance(value, str | int):
+        value = list(parse_layers(str(value)))
+    elif leaf == "preservation_corpus" and isinstance(value, str):
+        value = [name.strip() for name in value.split(",") if name.strip()]
+    if leaf in _PATH_SETTINGS:
+        value = _resolved_paths({leaf: value}, Path.cwd())[leaf]
+    target[leaf] = value
 
 
 @model_app.command("configure")
@@ -303,31 +461,7 @@ def model_configure(
             if not sep:
                 raise InvalidInputError(f"--set {item!r}: expected KEY=VALUE")
             _assign(current, key.strip(), raw)
-        validated = validate_settings(current, default_layer=model.default_layer, field="settings")
-        settings = get_settings()
-        # A file a worker cannot open is refused now, not when a batch reaches it.
-        corpora.check_names(
-            {
-                "preservation_corpus": validated.preservation_corpus,
-                "known_facts": [validated.known_facts] if validated.known_facts else [],
-                "unknown_questions": [validated.unknown_questions] if validated.unknown_questions else [],
-            },
-            settings,
-        )
-        if validated.known_facts or validated.unknown_questions:
-            found = corpora.overlap(
-                validated.corpus(),
-                corpora.read_facts(validated.known_facts, "known_facts", settings),
-                corpora.read_facts(validated.unknown_questions, "unknown_questions", settings),
-                settings,
-            )
-            if not found["held_out"]:
-                errors.print(
-                    f"[yellow]warning:[/yellow] the preservation corpus names {found['known_in_corpus']} "
-                    f"known and {found['unknown_in_corpus']} unknown evaluation facts: specificity and "
-                    "abstention will be in-sample, not held out (versions say so in their metrics)",
-                    highlight=False,
-                )
+        validated = checked_settings(current, default_layer=model.default_layer, source=model.source)
         if assignments:
             model.settings = validated.model_dump(mode="json", exclude_defaults=True)
             registry.record_audit(

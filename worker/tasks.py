@@ -120,7 +120,7 @@ def register(app: Celery) -> None:
         rt = _runtime(self)
         day = datetime.now(timezone.utc).date().isoformat()
         with rt.sessions() as session:
-            batches = submit.nightly_batches(session, day)
+            batches = submit.nightly_batches(session, day, app=rt.settings)
             ids = [batch.id for batch in batches]
             session.commit()
         for batch_id in ids:

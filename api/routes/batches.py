@@ -42,6 +42,7 @@ def enqueue_batch(
         requested_by=principal.name,
         idempotency_key=idempotency_key,
         hyperparameters=body.hyperparameters,
+        app=request.app.state.settings,
     )
     session.commit()
     queue.send(request, batch)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import stat
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from qfedit.config import Settings
@@ -48,7 +48,7 @@ def resolve(name: str, setting: str, roots: Sequence[Path]) -> Path:
     return path
 
 
-def check_names(names: dict[str, Sequence[str]], settings: Settings) -> None:
+def check_names(names: Mapping[str, Sequence[str]], settings: Settings) -> None:
     """Refuse, before any work, a setting that names a file outside the roots."""
     roots = corpus_roots(settings)
     for setting, values in names.items():
@@ -80,6 +80,34 @@ def read_texts(
         return corpus_texts(loaded, paths, leave_out=leave_out)
     except (InvalidInputError, json.JSONDecodeError, UnicodeDecodeError) as error:
         raise PermanentError(f"setting {setting!r}: {_reason(error)}") from None
+
+
+def check_parses(name: str, setting: str, settings: Settings) -> None:
+    """Refuse a corpus file the covariance could not read: JSONL whose lines are not records with
+    string `question` and `answer`, or a text file that is not UTF-8."""
+    path = resolve(name, setting, corpus_roots(settings))
+    try:
+        with path.open(encoding="utf-8") as handle:
+            for number, line in enumerate(handle, start=1):
+                if path.suffix != ".jsonl" or not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise InvalidInputError(
+                        f"setting {setting!r}: {path.name} line {number} is not valid JSON ({error.msg})",
+                        field=setting,
+                    ) from None
+                for field in ("question", "answer"):
+                    if not isinstance(record, dict) or not isinstance(record.get(field), str):
+                        raise InvalidInputError(
+                            f"setting {setting!r}: {path.name} line {number}: field {field!r}: a string is required",
+                            field=setting,
+                        )
+    except UnicodeDecodeError as error:
+        raise InvalidInputError(
+            f"setting {setting!r}: {path.name}: {_reason(error)}", field=setting
+        ) from None
 
 
 def _reason(error: Exception) -> str:

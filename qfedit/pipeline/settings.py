@@ -81,21 +81,22 @@ def nested(raw: dict[str, Any] | None) -> dict[str, Any]:
     for key in _EDIT_KEYS & raw.keys():
         value = raw.pop(key)
         if isinstance(edit, dict):
-            edit[key] = _merged(edit[key], value) if isinstance(edit.get(key), dict) else value
+            edit[key] = merged(edit[key], value) if isinstance(edit.get(key), dict) else value
     if edit != {}:
         raw["edit"] = edit
     return raw
 
 
-def _merged(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
+def merged(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """`override` over `base`, groups merged key by key."""
+    result = dict(base)
     for key, value in override.items():
-        merged[key] = (
-            _merged(merged[key], value)
-            if isinstance(value, dict) and isinstance(merged.get(key), dict)
+        result[key] = (
+            merged(result[key], value)
+            if isinstance(value, dict) and isinstance(result.get(key), dict)
             else value
         )
-    return merged
+    return result
 
 
 def validate_settings(
@@ -132,7 +133,7 @@ def model_settings(
         # Overridden layers name their own top layer; the model's single layer does not bind them.
         base["edit"] = {k: v for k, v in dict(base.get("edit") or {}).items() if k not in ("layer", "layers")}
     try:
-        return validate_settings(_merged(base, override), default_layer=model.default_layer, field=field)
+        return validate_settings(merged(base, override), default_layer=model.default_layer, field=field)
     except InvalidInputError as error:
         if error.field and error.field.endswith("edit.layer") and "no edit layer" in str(error):
             raise InvalidInputError(f"model {model.name!r} has {error}", field=error.field) from None

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from qfedit.config import Settings, get_settings
 from qfedit.db.models import Batch, BatchKind, FactCapture, FactRow, FactStatus, Model
 from qfedit.errors import InvalidInputError
+from qfedit.pipeline.preflight import check_runnable
 from qfedit.pipeline.settings import check_overrides, model_settings
 from qfedit.registry.batches import batch_for_key, create_batch, request_digest
 from qfedit.registry.models import list_models
+
+logger = logging.getLogger(__name__)
 
 
 class NothingPendingError(InvalidInputError):
@@ -27,14 +32,17 @@ def submit_batch(
     requested_by: str,
     idempotency_key: str | None = None,
     hyperparameters: dict[str, Any] | None = None,
+    app: Settings | None = None,
 ) -> Batch:
     """A queued edit batch; `fact_ids=None` takes every pending fact of the model.
 
     `hyperparameters` override the model's settings for this batch (validated here, so a typo is
     refused at submission rather than failing the batch later). Only edit settings may be
-    overridden (`check_overrides`)."""
+    overridden (`check_overrides`). Settings an edit cannot run with are refused here, before
+    any capture (`check_runnable`); `app` gives the corpus roots (default: the environment's)."""
     check_overrides(hyperparameters)
     settings = model_settings(model, hyperparameters)
+    check_runnable(settings, source=model.source, app=app or get_settings(), field="model.settings")
     # The key is bound to the request as sent: "every pending fact" is resolved only once.
     digest = request_digest(model, BatchKind.EDIT, fact_ids, hyperparameters)
     if idempotency_key is not None:
@@ -103,15 +111,22 @@ def submit_retraction(
     )
 
 
-def nightly_batches(session: Session, day: str, *, actor: str = "qfedit-beat") -> list[Batch]:
-    """One batch of pending facts per model, keyed by model and day: re-runs make no second batch."""
+def nightly_batches(
+    session: Session, day: str, *, actor: str = "qfedit-beat", app: Settings | None = None
+) -> list[Batch]:
+    """One batch of pending facts per model, keyed by model and day: re-runs make no second batch.
+    A model whose settings cannot edit is skipped and logged; the others still get their batch."""
     batches = []
     for model in list_models(session):
         key = f"nightly:{model.name}:{day}"
         try:
             batches.append(
-                submit_batch(session, model=model, fact_ids=None, requested_by=actor, idempotency_key=key)
+                submit_batch(
+                    session, model=model, fact_ids=None, requested_by=actor, idempotency_key=key, app=app
+                )
             )
         except NothingPendingError:
             continue
+        except InvalidInputError as error:
+            logger.warning("nightly batch of model %r not submitted: %s", model.name, error)
     return batches

@@ -11,9 +11,12 @@ from qfedit.facts import Fact as FactRecord
 
 
 def add_model(session: Session, name: str = "tiny", layer: int | None = 1) -> Model:
-    return registry.add_model(
+    """A model whose batches can be submitted: QF's rule alone needs no preservation corpus."""
+    model = registry.add_model(
         session, name=name, source=f"/models/{name}", fingerprint="f" * 64, actor="alice", default_layer=layer
     )
+    model.settings = {"edit": {"solve": {"rule": "seed"}}}
+    return model
 
 
 def add_facts(session: Session, model: Model, count: int, start: int = 0) -> list[int]:

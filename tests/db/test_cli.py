@@ -48,7 +48,7 @@ def test_history_commands(cli: Any, database_url: str, tmp_path: Path) -> None:
     save_file({"layers.1.down_proj.weight": torch.ones(2, 2)}, str(model_dir / "model.safetensors"))
 
     cli("db", "upgrade")
-    added = _json(cli("model", "add", "tiny", str(model_dir), "--layer", "1", "--json"))
+    added = _json(cli("model", "add", "tiny", str(model_dir), "--layer", "1", "--rule", "seed", "--json"))
     assert added["default_layer"] == 1 and len(added["fingerprint"]) == 64
     assert (
         "registered: tiny" in cli("import", str(SAMPLES / "facts.jsonl"), "--model", "nope", ok=False).output
@@ -86,7 +86,7 @@ def test_history_commands(cli: Any, database_url: str, tmp_path: Path) -> None:
     history = _json(cli("alias", "history", "production", "--json"))
     assert [(h["from"], h["to"], h["reason"]) for h in history] == [(None, 2, "ship"), (2, 1, "rollback")]
     # With a second model, the alias still names its model: only tiny has `production`.
-    cli("model", "add", "other", str(model_dir), "--layer", "1")
+    cli("model", "add", "other", str(model_dir), "--layer", "1", "--rule", "seed")
     assert _json(cli("alias", "history", "production", "--json")) == history
     assert _json(cli("alias", "history", "tiny@production", "--json")) == history
     assert "no alias 'production'" in cli("alias", "history", "other@production", ok=False).output
@@ -138,7 +138,7 @@ def test_model_list_shows_the_layer_its_batches_edit(cli: Any, tmp_path: Path) -
     model_dir.mkdir()
     save_file({"layers.1.down_proj.weight": torch.ones(2, 2)}, str(model_dir / "model.safetensors"))
     cli("db", "upgrade")
-    cli("model", "add", "tiny", str(model_dir), "--layer", "1")
+    cli("model", "add", "tiny", str(model_dir), "--layer", "1", "--rule", "seed")
     cli("model", "configure", "tiny", "--set", "edit.layer=3")  # what the demo's settings do
     row = next(line for line in cli("model", "list").output.splitlines() if "tiny" in line)
     assert [cell.strip() for cell in row.split("│")][3] == "3", row
@@ -149,7 +149,7 @@ def test_fact_shows_its_supersession_history(cli: Any, tmp_path: Path) -> None:
     model_dir.mkdir()
     save_file({"layers.1.down_proj.weight": torch.ones(2, 2)}, str(model_dir / "model.safetensors"))
     cli("db", "upgrade")
-    cli("model", "add", "tiny", str(model_dir), "--layer", "1")
+    cli("model", "add", "tiny", str(model_dir), "--layer", "1", "--rule", "seed")
     for name, person in (("old.jsonl", "Ann"), ("new.jsonl", "Bob")):
         record = {
             "question": "Who is the CEO of Acme?",
@@ -183,3 +183,134 @@ def test_retract_finds_the_model_from_the_fact_ids(session: Session) -> None:
         model_of_facts(session, None, [mine, theirs])
     with pytest.raises(registry.NotFoundError, match="no fact 999999"):
         model_of_facts(session, None, [999999])
+
+
+def _model_dir(tmp_path: Path, layers: int = 2) -> Path:
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    save_file({"layers.1.down_proj.weight": torch.ones(2, 2)}, str(model_dir / "model.safetensors"))
+    (model_dir / "config.json").write_text(json.dumps({"num_hidden_layers": layers}))
+    return model_dir
+
+
+def test_model_add_refuses_settings_an_edit_cannot_run_with(cli: Any, tmp_path: Path) -> None:
+    model_dir = _model_dir(tmp_path)
+    cli("db", "upgrade")
+    # The preserving rule (the default) without a corpus: refused at registration, not after a capture.
+    refused = cli("model", "add", "tiny", str(model_dir), "--layer", "1", ok=False)
+    assert refused.exit_code == 2 and "settings.preservation_corpus" in refused.output
+    refused = cli("model", "add", "tiny", str(model_dir), "--layer", "2", "--rule", "seed", ok=False)
+    assert "settings.edit.layer': layer 2 is out of range; the model has 2 layers" in refused.output
+    data = tmp_path / "data"
+    data.mkdir(exist_ok=True)
+    (data / "broken.jsonl").write_text('{"question": "Q?", "answer": "A"}\n{"question": \n')
+    refused = cli(
+        "model",
+        "add",
+        "tiny",
+        str(model_dir),
+        "--layer",
+        "1",
+        "--preserve",
+        str(data / "broken.jsonl"),
+        ok=False,
+    )
+    assert "broken.jsonl line 2 is not valid JSON" in refused.output
+    assert _json(cli("model", "list", "--json")) == []  # nothing registered by a refusal
+
+
+def test_model_add_takes_the_settings_a_user_needs(
+    cli: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model_dir = _model_dir(tmp_path)
+    cli("db", "upgrade")
+    data = tmp_path / "data"
+    (data / "corpora").mkdir(parents=True)
+    record = json.dumps({"question": "Who runs Acme?", "answer": "Ann"}) + "\n"
+    for name in ("a.jsonl", "b.jsonl"):
+        (data / "corpora" / name).write_text(record)
+    # Paths typed relative to the working directory are stored resolved.
+    monkeypatch.chdir(data)
+    cli(
+        "model",
+        "add",
+        "tiny",
+        str(model_dir),
+        "--layers",
+        "0-1",
+        "--preserve",
+        "corpora/a.jsonl",
+        "--preserve",
+        "corpora/b.jsonl",
+        "--lam",
+        "7",
+    )
+    shown = _json(cli("model", "configure", "tiny", "--json"))
+    assert shown["preservation_corpus"] == [str(data / "corpora" / n) for n in ("a.jsonl", "b.jsonl")]
+    assert (shown["edit"]["layer"], shown["edit"]["layers"], shown["edit"]["solve"]["lam"]) == (
+        1,
+        [0, 1],
+        7.0,
+    )
+    # --set takes lists with commas.
+    monkeypatch.chdir(data / "corpora")
+    shown = _json(
+        cli(
+            "model",
+            "configure",
+            "tiny",
+            "--set",
+            "preservation_corpus=b.jsonl,a.jsonl",
+            "--set",
+            "layers=1",
+            "--json",
+        )
+    )
+    assert shown["preservation_corpus"] == [str(data / "corpora" / n) for n in ("b.jsonl", "a.jsonl")]
+    assert shown["edit"]["layers"] == [1]
+    # A configuration that could not edit is refused and changes nothing.
+    refused = cli("model", "configure", "tiny", "--set", "preservation_corpus=[]", ok=False)
+    assert "settings.preservation_corpus" in refused.output
+    assert _json(cli("model", "configure", "tiny", "--json"))["preservation_corpus"][0].endswith("b.jsonl")
+    # A settings file (TOML), its file names taken from its own folder; options override it.
+    (data / "corpora" / "tiny.toml").write_text(
+        'preservation_corpus = ["a.jsonl"]\n[edit]\nlayer = 1\n[edit.solve]\nlam = 3.0\n'
+    )
+    monkeypatch.chdir(tmp_path)
+    cli(
+        "model",
+        "add",
+        "other",
+        str(model_dir),
+        "--settings",
+        str(data / "corpora" / "tiny.toml"),
+        "--ridge",
+        "0.5",
+    )
+    shown = _json(cli("model", "configure", "other", "--json"))
+    assert shown["preservation_corpus"] == [str(data / "corpora" / "a.jsonl")]
+    assert (shown["edit"]["solve"]["lam"], shown["edit"]["solve"]["ridge"]) == (3.0, 0.5)
+
+
+def test_model_add_preset_demo_registers_the_demo_settings(cli: Any) -> None:
+    from qfedit.demo.settings import DEMO_LAYERS, DEMO_SOLVE
+
+    cli("db", "upgrade")
+    cli("model", "add", "demo", "--preset", "demo")
+    shown = _json(cli("model", "configure", "demo", "--json"))
+    assert shown["edit"]["layers"] == DEMO_LAYERS and shown["edit"]["solve"]["lam"] == DEMO_SOLVE["lam"]
+    assert all(Path(name).is_absolute() and Path(name).is_file() for name in shown["preservation_corpus"])
+
+
+def test_batch_submit_refuses_before_capture_what_cannot_edit(cli: Any, tmp_path: Path) -> None:
+    model_dir = _model_dir(tmp_path)
+    cli("db", "upgrade")
+    corpus = tmp_path / "data" / "corpus.jsonl"
+    corpus.parent.mkdir(parents=True, exist_ok=True)
+    corpus.write_text(json.dumps({"question": "Who runs Acme?", "answer": "Ann"}) + "\n")
+    cli("model", "add", "tiny", str(model_dir), "--layer", "1", "--preserve", str(corpus))
+    cli("import", str(SAMPLES / "facts.jsonl"), "--model", "tiny")
+    corpus.unlink()  # gone since registration
+    refused = cli("batch", "submit", "--model", "tiny", ok=False)
+    assert "setting 'preservation_corpus'" in refused.output and "does not exist" in refused.output
+    assert _json(cli("batch", "list", "--json")) == []  # no batch, nothing queued or captured

@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy.orm import Session
 
+from qfedit import registry
 from qfedit.config import Settings
 from qfedit.errors import InvalidInputError
 from qfedit.pipeline import corpora, submit
@@ -31,7 +32,7 @@ POLICY_AND_FILES = {
 @pytest.mark.parametrize("key", sorted(POLICY_AND_FILES))
 def test_a_batch_cannot_override_policy_or_files(session: Session, key: str) -> None:
     model = add_model(session)
-    model.settings = {"promote": {"efficacy": 0.99}}
+    model.settings = {**(model.settings or {}), "promote": {"efficacy": 0.99}}
     ids = add_facts(session, model, 2)
     with pytest.raises(InvalidInputError, match=f"{key} is a model setting") as refused:
         submit.submit_batch(
@@ -99,7 +100,12 @@ def test_no_override_a_write_token_sends_changes_a_file_setting(
     model = session.info.get("hardening-model")
     if model is None:
         model = add_model(session)
-        model.settings = {"known_facts": "known.jsonl", "preservation_corpus": ["corpus.jsonl"]}
+        # Files that exist, inside the shipped corpus root: a submission runs up to its overrides.
+        shipped = Path(registry.__file__).parent.parent / "data" / "demo"
+        model.settings = {
+            "known_facts": str(shipped / "known.jsonl"),
+            "preservation_corpus": [str(shipped / "preserve.jsonl")],
+        }
         session.info["hardening-model"] = model
         session.info["hardening-ids"] = add_facts(session, model, 1)
     before = model_settings(model)

@@ -30,7 +30,7 @@ def test_batch_hyperparameters_override_model_settings_and_typos_are_refused(ses
 
 def test_one_batch_holds_a_model_line_and_shards_cover_its_facts(session: Session) -> None:
     model = add_model(session)
-    model.settings = {"layer": 1, "shard_size": 2}
+    model.settings = {"layer": 1, "shard_size": 2, "solve": {"rule": "seed"}}
     ids = add_facts(session, model, 5)
     first = submit.submit_batch(session, model=model, fact_ids=ids[:3], requested_by="t")
     second = submit.submit_batch(session, model=model, fact_ids=ids[3:], requested_by="t")
@@ -84,7 +84,7 @@ def test_progress_counts_captured_facts(session: Session) -> None:
     from qfedit.db import BatchShard, ShardStatus
 
     model = add_model(session)
-    model.settings = {"layer": 1, "shard_size": 2}
+    model.settings = {"layer": 1, "shard_size": 2, "solve": {"rule": "seed"}}
     batch = submit.submit_batch(session, model=model, fact_ids=add_facts(session, model, 3), requested_by="t")
     session.commit()
     assert lifecycle.batch_progress(session, batch) == lifecycle.Progress("queued", 3, 0)

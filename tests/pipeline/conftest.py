@@ -142,6 +142,7 @@ class Cluster:
             database_url=self.database_url,
             broker_url=self.redis.url,
             data_dir=self.root / "data",
+            corpus_root=self.root,
             visibility_timeout=6,
         )
 

@@ -38,9 +38,9 @@ def test_batch_submit_runs_through_the_queue_without_configuration(
     env = _unconfigured_env()
     write_jsonl([fact(i) for i in range(3)], tmp_path / "facts.jsonl")
     steps = [
-        ("model", "add", "tiny", str(tiny_model_dirs["qwen2"]), "--layer", "1"),
+        ("model", "add", "tiny", str(tiny_model_dirs["qwen2"]), "--layer", "1", "--rule", "seed"),
         # A tiny random model answers nothing right, not even with the fact in context.
-        ("model", "configure", "tiny", "--set", "solve.rule=seed", "--set", "unteachable=include"),
+        ("model", "configure", "tiny", "--set", "unteachable=include"),
         ("import", "facts.jsonl", "--model", "tiny"),
         ("batch", "submit", "--model", "tiny"),
     ]
@@ -65,7 +65,9 @@ def test_demo_refuses_a_data_folder_whose_demo_model_has_other_weights(
     tiny_model_dirs: dict[str, Path], tmp_path: Path
 ) -> None:
     env = _unconfigured_env()
-    added = _qfedit(env, tmp_path, "model", "add", "demo", str(tiny_model_dirs["qwen2"]), "--layer", "1")
+    added = _qfedit(
+        env, tmp_path, "model", "add", "demo", str(tiny_model_dirs["qwen2"]), "--layer", "1", "--rule", "seed"
+    )
     assert added.returncode == 0, added.stdout + added.stderr
     done = _qfedit(env, tmp_path, "demo")
     assert done.returncode == EXIT_CODES[ErrorCode.CONFLICT]  # other weights than registered

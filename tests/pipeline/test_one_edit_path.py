@@ -39,16 +39,15 @@ def test_cli_and_queue_make_bitwise_identical_deltas(
     solve = ("--lam", "3", "--ridge", "0.01")
     out = ("--out", "cli.safetensors", "--preserve", "qfedit-data/corpus.jsonl")
     steps = [
-        ("model", "add", "tiny", str(model_dir), "--layer", "1"),
+        ("model", "add", "tiny", str(model_dir), "--layer", "1", "--preserve", "qfedit-data/corpus.jsonl"),
         ("model", "configure", "tiny", "--set", "solve.lam=3", "--set", "solve.ridge=0.01"),
         # A tiny random model answers nothing right, not even with the fact in context.
         ("model", "configure", "tiny", "--set", "unteachable=include"),
-        ("model", "configure", "tiny", "--set", 'preservation_corpus=["corpus.jsonl"]'),
         ("import", "facts.jsonl", "--model", "tiny"),
         ("batch", "submit", "--model", "tiny"),
     ]
     if layers is not None:
-        steps.insert(3, ("model", "configure", "tiny", "--set", f"layers=[{layers}]"))
+        steps.insert(3, ("model", "configure", "tiny", "--set", f"layers={layers}"))
     spread = ("--layers", layers) if layers is not None else ("--layer", "1")
     for step in steps:
         done = _qfedit(env, tmp_path, *step)
