@@ -10,6 +10,7 @@
     demo.py     the demo: the shipped model edited end to end
     serving.py  serve, export
     api.py      the HTTP API under uvicorn
+    doctor.py   doctor: checks of what batches need
 """
 
 from __future__ import annotations
@@ -19,11 +20,41 @@ import typer
 
 def get_app() -> typer.Typer:
     """The app with every command registered; the modules are imported here, not at import."""
-    from cli import api, demo, engine, history, queue, serving, state  # noqa: F401
+    from cli import api, demo, doctor, engine, history, queue, serving, state  # noqa: F401
     from cli.app import app
 
     return app
 
 
 def main() -> None:
-    get_app()()
+    """The console script: a bad setting or an unexpected error is one line (`--debug` keeps the
+    traceback); what commands refuse is already one line (`cli.common.user_errors`)."""
+    import sys
+
+    from pydantic import ValidationError
+
+    debug = "--debug" in sys.argv[1:]
+    try:
+        get_app()()
+    except ValidationError as error:
+        if debug or error.title != "Settings":
+            raise
+        sys.stderr.write(f"error: {settings_error(error)}\n")
+        raise SystemExit(2) from None
+    except Exception as error:
+        if debug:
+            raise
+        sys.stderr.write(
+            f"error: internal error ({type(error).__name__}: {error}); run again with --debug for the traceback\n"
+        )
+        raise SystemExit(1) from None
+
+
+def settings_error(error: object) -> str:
+    """`setting QFEDIT_API_TOKENS (ci.token): a token needs ...`: the variable and the reason, never
+    the value (it may be a secret)."""
+    first = error.errors()[0]  # type: ignore[attr-defined]
+    parts = [str(part) for part in first["loc"]]
+    where = f" ({'.'.join(parts[1:])})" if len(parts) > 1 else ""
+    reason = str(first["msg"]).removeprefix("Value error, ")
+    return f"setting QFEDIT_{parts[0].upper() if parts else '?'}{where}: {reason}"

@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import typer
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="Closed-form fact editing of LLM weights.")
+# Plain click help: typer's rich help labels every flag `<bool>`, as if it took a value.
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode=None,
+    help="Closed-form fact editing of LLM weights.",
+)
 
 
 @app.callback()
 def _options(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what the engine does."),
+    debug: bool = typer.Option(False, "--debug", help="Show the traceback of an error."),
 ) -> None:
     import logging
 

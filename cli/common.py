@@ -139,7 +139,3 @@ def cell(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.3g}"
     return str(value)
-
-
-def metrics_text(metrics: dict[str, Any]) -> str:
-    return " ".join(f"{k}={cell(v)}" for k, v in sorted(metrics.items()))

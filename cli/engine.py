@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -17,6 +18,7 @@ from qfedit.errors import InvalidInputError
 
 if TYPE_CHECKING:
     from qfedit.covariance import CorpusText
+    from qfedit.delta import Delta
     from qfedit.evaluate import EvalReport
     from qfedit.facts import Fact
     from qfedit.modeling import LoadedModel
@@ -29,6 +31,13 @@ ModelDir = Annotated[
 ]
 Dtype = Annotated[str, typer.Option(help="Weights dtype: float32, bfloat16, float16.")]
 Device = Annotated[str, typer.Option(help="Torch device, e.g. cpu or cuda:0.")]
+Target = Annotated[
+    str,
+    typer.Argument(
+        metavar="MODEL",
+        help="A local model directory, or a registered version: NAME@N or NAME@ALIAS (e.g. demo@production).",
+    ),
+]
 ChatTemplate = Annotated[
     Path | None,
     typer.Option(help="Jinja chat template file, for a model whose tokenizer has none.", exists=True),
@@ -57,6 +66,42 @@ def load(model_dir: Path, dtype: str, device: str, chat_template: Path | None = 
 
     template = chat_template.read_text() if chat_template is not None else None
     return load_model(model_dir, dtype=dtype, device=device, chat_template=template)
+
+
+def load_target(
+    target: str, delta: Path | None, dtype: str, device: str, chat_template: Path | None = None
+) -> tuple[LoadedModel, Delta | None]:
+    """The model and the change to apply: a directory and `--delta`, or a registered version
+    (its base model from where it was registered, its delta from the checkpoint store)."""
+    from qfedit.delta import Delta
+
+    if Path(target).is_dir():
+        return load(Path(target), dtype, device, chat_template), Delta.load(delta) if delta else None
+    if "@" not in target:
+        raise InvalidInputError(
+            f"{target!r} is neither a model directory nor a version (NAME@N or NAME@ALIAS)", field="model"
+        )
+    if delta is not None:
+        raise InvalidInputError(
+            "--delta applies to a model directory; a version brings its own", field="delta"
+        )
+    from cli.common import in_session
+    from qfedit import registry
+    from qfedit.config import get_settings
+    from qfedit.serving import load_version_delta
+    from qfedit.store import store_from_settings
+
+    def resolve(session: object) -> tuple[str, Delta | None]:
+        version = registry.get_version(session, target)  # type: ignore[arg-type]
+        return version.model.source, load_version_delta(store_from_settings(get_settings()), version)
+
+    source, change = in_session(resolve)
+    if not (Path(source) / "config.json").is_file():
+        raise InvalidInputError(
+            f"{target}: its base model is not at {source}, where it was registered", field="model"
+        )
+    # The delta names the base fingerprint it was solved for; applying it to other weights is refused.
+    return load(Path(source), dtype, device, chat_template), change
 
 
 def teachable_only(loaded: LoadedModel, facts: list[Fact], labels: list[str]) -> tuple[list[Fact], list[str]]:
@@ -131,6 +176,14 @@ def edit(
             "system message (QF's teacher), and name them; include: write them as it reads them."
         ),
     ] = "exclude",
+    cache: Annotated[
+        bool,
+        typer.Option(
+            "--cache/--no-cache",
+            help="Keep the preservation covariance in the data folder's cache (QFEDIT_DATA_DIR/cache), "
+            "keyed by weights, layer, corpus and samples: the next edit with the same corpus skips it.",
+        ),
+    ] = True,
     dtype: Dtype = "float32",
     device: Device = "cpu",
     chat_template: ChatTemplate = None,
@@ -166,9 +219,24 @@ def edit(
             encode_fact(loaded, fact, label, include_eos=config.include_eos)
         texts = preservation_texts(loaded, facts, preserve) if config.solve.rule == "preserve" else None
         if unteachable == "exclude":
-            facts, labels = teachable_only(loaded, facts, labels)
-        preservation = preservations_for(loaded, config, texts) if texts is not None else None
-        result = make_delta(loaded, facts, config, labels=labels, preservation=preservation)
+            with err.status(f"reading {len(facts)} facts from context (QF's teacher)", spinner="dots"):
+                facts, labels = teachable_only(loaded, facts, labels)
+        preservation = None
+        covariance_seconds = 0.0
+        if texts is not None:
+            from qfedit.config import get_settings
+
+            started = time.perf_counter()
+            preservation = preservations_for(
+                loaded,
+                config,
+                texts,
+                get_settings().cache_dir if cache else None,
+                show_progress=err.is_terminal,
+            )
+            covariance_seconds = time.perf_counter() - started
+        with err.status(f"capturing {len(facts)} facts and solving", spinner="dots"):
+            result = make_delta(loaded, facts, config, labels=labels, preservation=preservation)
     # Written beside the target and renamed, so a failed write never leaves a partial delta.
     partial = out.with_name(out.name + ".partial")
     result.delta.save(partial)
@@ -178,14 +246,15 @@ def edit(
         f"{result.solve.positions} positions, rule {result.solve.rule} "
         f"({result.solve.form}), |dW|/|W| = {result.solve.relative_norm:.4g}, "
         f"condition {result.solve.condition_number:.3g}, capture {result.capture_seconds:.2f}s, "
-        f"solve {result.solve_seconds:.2f}s",
+        f"solve {result.solve_seconds:.2f}s"
+        + (f", preservation covariance {covariance_seconds:.1f}s" if texts is not None else ""),
         highlight=False,
     )
 
 
 @app.command()
 def ask(
-    model_dir: ModelDir,
+    target: Target,
     question: Annotated[str, typer.Argument(help="The question (user message).")],
     context: Annotated[str | None, typer.Option(help="Text for the system message.")] = None,
     delta: Annotated[
@@ -196,13 +265,12 @@ def ask(
     device: Device = "cpu",
     chat_template: ChatTemplate = None,
 ) -> None:
-    """Print the model's greedy answer to QUESTION."""
-    from qfedit.delta import Delta, applied
+    """Print the greedy answer to QUESTION of a model directory (with --delta) or of a version."""
+    from qfedit.delta import applied
     from qfedit.generate import answer
 
     with user_errors():
-        loaded = load(model_dir, dtype, device, chat_template)
-        change = Delta.load(delta) if delta is not None else None
+        loaded, change = load_target(target, delta, dtype, device, chat_template)
         with applied(loaded, change):
             text = answer(loaded, question, context, max_new_tokens=max_new_tokens)
     console.print(text, highlight=False, markup=False)
@@ -220,7 +288,7 @@ def read_facts(path: Path) -> tuple[list[Fact], list[str]]:
 
 @app.command("eval")
 def eval_command(
-    model_dir: ModelDir,
+    target: Target,
     facts_file: Annotated[
         Path, typer.Argument(help="The edited facts (JSONL).", exists=True, dir_okay=False)
     ],
@@ -242,19 +310,25 @@ def eval_command(
     device: Device = "cpu",
     chat_template: ChatTemplate = None,
 ) -> None:
-    """Measure efficacy, paraphrase, specificity and abstention of an edit."""
-    from qfedit.delta import Delta
+    """Measure efficacy, paraphrase, specificity and abstention of an edit: a model directory with
+    --delta, or a registered version."""
     from qfedit.evaluate import evaluate
 
     with user_errors():
         facts, _ = read_facts(facts_file)
         known_facts = read_facts(known)[0] if known is not None else []
         unknown_questions = [f.question for f in read_facts(unknown)[0]] if unknown is not None else []
-        loaded = load(model_dir, dtype, device, chat_template)
-        change = Delta.load(delta) if delta is not None else None
-        report = evaluate(
-            loaded, facts, change, known=known_facts, unknown=unknown_questions, abstention=abstention
-        )
+        loaded, change = load_target(target, delta, dtype, device, chat_template)
+        with err.status("evaluating", spinner="dots") as status:
+            report = evaluate(
+                loaded,
+                facts,
+                change,
+                known=known_facts,
+                unknown=unknown_questions,
+                abstention=abstention,
+                progress=lambda stage: status.update(f"evaluating: {stage}"),
+            )
     if as_json:
         payload = report.to_json()
         payload.pop("details")

@@ -7,6 +7,7 @@ from datetime import datetime
 from typing import Annotated
 
 import typer
+from rich import box
 from rich.table import Table
 from sqlalchemy.orm import Session
 
@@ -21,7 +22,6 @@ from cli.common import (
     current_actor,
     emit_json,
     in_session,
-    metrics_text,
     model_or_none,
     single_model,
     when,
@@ -31,6 +31,21 @@ from qfedit.config import get_settings
 from qfedit.store import store_from_settings
 
 # -- versions -------------------------------------------------------------------------------
+
+
+def _share(value: object) -> str:
+    return f"{value:.2f}" if isinstance(value, float) else "-"
+
+
+def rounded(value: object) -> object:
+    """`value` with its floats at 4 significant digits: a table is read, not parsed (--json is)."""
+    if isinstance(value, float):
+        return float(f"{value:.4g}")
+    if isinstance(value, dict):
+        return {k: rounded(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [rounded(v) for v in value]
+    return value
 
 
 @app.command("versions")
@@ -55,20 +70,24 @@ def versions_command(model_name: ModelOption = None, as_json: JsonOption = False
         if as_json:
             emit_json(rows)
             return
-        table = Table(
-            "version", "parent", "when", "who", "reason", "+facts", "-facts", "|dW|/|W|", "metrics", "aliases"
-        )
+        # Fits 80 columns: the four quality metrics as short columns; parent, reason, norms and
+        # the rest of the metrics are behind `qfedit show NAME@N` (and --json).
+        table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+        for column in ("version", "when", "who", "facts"):
+            table.add_column(column, no_wrap=column != "who")
+        for column in ("eff", "para", "spec", "abst"):
+            table.add_column(column, justify="right")
+        table.add_column("aliases")
         for row, v in zip(rows, versions, strict=True):
             table.add_row(
                 row["label"],
-                cell(row["parent"]),
-                when(v.created_at),
+                f"{v.created_at.astimezone():%m-%d %H:%M}",
                 v.created_by,
-                v.reason,
-                str(row["facts_added"]),
-                str(row["facts_removed"]),
-                cell(v.relative_update_norm),
-                metrics_text(v.metrics),
+                f"+{row['facts_added']} -{row['facts_removed']}",
+                *(
+                    _share(v.metrics.get(name))
+                    for name in ("efficacy", "paraphrase", "specificity", "abstention")
+                ),
                 ", ".join(row["aliases"]),
             )
         console.print(table)
@@ -92,9 +111,17 @@ def show_command(
         if as_json:
             emit_json({**described, "facts": [views.fact_out(f).model_dump(mode="json") for f in facts]})
             return
-        table = Table(show_header=False, title=version.label)
+        table = Table(show_header=False, title=version.label, box=box.SIMPLE)
         for key, value in described.items():
-            table.add_row(key, json.dumps(value) if isinstance(value, dict | list) else cell(value))
+            if isinstance(value, dict) and value:
+                table.add_row(key, "")
+                for name, inner in value.items():
+                    shown = json.dumps(rounded(inner)) if isinstance(inner, dict | list) else cell(inner)
+                    table.add_row(f"  {name}", shown)
+            else:
+                table.add_row(
+                    key, json.dumps(rounded(value)) if isinstance(value, dict | list) else cell(value)
+                )
         console.print(table)
         facts_table = Table("fact", "question", "answer", "status", title=f"{len(facts)} facts")
         for fact in facts:
@@ -165,14 +192,18 @@ def log_command(
         if as_json:
             emit_json([views.audit_out(e).model_dump(mode="json") for e in entries])
             return
-        table = Table("#", "when", "who", "action", "object", "details")
+        names = registry.object_names(session, entries)
+        table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+        for column in ("#", "when", "who", "action", "object"):
+            table.add_column(column, no_wrap=True)
+        table.add_column("details", overflow="fold")
         for e in entries:
             table.add_row(
                 str(e.id),
-                when(e.at),
+                f"{e.at.astimezone():%m-%d %H:%M}",
                 e.actor,
                 e.action,
-                f"{e.object_type} {e.object_id}",
+                names[e.id],
                 " ".join(
                     f"{k}={json.dumps(v, ensure_ascii=False)}" for k, v in e.details.items() if v is not None
                 ),

@@ -23,11 +23,12 @@ from sqlalchemy.orm import Session
 
 from api import views
 from cli.app import app, batch_app
-from cli.common import JsonOption, current_actor, emit_json, in_session
+from cli.common import JsonOption, current_actor, emit_json, in_session, model_of_facts, single_model
 from qfedit import registry
 from qfedit.config import Settings, get_settings
 from qfedit.db.models import Batch
 from qfedit.pipeline import lifecycle, submit
+from qfedit.registry.workers import LIVE_WITHIN_S
 from worker.app import DEFAULT_QUEUE, GPU_QUEUE
 from worker.client import app_for, enqueue_batch
 
@@ -115,11 +116,29 @@ def watch_batch(
             time.sleep(0.5)
 
 
+def _listeners(session: Session) -> str | None:
+    """Which workers will run a batch, or a warning that none will (none seen lately on a queue)."""
+    workers = registry.live_workers(session)
+    missing = [q for q in (DEFAULT_QUEUE, GPU_QUEUE) if not registry.listening(workers, q)]
+    if not missing:
+        console.print(f"workers listening: {', '.join(w.hostname for w in workers)}", highlight=False)
+        return None
+    return (
+        f"no worker seen in the last {LIVE_WITHIN_S:.0f} s consumes "
+        f"{' or '.join(repr(q) for q in missing)}: the batch waits until one starts (`qfedit worker`)"
+    )
+
+
 def run_batch(batch_id: int, wait: bool) -> None:
     settings = get_settings()
     enqueue_batch(batch_id, settings)
     if not wait and settings.broker_url:
-        console.print(f"batch {batch_id} queued")
+        console.print(
+            f"batch {batch_id} queued on {DEFAULT_QUEUE!r} (capture and solve run on {GPU_QUEUE!r})"
+        )
+        warning = in_session(_listeners)
+        if warning:
+            console.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
         return
     with embedded_worker(settings) as child:
         batch = watch_batch(batch_id, child=child)
@@ -152,7 +171,10 @@ def run_batch(batch_id: int, wait: bool) -> None:
 
 @batch_app.command("submit")
 def batch_submit(
-    model_name: Annotated[str, typer.Option("--model", "-m", help="Model name.")],
+    model_name: Annotated[
+        str | None,
+        typer.Option("--model", "-m", help="Model name (default: the facts' model, or the only model)."),
+    ] = None,
     facts: Annotated[
         list[str] | None, typer.Option("--facts", help="'pending' (default) or fact ids.")
     ] = None,
@@ -166,10 +188,12 @@ def batch_submit(
 ) -> None:
     """Enqueue an edit batch of a model's pending facts (or the given ids)."""
     wanted = facts or ["pending"]
+    if wanted != ["pending"] and not all(item.isdigit() for item in wanted):
+        raise typer.BadParameter(f"{' '.join(wanted)!r}: give 'pending' or fact ids", param_hint="--facts")
     ids = None if wanted == ["pending"] else [int(item) for item in wanted]
 
     def work(session: Session) -> int:
-        model = registry.get_model(session, model_name)
+        model = single_model(session, model_name) if ids is None else model_of_facts(session, model_name, ids)
         batch = submit.submit_batch(
             session, model=model, fact_ids=ids, requested_by=current_actor(), idempotency_key=idempotency_key
         )

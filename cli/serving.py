@@ -55,10 +55,23 @@ def _loopback(host: str) -> bool:
 
 @app.command()
 def serve(
-    model_name: Annotated[str, typer.Option("--model", "-m", help="Registered model to serve.")],
-    alias: Annotated[str, typer.Option(help="Alias to follow as it moves.")] = "production",
+    version_ref: Annotated[
+        str | None,
+        typer.Argument(
+            metavar="[NAME@ALIAS|NAME@N]",
+            help="What to serve: an alias, followed as it moves, or a pinned version.",
+        ),
+    ] = None,
+    model_name: Annotated[
+        str | None, typer.Option("--model", "-m", help="Registered model to serve (or NAME@ALIAS).")
+    ] = None,
+    alias: Annotated[
+        str | None,
+        typer.Option(help="Alias to follow as it moves (default production), or a version number."),
+    ] = None,
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port.", min=1, max=65535)] = 8000,
+    # Not the API's 8000: both run on one host in a small setup.
+    port: Annotated[int, typer.Option(help="TCP port.", min=1, max=65535)] = 8001,
     poll: Annotated[
         float, typer.Option("--poll", help="Look at the alias at most this often, in seconds.", min=0)
     ] = 5.0,
@@ -67,7 +80,8 @@ def serve(
     device: Annotated[str | None, typer.Option(help="Torch device (default: QFEDIT_DEVICE).")] = None,
     chat_template: ChatTemplate = None,
 ) -> None:
-    """Serve generation from MODEL@ALIAS, switching versions between requests when the alias moves."""
+    """Serve generation from NAME@ALIAS (switching versions between requests when the alias moves) or
+    a pinned NAME@N: POST /generate, and OpenAI's POST /v1/chat/completions with model=NAME@ALIAS."""
     import uvicorn
 
     # Imported here: only this command needs FastAPI, and the engine never imports it.
@@ -76,6 +90,13 @@ def serve(
     from qfedit.db.engine import session_factory
     from qfedit.serving import follow_alias
 
+    if version_ref is not None:
+        if model_name is not None or alias is not None:
+            raise fail("give NAME@ALIAS or --model/--alias, not both")
+        model_name, _, alias = version_ref.partition("@")
+    if not model_name:
+        raise fail("what to serve: give NAME@ALIAS, NAME@N or --model NAME")
+    alias = alias or "production"
     settings = get_settings()
     tokens = None
     if not _loopback(host):

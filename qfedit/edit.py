@@ -89,7 +89,11 @@ def capture_observations(
 
 
 def preservation_for(
-    loaded: LoadedModel, config: EditConfig, texts: Sequence[CorpusText], cache_dir: Path | None = None
+    loaded: LoadedModel,
+    config: EditConfig,
+    texts: Sequence[CorpusText],
+    cache_dir: Path | None = None,
+    show_progress: bool = False,
 ) -> Preservation:
     """The preservation covariance of `texts` at the edit's layer (cached in `cache_dir`)."""
     covariance, _ = compute_covariance(
@@ -99,6 +103,7 @@ def preservation_for(
         positions=config.preserve_positions,
         samples=config.covariance_samples,
         cache_dir=cache_dir,
+        show_progress=show_progress,
     )
     return Preservation(
         covariance.to(torch.float64),
@@ -132,11 +137,15 @@ def _parameter(loaded: LoadedModel, layer: int, change: torch.Tensor) -> tuple[s
 
 
 def preservations_for(
-    loaded: LoadedModel, config: EditConfig, texts: Sequence[CorpusText], cache_dir: Path | None = None
+    loaded: LoadedModel,
+    config: EditConfig,
+    texts: Sequence[CorpusText],
+    cache_dir: Path | None = None,
+    show_progress: bool = False,
 ) -> dict[int, Preservation]:
     """The preservation covariance of `texts` at each layer the edit changes."""
     return {
-        layer: preservation_for(loaded, config.at_layer(layer), texts, cache_dir)
+        layer: preservation_for(loaded, config.at_layer(layer), texts, cache_dir, show_progress)
         for layer in config.edited_layers
     }
 

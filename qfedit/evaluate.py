@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -101,22 +101,29 @@ def evaluate(
     known: Sequence[Fact] = (),
     unknown: Sequence[str] = (),
     abstention: str = ABSTENTION,
+    progress: Callable[[str], None] | None = None,
 ) -> EvalReport:
-    """Measure `delta` (or the model as it is, without one) on `facts`, `known` facts and `unknown` questions."""
+    """Measure `delta` (or the model as it is, without one) on `facts`, `known` facts and `unknown`
+    questions; `progress(stage)` hears each stage begin (generation over every set is minutes)."""
+    stage = progress or (lambda _: None)
     questions = [f.question for f in facts]
     paraphrases = [(i, p) for i, f in enumerate(facts) for p in f.paraphrases]
     keep = [(n.question, n.answer) for f in facts for n in f.neighbors] + [
         (k.question, k.answer) for k in known
     ]
 
+    stage(f"base model on {len(keep) + len(unknown) + len(questions)} questions")
     base_keep = answer_batch(loaded, [q for q, _ in keep])
     base_unknown = answer_batch(loaded, list(unknown))
     base_answers = answer_batch(loaded, questions)
+    stage(f"base model reading {len(questions)} facts from context")
     read_answers = answer_batch(loaded, questions, [f.context for f in facts])
     with applied(loaded, delta):
+        stage(f"edited model on {len(questions) + len(paraphrases) + len(keep) + len(unknown)} questions")
         edited = answer_batch(
             loaded, questions + [p for _, p in paraphrases] + [q for q, _ in keep] + list(unknown)
         )
+        stage("answer log-probabilities")
         new_logp = answer_logprobs(loaded, questions, [f.answer for f in facts])
         old_logp = answer_logprobs(loaded, questions, base_answers)
     edited_facts = edited[: len(facts)]

@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 from qfedit.capture import chat_prompt
 from qfedit.errors import InvalidInputError
 from qfedit.modeling import LoadedModel
+
+
+@dataclass(frozen=True)
+class Generation:
+    text: str
+    tokens: int
+    """Tokens generated, the end-of-sequence token not counted."""
+    stopped: bool
+    """The model ended the answer itself, rather than running into `max_new_tokens`."""
 
 
 def answer_batch(
@@ -20,12 +30,28 @@ def answer_batch(
     batch_size: int = 32,
 ) -> list[str]:
     """The greedy answer to each question, with its context as the system message when given."""
+    generations = generate_batch(
+        loaded, questions, contexts, max_new_tokens=max_new_tokens, batch_size=batch_size
+    )
+    return [g.text for g in generations]
+
+
+def generate_batch(
+    loaded: LoadedModel,
+    questions: Sequence[str],
+    contexts: Sequence[str | None] | None = None,
+    *,
+    max_new_tokens: int = 24,
+    batch_size: int = 32,
+) -> list[Generation]:
+    """`answer_batch` with each answer's token count and whether the model ended it."""
     tokenizer = loaded.tokenizer
     contexts = list(contexts) if contexts is not None else [None] * len(questions)
     if len(contexts) != len(questions):
         raise InvalidInputError(f"{len(contexts)} contexts for {len(questions)} questions")
     prompts = [chat_prompt(tokenizer, q, c) for q, c in zip(questions, contexts, strict=True)]
-    answers: list[str] = []
+    answers: list[Generation] = []
+    ends = {tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
     for start in range(0, len(prompts), batch_size):
         chunk = [
             tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts[start : start + batch_size]
@@ -46,8 +72,11 @@ def answer_batch(
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.eos_token_id,
             )
-        for row in output[:, width:]:
-            answers.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+        for row in output[:, width:].tolist():
+            # Generation pads a row that ended before the others with the end token.
+            length = next((i for i, token in enumerate(row) if token in ends), len(row))
+            text = tokenizer.decode(row, skip_special_tokens=True).strip()
+            answers.append(Generation(text, length, length < max_new_tokens))
     return answers
 
 

@@ -31,7 +31,7 @@ import torch
 from qfedit.capture import chat_prompt
 from qfedit.delta import Delta, merged
 from qfedit.errors import InvalidInputError
-from qfedit.generate import answer_batch
+from qfedit.generate import answer_batch, generate_batch
 from qfedit.modeling import LoadedModel
 
 if TYPE_CHECKING:
@@ -98,6 +98,10 @@ class Answer:
     text: str
     version: str
     """Label of the version whose weights produced `text`, e.g. `demo@3`."""
+    tokens: int = 0
+    """Tokens generated (end token aside)."""
+    stopped: bool = True
+    """The model ended the answer, rather than reaching `max_new_tokens`."""
 
 
 @dataclass(frozen=True)
@@ -216,8 +220,10 @@ class VersionedModel:
                 raise PromptTooLongError("context" if context else "question", tokens, limit)
 
     def answer(self, question: str, context: str | None = None, *, max_new_tokens: int = 24) -> Answer:
-        texts, label = self.answer_batch([question], [context], max_new_tokens=max_new_tokens)
-        return Answer(texts[0], label)
+        self._check_length([question], [context], max_new_tokens)
+        with self.reading() as label:
+            (made,) = generate_batch(self.loaded, [question], [context], max_new_tokens=max_new_tokens)
+        return Answer(made.text, label, made.tokens, made.stopped)
 
 
 # -- deltas from the store -------------------------------------------------------------------
@@ -305,8 +311,8 @@ class AliasFollower:
         from qfedit import registry
 
         with self.sessions() as session:
-            model = registry.get_model(session, self.model_name)
-            version = registry.get_alias(session, model, self.alias).version
+            # An alias moves; a version number (`demo@3` pinned) resolves to the same version forever.
+            version = registry.get_version(session, f"{self.model_name}@{self.alias}")
             if version.id == self.state.version_id:
                 self.state.last_error = None
                 return False
@@ -340,7 +346,8 @@ def follow_alias(
     poll_s: float = 5.0,
     clock: Callable[[], float] = time.monotonic,
 ) -> AliasFollower:
-    """A follower on `loaded`, already serving the alias's current version.
+    """A follower on `loaded`, already serving the alias's current version. `alias` may also be a
+    version number: the follower then stays on that version (`qfedit serve demo@3`).
 
     Refuses a loaded model whose weights are not the registered base (by fingerprint): every
     version's delta was solved for those weights, and version 0 must be them.
@@ -350,7 +357,7 @@ def follow_alias(
 
     with sessions() as session:
         model = registry.get_model(session, model_name)
-        registry.get_alias(session, model, alias)  # a clear error now rather than at the first poll
+        registry.get_version(session, f"{model_name}@{alias}")  # a clear error now, not at the first poll
         mismatch = registry.base_mismatch(model, loaded.fingerprint, str(loaded.path))
         base_label = f"{model.name}@0"
     if mismatch:

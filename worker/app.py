@@ -74,8 +74,11 @@ def create_app(settings: Settings) -> Celery:
     )
     # An attribute, not configuration: `inspect().conf()` replies with the configuration.
     app.qfedit_settings = settings  # type: ignore[attr-defined]
-    # Registers the tasks on this app.
+    # Registers the tasks on this app; a worker started from it keeps a heartbeat row.
     from worker import tasks
+    from worker.heartbeat import Heartbeat
+
+    app.steps["worker"].add(Heartbeat)
 
     tasks.register(app)
     return app

@@ -350,5 +350,19 @@ class AuditEntry(Base):
     details: Mapped[dict[str, Any]] = mapped_column(default=dict)
 
 
+class WorkerHeartbeat(Base):
+    """A worker process that is (or was lately) consuming queues: written when it starts and every
+    few seconds after, removed when it stops. How `batch submit` and `qfedit doctor` tell whether
+    anyone will run a batch, without Celery's remote control (off by default: see worker.app)."""
+
+    __tablename__ = "worker_heartbeats"
+
+    hostname: Mapped[str] = mapped_column(String(255), primary_key=True)
+    queues: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int]
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    seen_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+
 # Rows of these tables are written once; see `qfedit.db.guards`.
 IMMUTABLE_MODELS: tuple[type[Base], ...] = (Version, VersionFact, AliasMove, AuditEntry)

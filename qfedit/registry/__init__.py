@@ -13,7 +13,7 @@ the same transaction. How batches move through their statuses is `qfedit.pipelin
 
 from qfedit.errors import ConflictError, NotFoundError
 from qfedit.registry.aliases import alias_history, aliases_by_version, get_alias, list_aliases, set_alias
-from qfedit.registry.audit import list_audit, record_audit
+from qfedit.registry.audit import list_audit, object_names, record_audit
 from qfedit.registry.base import UNSET, digest_of_hashes
 from qfedit.registry.batches import (
     batch_fact_count,
@@ -37,6 +37,7 @@ from qfedit.registry.versions import (
     versions_with_fact,
     weight_difference_norm,
 )
+from qfedit.registry.workers import forget_worker, heartbeat, listening, live_workers
 
 __all__ = [
     "UNSET",
@@ -53,11 +54,13 @@ __all__ = [
     "create_batch",
     "diff_versions",
     "digest_of_hashes",
+    "forget_worker",
     "get_alias",
     "get_batch",
     "get_fact",
     "get_model",
     "get_version",
+    "heartbeat",
     "latest_version",
     "list_aliases",
     "list_audit",
@@ -65,7 +68,10 @@ __all__ = [
     "list_facts",
     "list_models",
     "list_versions",
+    "listening",
+    "live_workers",
     "load_facts",
+    "object_names",
     "record_audit",
     "record_version",
     "referenced_checkpoints",

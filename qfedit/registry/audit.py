@@ -8,9 +8,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from qfedit.db.models import (
-    AuditEntry,
-)
+from qfedit.db.models import Alias, AuditEntry, Model, Version
 
 
 def record_audit(
@@ -54,3 +52,23 @@ def list_audit(
     if limit is not None:
         query = query.limit(limit)
     return list(session.scalars(query))
+
+
+def object_names(session: Session, entries: list[AuditEntry]) -> dict[int, str]:
+    """What each entry is about, named as everywhere else: `tiny@3` for a version, `tiny@production`
+    for an alias, `tiny` for a model, `batch 5`, `fact 12` for the rest (by entry id)."""
+
+    def ids(kind: str) -> set[int]:
+        return {int(e.object_id) for e in entries if e.object_type == kind and e.object_id.isdigit()}
+
+    names: dict[tuple[str, str], str] = {}
+    if wanted := ids("version"):
+        for version in session.scalars(select(Version).where(Version.id.in_(wanted))):
+            names["version", str(version.id)] = version.label
+    if wanted := ids("alias"):
+        for alias in session.scalars(select(Alias).where(Alias.id.in_(wanted))):
+            names["alias", str(alias.id)] = f"{alias.model.name}@{alias.name}"
+    if wanted := ids("model"):
+        for model in session.scalars(select(Model).where(Model.id.in_(wanted))):
+            names["model", str(model.id)] = model.name
+    return {e.id: names.get((e.object_type, e.object_id), f"{e.object_type} {e.object_id}") for e in entries}

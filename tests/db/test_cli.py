@@ -42,7 +42,9 @@ def _json(result: Any) -> Any:
     return json.loads(result.stdout)
 
 
-def test_history_commands(cli: Any, database_url: str, tmp_path: Path) -> None:
+def test_history_commands(
+    cli: Any, database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     model_dir = tmp_path / "model"
     model_dir.mkdir()
     save_file({"layers.1.down_proj.weight": torch.ones(2, 2)}, str(model_dir / "model.safetensors"))
@@ -90,6 +92,14 @@ def test_history_commands(cli: Any, database_url: str, tmp_path: Path) -> None:
     assert _json(cli("alias", "history", "production", "--json")) == history
     assert _json(cli("alias", "history", "tiny@production", "--json")) == history
     assert "no alias 'production'" in cli("alias", "history", "other@production", ok=False).output
+    # The audit log names objects as everything else does.
+    logged = cli("log").output
+    assert "tiny@production" in logged and "alias 1" not in logged
+    # `versions` fits an 80-column terminal, metrics as short columns.
+    monkeypatch.setenv("COLUMNS", "80")
+    table = cli("versions").output.splitlines()
+    assert max(len(line) for line in table) <= 80, table
+    assert any(line.split()[:1] == ["tiny@1"] and "production" in line for line in table), table
     log = _json(cli("log", "--action", "alias", "--json"))
     assert [e["details"]["reason"] for e in log] == ["rollback", "ship"]
     assert all(e["actor"] == "tester" for e in log)
@@ -314,3 +324,53 @@ def test_batch_submit_refuses_before_capture_what_cannot_edit(cli: Any, tmp_path
     refused = cli("batch", "submit", "--model", "tiny", ok=False)
     assert "setting 'preservation_corpus'" in refused.output and "does not exist" in refused.output
     assert _json(cli("batch", "list", "--json")) == []  # no batch, nothing queued or captured
+
+
+def test_doctor_checks_what_batches_need(cli: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model_dir = _model_dir(tmp_path)
+    cli("db", "upgrade")
+    cli("model", "add", "tiny", str(model_dir), "--layer", "1", "--rule", "seed")
+    checks = {c["name"]: c for c in _json(cli("doctor", "--json"))}
+    assert {name: c["status"] for name, c in checks.items()} == {
+        "database": "ok",
+        "broker": "ok",
+        "store": "ok",
+        "workers": "ok",
+        "model tiny": "ok",
+    }
+    # A model directory gone and a broker nobody answers at: each named, and the exit status says so.
+    (model_dir / "config.json").unlink()
+    monkeypatch.setenv("QFEDIT_BROKER_URL", "redis://127.0.0.1:1/0")
+    failed = cli("doctor", "--json", ok=False)
+    checks = {c["name"]: c for c in _json(failed)}
+    assert checks["broker"]["status"] == "fail" and "unreachable" in checks["broker"]["detail"]
+    assert checks["model tiny"]["status"] == "fail" and "no model directory" in checks["model tiny"]["detail"]
+    assert checks["workers"]["status"] == "fail" and "qfedit worker" in checks["workers"]["detail"]
+
+
+def test_a_bad_setting_is_one_line_naming_it(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    env = {
+        **os.environ,
+        "QFEDIT_DATA_DIR": str(tmp_path),
+        "QFEDIT_API_TOKENS": '{"ci": {"token": "short", "scope": "write"}}',
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "cli", "versions"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()]  # one line, no traceback
+    assert done.stderr.startswith(
+        "error: setting QFEDIT_API_TOKENS (ci.token): a token needs at least 32 characters"
+    )
+    assert "short" not in done.stderr  # the value (a secret, when it is right) is not echoed
+    debug = subprocess.run(
+        [sys.executable, "-m", "cli", "--debug", "versions"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "Traceback" in debug.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 from tiny_models import FACTS
 from typer.testing import CliRunner
 
@@ -268,3 +269,30 @@ def test_repeated_preserve_uses_every_file(tiny_model_dirs: dict[str, Path], tmp
         assert done.exit_code == 0, done.output
         digests.append(Delta.load(out).metadata["corpus_digest"])
     assert digests[0] != digests[1]  # A then B is not B alone
+
+
+def test_edit_caches_the_preservation_covariance_in_the_data_folder(
+    tiny_model_dirs: dict[str, Path], tmp_path: Path, data_folder: Path
+) -> None:
+    from qfedit.delta import Delta
+
+    write_jsonl(FACTS, tmp_path / "facts.jsonl")
+    write_jsonl(FACTS, tmp_path / "known.jsonl")
+    args = ["edit", str(tiny_model_dirs["qwen2"]), str(tmp_path / "facts.jsonl"), "--layers", "1-2"]
+    args += ["--unteachable", "include", "--preserve", str(tmp_path / "known.jsonl")]
+    first = runner.invoke(get_app(), [*args, "--out", str(tmp_path / "a.safetensors")])
+    assert first.exit_code == 0, first.output
+    cached = sorted((data_folder / "cache").glob("covariance-*.safetensors"))
+    assert len(cached) == 2  # one per edited layer
+    stamps = [path.stat().st_mtime_ns for path in cached]
+    second = runner.invoke(get_app(), [*args, "--out", str(tmp_path / "b.safetensors")])
+    assert second.exit_code == 0, second.output
+    assert [path.stat().st_mtime_ns for path in cached] == stamps  # read, not computed again
+    a, b = Delta.load(tmp_path / "a.safetensors"), Delta.load(tmp_path / "b.safetensors")
+    assert all(torch.equal(a.tensors[name], b.tensors[name]) for name in a.tensors)
+    # --no-cache computes it afresh and leaves the cache alone.
+    for path in cached:
+        path.unlink()
+    third = runner.invoke(get_app(), [*args, "--no-cache", "--out", str(tmp_path / "c.safetensors")])
+    assert third.exit_code == 0, third.output
+    assert not list((data_folder / "cache").glob("covariance-*"))

@@ -227,7 +227,12 @@ class Cluster:
                 )
             else:
                 batch = submit.submit_batch(
-                    session, model=row, fact_ids=fact_ids, requested_by="test", idempotency_key=key
+                    session,
+                    model=row,
+                    fact_ids=fact_ids,
+                    requested_by="test",
+                    idempotency_key=key,
+                    app=self.settings(),
                 )
             session.commit()
             batch_id = batch.id

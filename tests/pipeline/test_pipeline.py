@@ -150,7 +150,11 @@ def test_facts_the_model_cannot_read_are_left_out_and_named(cluster: Cluster) ->
     # "Every pending fact" (the nightly batch) leaves it out rather than failing on it every night.
     with cluster.sessions() as session, pytest.raises(NothingPendingError, match="unteachable ones aside"):
         submit.submit_batch(
-            session, model=registry.get_model(session, "demo"), fact_ids=None, requested_by="t"
+            session,
+            model=registry.get_model(session, "demo"),
+            fact_ids=None,
+            requested_by="t",
+            app=cluster.settings(),
         )
     # A batch of nothing but such facts, asked for by id, fails, naming them, and publishes nothing.
     again = cluster.wait(cluster.submit("demo", [wrong_id]))

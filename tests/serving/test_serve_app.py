@@ -177,7 +177,9 @@ def test_serve_refuses_other_weights_and_a_missing_alias(
 ) -> None:
     with pytest.raises(ValueError, match="registered with base weights"):
         _follower(registry, tiny_model_dirs["llama"])
-    with pytest.raises(records.NotFoundError, match="no alias 'staging'"):
+    with pytest.raises(
+        records.NotFoundError, match="'tiny@staging' is neither a version number nor an alias"
+    ):
         follow_alias(
             load_model(tiny_model_dirs["qwen2"]),
             sessions=registry.sessions,
@@ -261,3 +263,101 @@ def test_export_command_writes_full_and_lora(
     assert "truncated" in out and "model.layers.2.mlp.down_proj" in out
     assert "the base model" in run("export", "tiny@0", str(tmp_path / "l0"), "--format", "lora", ok=False)
     assert "not empty" in run("export", "tiny@1", str(tmp_path / "full"), ok=False)
+
+
+def test_ask_and_eval_take_a_version_instead_of_a_directory(
+    migrated_registry: Registry,
+    database_url: str,
+    tiny_model_dirs: dict[str, Path],
+    deltas: dict[str, dict[str, Delta]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from qfedit.facts import Fact, write_jsonl
+
+    monkeypatch.setenv("QFEDIT_DATA_DIR", str(migrated_registry.store.root.parent))
+    monkeypatch.setenv("QFEDIT_DATABASE_URL", database_url)
+    reference = load_model(tiny_model_dirs["qwen2"])
+    with applied(reference, deltas["qwen2"]["a"]):
+        expected = answer(reference, QUESTION, max_new_tokens=6)
+    runner = CliRunner()
+    asked = runner.invoke(get_app(), ["ask", "tiny@production", QUESTION, "--max-new-tokens", "6"])
+    assert asked.exit_code == 0, asked.output
+    assert asked.stdout.strip() == expected  # production is tiny@1: delta a, from the store
+    pinned = runner.invoke(get_app(), ["ask", "tiny@1", QUESTION, "--max-new-tokens", "6"])
+    assert pinned.stdout.strip() == expected
+    refused = runner.invoke(get_app(), ["ask", "tiny@1", QUESTION, "--delta", __file__])
+    assert refused.exit_code == 2 and "a version brings its own" in refused.output
+    assert (
+        "neither a model directory nor a version" in runner.invoke(get_app(), ["ask", "nowhere", "q"]).output
+    )
+    write_jsonl([Fact(question=QUESTION, answer="Ann", context="Ann founded it.")], tmp_path / "f.jsonl")
+    measured = runner.invoke(get_app(), ["eval", "tiny@production", str(tmp_path / "f.jsonl"), "--json"])
+    assert measured.exit_code == 0, measured.output
+    assert json.loads(measured.stdout)["counts"]["facts"] == 1
+
+
+@pytest.mark.backends("sqlite")
+def test_openai_clients_talk_to_a_version_as_to_a_chat_model(
+    registry: Registry, tiny_model_dirs: dict[str, Path], deltas: dict[str, dict[str, Delta]]
+) -> None:
+    import openai
+
+    model_dir = tiny_model_dirs["qwen2"]
+    reference = load_model(model_dir)
+    context = "The founder of Oxinnovate is Ann Lee."
+    with applied(reference, deltas["qwen2"]["a"]):
+        expected = answer(reference, QUESTION, context, max_new_tokens=5)
+    http = TestClient(create_app(_follower(registry, model_dir, poll_s=0)))
+    client = openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=http, max_retries=0)
+    assert [m.id for m in client.models.list()] == ["tiny@production"]
+    # The system message is the context, the user message the question; decoding is greedy.
+    reply = client.chat.completions.create(
+        model="tiny@production",
+        messages=[{"role": "system", "content": context}, {"role": "user", "content": QUESTION}],
+        max_tokens=5,
+        temperature=0.7,
+    )
+    assert reply.choices[0].message.content == expected and reply.model == "tiny@1"
+    assert reply.usage is not None and 0 < reply.usage.completion_tokens <= 5
+    # The version it is on is a name for it too; after the alias moves, the reply names the new one.
+    registry.move("tiny@2")
+    moved = client.chat.completions.create(
+        model="tiny@production", messages=[{"role": "user", "content": QUESTION}], max_tokens=3
+    )
+    assert moved.model == "tiny@2"
+    assert (
+        client.chat.completions.create(
+            model="tiny@2", messages=[{"role": "user", "content": "hi"}], max_tokens=2
+        ).model
+        == "tiny@2"
+    )
+    with pytest.raises(openai.NotFoundError, match="not served here"):
+        client.chat.completions.create(model="tiny@1", messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError, match="single-turn"):
+        client.chat.completions.create(
+            model="tiny@production",
+            messages=[
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "hello"},
+                {"role": "user", "content": "who?"},
+            ],
+        )
+
+
+@pytest.mark.backends("sqlite")
+def test_a_pinned_version_is_served_whatever_the_alias_does(
+    registry: Registry, tiny_model_dirs: dict[str, Path]
+) -> None:
+    follower = follow_alias(
+        load_model(tiny_model_dirs["qwen2"]),
+        sessions=registry.sessions,
+        store=registry.store,
+        model_name="tiny",
+        alias="2",
+        poll_s=0,
+    )
+    client = TestClient(create_app(follower))
+    assert _generate(client)["version"] == "tiny@2"
+    registry.move("tiny@1")
+    assert _generate(client)["version"] == "tiny@2"
