@@ -156,9 +156,22 @@ def edit(
             help="Spread the edit over these layers, lowest first, e.g. 2,3,4 (see `qfedit layers`)."
         ),
     ] = None,
-    rule: Annotated[str, typer.Option(help="seed (exact, published QF) or preserve.")] = "preserve",
-    lam: Annotated[float, typer.Option(help="Preserving rule: weight of preservation.")] = 1.0,
-    ridge: Annotated[float, typer.Option(help="Preserving rule: ridge on the covariance.")] = 1e-2,
+    rule: Annotated[
+        str | None, typer.Option(help="seed (exact, published QF) or preserve (default).")
+    ] = None,
+    lam: Annotated[
+        float | None, typer.Option(help="Preserving rule: weight of preservation (default 1).")
+    ] = None,
+    ridge: Annotated[
+        float | None, typer.Option(help="Preserving rule: ridge on the covariance (default 0.01).")
+    ] = None,
+    preset: Annotated[
+        str | None,
+        typer.Option(
+            help="demo: the demo model's settings (layers 0-4, lambda 4000, ridge 1e-3, its preservation "
+            "corpus), behind the README's figures; options given override them."
+        ),
+    ] = None,
     preserve: Annotated[
         list[Path] | None,
         typer.Option(
@@ -194,6 +207,23 @@ def edit(
     from qfedit.hparams import EditConfig, SolveConfig, parse_layers
 
     with user_errors():
+        if preset is not None:
+            if preset != "demo":
+                raise InvalidInputError(f"--preset {preset!r}: the one preset is demo", field="preset")
+            from qfedit.demo.settings import demo_settings
+
+            chosen = demo_settings()
+            edit_settings = chosen["edit"]
+            layers = (
+                layers
+                if layers is not None or layer is not None
+                else ",".join(map(str, edit_settings["layers"]))
+            )
+            rule = rule or edit_settings["solve"]["rule"]
+            lam = lam if lam is not None else edit_settings["solve"]["lam"]
+            ridge = ridge if ridge is not None else edit_settings["solve"]["ridge"]
+            preserve = preserve or [Path(name) for name in chosen["preservation_corpus"]]
+        rule, lam, ridge = rule or "preserve", 1.0 if lam is None else lam, 1e-2 if ridge is None else ridge
         spread = parse_layers(layers) if layers is not None else None
         if layer is None and spread is None:
             raise InvalidInputError("give --layer N or --layers A,B,C", field="layer")
@@ -366,6 +396,15 @@ def print_report(report: EvalReport, protocol: dict[str, object] | None = None) 
     if report.relative_norm is not None:
         table.add_row("|dW|/|W|", f"{report.relative_norm:.4g}", "")
     console.print(table)
+    console.print(
+        "efficacy: edited questions now answered with the new answer; paraphrase: the same questions "
+        "reworded; specificity: questions the edit must not change, answered as before; abstention: "
+        "questions about unknown companies still answered 'I do not know'; log p(new) - log p(old): how "
+        "much likelier the new answer became than the model's own (mean, natural log); |dW|/|W|: size "
+        "of the weight change against the edited weights (Frobenius norms).",
+        style="dim",
+        highlight=False,
+    )
 
 
 @app.command()

@@ -23,7 +23,15 @@ from sqlalchemy.orm import Session
 
 from api import views
 from cli.app import app, batch_app
-from cli.common import JsonOption, current_actor, emit_json, in_session, model_of_facts, single_model
+from cli.common import (
+    JsonOption,
+    current_actor,
+    emit_json,
+    errors,
+    in_session,
+    model_of_facts,
+    single_model,
+)
 from qfedit import registry
 from qfedit.config import Settings, get_settings
 from qfedit.db.models import Batch
@@ -96,7 +104,8 @@ def watch_batch(
     sessions = session_factory(engine_from_settings(settings))
     started = time.monotonic()
     columns = (TextColumn("batch {task.fields[batch]}: {task.description}"), BarColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=False) as progress:
+    # On stderr: progress is not output, and `--json` keeps stdout to one JSON document.
+    with Progress(*columns, console=errors, transient=False) as progress:
         task = progress.add_task("queued", total=1.0, batch=batch_id)
         while True:
             with sessions() as session:
@@ -116,37 +125,39 @@ def watch_batch(
             time.sleep(0.5)
 
 
-def _listeners(session: Session) -> str | None:
+def _listeners(session: Session) -> str:
     """Which workers will run a batch, or a warning that none will (none seen lately on a queue)."""
     workers = registry.live_workers(session)
     missing = [q for q in (DEFAULT_QUEUE, GPU_QUEUE) if not registry.listening(workers, q)]
     if not missing:
-        console.print(f"workers listening: {', '.join(w.hostname for w in workers)}", highlight=False)
-        return None
-    return (
+        return f"workers listening: {', '.join(w.hostname for w in workers)}"
+    return "[yellow]warning:[/yellow] " + (
         f"no worker seen in the last {LIVE_WITHIN_S:.0f} s consumes "
         f"{' or '.join(repr(q) for q in missing)}: the batch waits until one starts (`qfedit worker`)"
     )
 
 
-def run_batch(batch_id: int, wait: bool) -> None:
+def run_batch(batch_id: int, wait: bool, as_json: bool = False) -> None:
+    """Enqueue a committed batch and follow it (always on the embedded default); `as_json` prints
+    the batch as JSON at the end, the human lines going to stderr."""
     settings = get_settings()
     enqueue_batch(batch_id, settings)
+    say = errors if as_json else console
     if not wait and settings.broker_url:
-        console.print(
-            f"batch {batch_id} queued on {DEFAULT_QUEUE!r} (capture and solve run on {GPU_QUEUE!r})"
-        )
-        warning = in_session(_listeners)
-        if warning:
-            console.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
+        say.print(f"batch {batch_id} queued on {DEFAULT_QUEUE!r} (capture and solve run on {GPU_QUEUE!r})")
+        say.print(in_session(_listeners), highlight=False)
+        if as_json:
+            in_session(lambda session: emit_json(_batch_json(session, batch_id)))
         return
     with embedded_worker(settings) as child:
         batch = watch_batch(batch_id, child=child)
+    if as_json:
+        in_session(lambda session: emit_json(_batch_json(session, batch_id)))
     if batch.status.value != "published":
-        console.print(
-            f"[red]batch {batch_id} {batch.status.value}[/red]: {batch.error or ''}", highlight=False
-        )
+        say.print(f"[red]batch {batch_id} {batch.status.value}[/red]: {batch.error or ''}", highlight=False)
         raise typer.Exit(1)
+    if as_json:
+        return
 
     def made(session: Session) -> str:
         version = registry.version_of_batch(session, registry.get_batch(session, batch_id))
@@ -167,6 +178,10 @@ def run_batch(batch_id: int, wait: bool) -> None:
         return line
 
     console.print(in_session(made), highlight=False)
+
+
+def _batch_json(session: Session, batch_id: int) -> dict[str, object]:
+    return views.batch_out(session, registry.get_batch(session, batch_id)).model_dump(mode="json")
 
 
 @batch_app.command("submit")
@@ -198,11 +213,9 @@ def batch_submit(
             session, model=model, fact_ids=ids, requested_by=current_actor(), idempotency_key=idempotency_key
         )
         session.commit()
-        if as_json:
-            emit_json(views.batch_out(session, batch).model_dump(mode="json"))
         return batch.id
 
-    run_batch(in_session(work), wait)
+    run_batch(in_session(work), wait, as_json)
 
 
 @app.command()
@@ -218,6 +231,7 @@ def retract(
     wait: Annotated[
         bool, typer.Option(help="Follow the batch until it finishes (always, when embedded).")
     ] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Publish a version without these facts (their statistics subtracted)."""
 
@@ -236,7 +250,7 @@ def retract(
         session.commit()
         return batch.id
 
-    run_batch(in_session(work), wait)
+    run_batch(in_session(work), wait, as_json)
 
 
 @batch_app.command("status")
@@ -302,13 +316,16 @@ def batch_watch(
 
 
 @batch_app.command("cancel")
-def batch_cancel(batch_id: int) -> None:
+def batch_cancel(batch_id: int, as_json: JsonOption = False) -> None:
     """Cancel a batch that has not published."""
 
     def work(session: Session) -> None:
         batch = registry.get_batch(session, batch_id, for_update=True)
         lifecycle.cancel_batch(session, batch, actor=current_actor())
         session.commit()
-        console.print(f"batch {batch_id} cancelled")
+        if as_json:
+            emit_json(_batch_json(session, batch_id))
+        else:
+            console.print(f"batch {batch_id} cancelled")
 
     in_session(work)

@@ -296,3 +296,32 @@ def test_edit_caches_the_preservation_covariance_in_the_data_folder(
     third = runner.invoke(get_app(), [*args, "--no-cache", "--out", str(tmp_path / "c.safetensors")])
     assert third.exit_code == 0, third.output
     assert not list((data_folder / "cache").glob("covariance-*"))
+
+
+def test_edit_preset_demo_uses_the_demo_settings_and_options_override_them(tmp_path: Path) -> None:
+    from qfedit.delta import Delta
+    from qfedit.demo import DEMO_MODEL_DIR, EDITS_PATH
+    from qfedit.demo.settings import DEMO_LAYERS, DEMO_SOLVE
+    from qfedit.facts import read_jsonl
+
+    write_jsonl(read_jsonl(EDITS_PATH)[:2], tmp_path / "facts.jsonl")
+    args = [
+        "edit",
+        str(DEMO_MODEL_DIR),
+        str(tmp_path / "facts.jsonl"),
+        "--preset",
+        "demo",
+        "--samples",
+        "300",
+    ]
+    done = runner.invoke(get_app(), [*args, "--out", str(tmp_path / "a.safetensors")])
+    assert done.exit_code == 0, done.output
+    made = Delta.load(tmp_path / "a.safetensors").metadata["hparams"]
+    assert made["layers"] == DEMO_LAYERS and made["solve"]["lam"] == DEMO_SOLVE["lam"]
+    assert made["solve"]["ridge"] == DEMO_SOLVE["ridge"]
+    done = runner.invoke(
+        get_app(), [*args, "--lam", "50", "--layer", "4", "--out", str(tmp_path / "b.safetensors")]
+    )
+    assert done.exit_code == 0, done.output
+    made = Delta.load(tmp_path / "b.safetensors").metadata["hparams"]
+    assert (made["layers"], made["solve"]["lam"]) == (None, 50.0)

@@ -56,6 +56,12 @@ def test_batch_submit_runs_through_the_queue_without_configuration(
     assert (listed["status"], listed["version"], listed["captured"]) == ("published", "tiny@1", 3)
     refused = _qfedit(env, tmp_path, "batch", "list", "--status", "nope")
     assert refused.returncode == EXIT_CODES[ErrorCode.INVALID] and "--status 'nope'" in refused.stderr
+    # --json: stdout is one JSON document (progress goes to stderr); the facts name their model.
+    fact_id = json.loads(_qfedit(env, tmp_path, "facts", "--json").stdout)[0]["id"]
+    retracted = _qfedit(env, tmp_path, "retract", str(fact_id), "--reason", "test", "--json")
+    assert retracted.returncode == 0, retracted.stderr
+    assert json.loads(retracted.stdout)["status"] == "published"
+    assert _version_numbers(env, tmp_path) == [0, 1, 2]
     # Nothing pending: a second submit is refused with the reason, and nothing changes.
     again = _qfedit(env, tmp_path, "batch", "submit", "--model", "tiny")
     assert again.returncode != 0 and "no pending facts" in again.stderr + again.stdout
