@@ -1,6 +1,6 @@
 """Import rate (facts/s) of `qfedit.importing.import_facts` into SQLite and PostgreSQL.
 
-    python bench/import_rate.py [--facts 100000] [--postgres URL]
+    python bench/import_rate.py [--facts 100000] [--postgres URL] [--profile]
 
 Writes synthetic facts (jsonl and csv), imports each into a fresh database, and prints a table.
 The issue's floor is 5,000 facts/s for jsonl into PostgreSQL. The PostgreSQL run uses a
@@ -10,8 +10,10 @@ throwaway schema that is dropped afterwards.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import csv
 import json
+import pstats
 import tempfile
 import time
 import uuid
@@ -50,7 +52,7 @@ def write_corpus(directory: Path, count: int) -> dict[str, Path]:
     return {"jsonl": jsonl, "csv": csv_path}
 
 
-def run_once(url: str, corpus: Path) -> tuple[float, importing.ImportSummary]:
+def run_once(url: str, corpus: Path, profile: bool = False) -> tuple[float, importing.ImportSummary]:
     engine = make_engine(url)
     try:
         Base.metadata.create_all(engine)
@@ -59,9 +61,15 @@ def run_once(url: str, corpus: Path) -> tuple[float, importing.ImportSummary]:
                 session, name="bench", source="/bench", fingerprint="0" * 64, actor="bench"
             )
             session.commit()
+            profiler = cProfile.Profile() if profile else None
             start = time.perf_counter()
+            if profiler is not None:
+                profiler.enable()
             summary = importing.import_facts(session, corpus, model, actor="bench")
             elapsed = time.perf_counter() - start
+            if profiler is not None:
+                profiler.disable()
+                pstats.Stats(profiler).sort_stats("tottime").print_stats(15)
         return elapsed, summary
     finally:
         engine.dispose()
@@ -73,6 +81,9 @@ def main() -> None:
     )
     parser.add_argument("--facts", type=int, default=100_000)
     parser.add_argument("--postgres", default="postgresql+psycopg://postgres@127.0.0.1:5432/test")
+    parser.add_argument(
+        "--profile", action="store_true", help="print where the PostgreSQL jsonl import spends its time"
+    )
     args = parser.parse_args()
 
     table = Table(
@@ -92,7 +103,7 @@ def main() -> None:
                 connection.execute(text(f"CREATE SCHEMA {schema}"))
             try:
                 url = f"{args.postgres}?options=-csearch_path%3D{schema}"
-                elapsed, summary = run_once(url, corpus)
+                elapsed, summary = run_once(url, corpus, profile=args.profile and fmt == "jsonl")
                 table.add_row(
                     "PostgreSQL",
                     fmt,

@@ -43,7 +43,7 @@ def main() -> None:
     device = torch.device(args.device)
     f64 = torch.float64
     table = Table(title=f"solve time (float64, {device})")
-    for column in ("m", "d", "positions", "rule", "form", "seconds", "|dW|/|W|"):
+    for column in ("m", "d", "positions", "rule", "form", "seconds", "|dW|/|W|", "condition"):
         table.add_column(column, justify="right")
     for m in args.m:
         d = SIZES.get(m, m // 5)
@@ -52,7 +52,7 @@ def main() -> None:
         basis = torch.randn(m, m, generator=gen, dtype=f64).to(device) / m**0.5
         preservation = Preservation(basis @ basis.T, ridge=1e-2)
         seconds, _ = _time(device, lambda p=preservation: p.factor(1e12))
-        table.add_row(str(m), str(d), "-", "preserve", "covariance factor", f"{seconds:.2f}", "-")
+        table.add_row(str(m), str(d), "-", "preserve", "covariance factor", f"{seconds:.2f}", "-", "-")
         for n in args.positions:
             keys = torch.randn(n, m, generator=gen, dtype=f64).to(device)
             errors = torch.randn(n, d, generator=gen, dtype=f64).to(device) * 0.1
@@ -64,7 +64,7 @@ def main() -> None:
                         device, lambda c=config, o=obs, w=weight, p=preservation: solve(w, o, c, p)
                     )
                 except IllConditionedError as error:
-                    table.add_row(str(m), str(d), str(n), rule, "-", "refused", f"cond {error.condition:.2g}")
+                    table.add_row(str(m), str(d), str(n), rule, "-", "refused", "-", f"{error.condition:.3g}")
                     continue
                 table.add_row(
                     str(m),
@@ -74,6 +74,7 @@ def main() -> None:
                     result.form,
                     f"{seconds:.2f}",
                     f"{result.relative_norm:.3g}",  # type: ignore[attr-defined]
+                    f"{result.condition_number:.3g}",  # type: ignore[attr-defined]
                 )
             Console().print(f"m={m} n={n} done", style="dim")
     Console(width=180).print(table)

@@ -128,3 +128,21 @@ def test_statistics_round_trip_through_safetensors(tmp_path) -> None:
     assert (loaded.layer, loaded.fingerprint, loaded.positions) == (5, "abc", 9)
     assert torch.equal(loaded.keys_gram, stats.keys_gram) and torch.equal(loaded.cross, stats.cross)
     assert loaded.keys_gram.dtype == F64
+
+
+def test_seed_rule_factorises_a_well_conditioned_gram_and_reports_its_condition() -> None:
+    from qfedit.solve import _pinv_with_condition, _solve_gram
+
+    generator = torch.Generator().manual_seed(3)
+    keys = torch.randn(300, 60, dtype=torch.float64, generator=generator)  # n > m: full rank
+    gram, right = keys.T @ keys, torch.randn(7, 60, dtype=torch.float64, generator=generator)
+    solved, condition = _solve_gram(gram, right)
+    inverse, exact = _pinv_with_condition(gram)
+    assert torch.allclose(solved, right @ inverse, rtol=1e-9, atol=1e-12)
+    assert condition == pytest.approx(exact, rel=0.05)
+    # Fewer positions than keys: a singular Gram; the minimum-norm solution, as the formula's pinv.
+    few = keys[:20]
+    solved, condition = _solve_gram(few.T @ few, right)
+    inverse, exact = _pinv_with_condition(few.T @ few)
+    assert torch.allclose(solved, right @ inverse, rtol=1e-8, atol=1e-10)
+    assert condition == exact
