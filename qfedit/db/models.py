@@ -140,6 +140,9 @@ class FactRow(Base):
         UniqueConstraint("model_id", "content_hash"),
         Index("ix_facts_model_id_status", "model_id", "status"),
         Index("ix_facts_model_id_question_key", "model_id", "question_key"),
+        # Supersession looks facts up by external id in every import chunk: without it, each
+        # chunk scans the model's facts (import into PostgreSQL fell to ~600 facts/s at 50,000).
+        Index("ix_facts_model_id_external_id", "model_id", "external_id"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
