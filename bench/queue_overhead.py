@@ -166,13 +166,19 @@ def run_engine(args: argparse.Namespace, cache_dir: Path) -> dict[str, float]:
     loaded = load_model(DEMO_MODEL_DIR)
     facts = read_jsonl(EDITS_PATH)[1 : args.facts + 1]
     started = time.perf_counter()
-    observations = capture_observations(
-        loaded, facts, config.edit, shard_size=args.shard_size, batch_size=config.capture_batch_size
-    )
-    captured = time.perf_counter()
     preservation = build_preservations(loaded, config, Settings(data_dir=cache_dir))
-    # The engine's own path, as `qfedit edit` runs it, from the capture above.
-    delta = make_delta(loaded, facts, config.edit, preservation=preservation, observations=observations).delta
+    if config.edit.layers:
+        # A spread captures inside the solve, layer after layer (`qfedit.edit.spread_delta`).
+        result = make_delta(loaded, facts, config.edit, preservation=preservation)
+        captured = started + result.capture_seconds
+    else:
+        observations = capture_observations(
+            loaded, facts, config.edit, shard_size=args.shard_size, batch_size=config.capture_batch_size
+        )
+        captured = time.perf_counter()
+        # The engine's own path, as `qfedit edit` runs it, from the capture above.
+        result = make_delta(loaded, facts, config.edit, preservation=preservation, observations=observations)
+    delta = result.delta
     known = read_jsonl(KNOWN_PATH)[: config.known_sample]
     unknown = [f.question for f in read_jsonl(UNKNOWN_PATH)]
     evaluate(loaded, facts, delta, known=known, unknown=unknown)

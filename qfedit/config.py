@@ -65,6 +65,11 @@ class Settings(BaseSettings):
     broker cannot query or command them."""
     device: str = "cpu"
     dtype: str = "float32"
+    torch_threads: int | None = Field(default=None, ge=1, le=1024)
+    """CPU threads torch uses in a worker (and the embedded worker child). Unset: torch's default,
+    every core, which is right for one worker a host; with N workers on a host, or a host shared
+    with other work, give each cores / N: several processes each spinning every core slow each
+    other down far more than their share (see the README, "Scaling workers")."""
     # The queue.
     visibility_timeout: int = 3600
     """Seconds before a Redis message taken by a worker that died is delivered again."""

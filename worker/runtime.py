@@ -6,6 +6,7 @@ itself), never in a parent that forks, so a CUDA context and a model are never s
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -14,6 +15,8 @@ from qfedit.config import Settings
 from qfedit.db import engine_from_settings, session_factory
 from qfedit.pipeline.steps import ModelCache
 from qfedit.store import CheckpointStore, store_from_settings
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -25,6 +28,11 @@ class Runtime:
 
 
 def make_runtime(settings: Settings) -> Runtime:
+    import torch
+
+    if settings.torch_threads is not None:
+        torch.set_num_threads(settings.torch_threads)
+    log.info("worker: torch uses %d CPU threads (QFEDIT_TORCH_THREADS)", torch.get_num_threads())
     return Runtime(
         settings=settings,
         sessions=session_factory(engine_from_settings(settings)),

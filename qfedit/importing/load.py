@@ -120,20 +120,21 @@ _TEXT_COLUMNS = (
     "source",
 )
 _JSON_COLUMNS = ("significance", "paraphrases", "neighbors")
-# One statement with one array parameter per column: psycopg parses a short query once instead
-# of a multi-row VALUES list with tens of thousands of placeholders (2.4x faster measured).
-_PG_INSERT = text(
-    "INSERT INTO facts (model_id, status, created_at, source_line, "
-    + ", ".join(_TEXT_COLUMNS + _JSON_COLUMNS)
-    + ") SELECT :model_id, :status, :created_at, t.source_line, "
-    + ", ".join(f"t.{c}" for c in _TEXT_COLUMNS)
-    + ", "
-    + ", ".join(f"CAST(t.{c} AS json)" for c in _JSON_COLUMNS)
-    + " FROM unnest(CAST(:source_line AS integer[]), "
-    + ", ".join(f"CAST(:{c} AS text[])" for c in _TEXT_COLUMNS + _JSON_COLUMNS)
-    + ") AS t(source_line, "
-    + ", ".join(_TEXT_COLUMNS + _JSON_COLUMNS)
-    + ") ON CONFLICT (model_id, content_hash) DO NOTHING RETURNING id"
+_COLUMNS = ("source_line", *_TEXT_COLUMNS, *_JSON_COLUMNS)
+# A chunk is copied into a temporary table (COPY: no SQL to parse per value, rows written by
+# psycopg's C code) and moved into `facts` by one INSERT ... SELECT that keeps the dedup of the
+# unique key. Measured against one INSERT with an array parameter per column: see the README.
+_PG_STAGE = (
+    "CREATE TEMPORARY TABLE IF NOT EXISTS import_stage (source_line integer, "
+    + ", ".join(f"{c} text" for c in _TEXT_COLUMNS + _JSON_COLUMNS)
+    + ") ON COMMIT DELETE ROWS"
+)
+_PG_MOVE = text(
+    "INSERT INTO facts (model_id, status, created_at, "
+    + ", ".join(_COLUMNS)
+    + ") SELECT :model_id, :status, :created_at, "
+    + ", ".join(f"CAST({c} AS json)" if c in _JSON_COLUMNS else c for c in _COLUMNS)
+    + " FROM import_stage ON CONFLICT (model_id, content_hash) DO NOTHING RETURNING id"
 )
 
 
@@ -141,17 +142,26 @@ def _insert_new_postgresql(session: Session, rows: list[dict[str, Any]]) -> int:
     first = rows[0]
     if any(row["model_id"] != first["model_id"] for row in rows):
         raise InvalidInputError("one chunk of an import holds facts of one model")
-    params: dict[str, Any] = {
+    connection = session.connection()
+    connection.exec_driver_sql(_PG_STAGE)
+    cursor = connection.connection.driver_connection.cursor()  # type: ignore[union-attr]
+    with cursor.copy(f"COPY import_stage ({', '.join(_COLUMNS)}) FROM STDIN") as copy:
+        for row in rows:
+            copy.write_row(
+                (
+                    row["source_line"],
+                    *(row[c] for c in _TEXT_COLUMNS),
+                    *(None if row[c] is None else json.dumps(row[c]) for c in _JSON_COLUMNS),
+                )
+            )
+    params = {
         "model_id": first["model_id"],
         "status": first["status"].value,
         "created_at": first["created_at"],
-        "source_line": [row["source_line"] for row in rows],
     }
-    for column in _TEXT_COLUMNS:
-        params[column] = [row[column] for row in rows]
-    for column in _JSON_COLUMNS:
-        params[column] = [None if row[column] is None else json.dumps(row[column]) for row in rows]
-    return len(session.execute(_PG_INSERT, params).all())
+    inserted = len(session.execute(_PG_MOVE, params).all())
+    connection.exec_driver_sql("TRUNCATE import_stage")
+    return inserted
 
 
 def import_facts(
