@@ -66,7 +66,11 @@ def run_pipeline(args: argparse.Namespace, workers: int, root: Path) -> dict[str
         "QFEDIT_DATABASE_URL": url,
         "QFEDIT_BROKER_URL": f"redis://127.0.0.1:{port}/0",
         "QFEDIT_DATA_DIR": str(root / "data"),
-        "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // workers)),
+        "QFEDIT_TORCH_THREADS": str(
+            max(1, (os.cpu_count() or 1) // workers)
+            if args.worker_threads == "split"
+            else os.cpu_count() or 1
+        ),
         "TRANSFORMERS_VERBOSITY": "error",
     }
     settings = Settings(database_url=url, broker_url=env["QFEDIT_BROKER_URL"], data_dir=root / "data")
@@ -100,7 +104,7 @@ def run_pipeline(args: argparse.Namespace, workers: int, root: Path) -> dict[str
                     [
                         sys.executable,
                         "-m",
-                        "qfedit",
+                        "cli",
                         "worker",
                         "--hostname",
                         f"w{index}@bench",
@@ -117,7 +121,9 @@ def run_pipeline(args: argparse.Namespace, workers: int, root: Path) -> dict[str
             with sessions() as session:
                 model = registry.get_model(session, "demo")
                 import_facts(session, path, model, actor="bench")
-                batch = submit.submit_batch(session, model=model, fact_ids=None, requested_by="bench")
+                batch = submit.submit_batch(
+                    session, model=model, fact_ids=None, requested_by="bench", app=settings
+                )
                 session.commit()
                 batch_id = batch.id
             started = time.perf_counter()
@@ -127,6 +133,8 @@ def run_pipeline(args: argparse.Namespace, workers: int, root: Path) -> dict[str
                     status = registry.get_batch(session, batch_id).status
                 if status in lifecycle.FINAL:
                     break
+                if any(proc.poll() is not None for proc in procs):
+                    raise RuntimeError(f"a worker exited; see {root}")
                 time.sleep(0.5)  # a tight poll steals CPU from the worker on 2 cores
             if status.value != "published":
                 raise RuntimeError(f"batch {batch_id} {status.value}; see {root}")
@@ -190,6 +198,12 @@ def main() -> None:
     parser.add_argument("--facts", type=int, default=1000)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--shard-size", type=int, default=50)
+    parser.add_argument(
+        "--worker-threads",
+        choices=["split", "all"],
+        default="split",
+        help="each worker's torch threads: the cores split between the workers, or every core each",
+    )
     args = parser.parse_args()
     console = Console(width=180)
     rows = []
@@ -201,7 +215,10 @@ def main() -> None:
             rows.append((workers, run_pipeline(args, workers, folder)))
             console.print(f"{workers} worker(s): {rows[-1][1]}", style="dim")
         engine = run_engine(args, root / f"w{args.workers[-1]}" / "data" / "cache")
-    table = Table(title=f"{args.facts} demo facts: queue + PostgreSQL + store vs the engine in one process")
+    table = Table(
+        title=f"{args.facts} demo facts: queue + PostgreSQL + store vs the engine in one process "
+        f"(worker threads: {args.worker_threads})"
+    )
     for column in ("run", "wall s", "capture s", "capture facts/s", "overhead vs engine"):
         table.add_column(column, justify="right")
     table.add_row(

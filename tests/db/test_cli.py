@@ -374,3 +374,9 @@ def test_a_bad_setting_is_one_line_naming_it(tmp_path: Path) -> None:
         timeout=60,
     )
     assert "Traceback" in debug.stderr
+
+
+def test_help_shows_flags_as_flags(cli: Any) -> None:
+    text = cli("batch", "submit", "--help").output
+    assert "--wait / --no-wait" in text and "<bool>" not in text
+    assert "<bool>" not in cli("--help").output
