@@ -31,7 +31,7 @@ import torch
 from qfedit.capture import chat_prompt
 from qfedit.delta import Delta, merged
 from qfedit.errors import InvalidInputError
-from qfedit.generate import answer_batch, generate_batch
+from qfedit.generate import Generation, generate_batch
 from qfedit.modeling import LoadedModel
 
 if TYPE_CHECKING:
@@ -200,9 +200,16 @@ class VersionedModel:
         max_new_tokens: int = 24,
     ) -> tuple[list[str], str]:
         """Greedy answers and the label of the version that produced all of them."""
+        made, label = self._generate(questions, contexts, max_new_tokens)
+        return [g.text for g in made], label
+
+    def _generate(
+        self, questions: Sequence[str], contexts: Sequence[str | None] | None, max_new_tokens: int
+    ) -> tuple[list[Generation], str]:
+        # Under the read lock: every answer comes from the version the label names.
         self._check_length(questions, contexts, max_new_tokens)
         with self.reading() as label:
-            return answer_batch(self.loaded, questions, contexts, max_new_tokens=max_new_tokens), label
+            return generate_batch(self.loaded, questions, contexts, max_new_tokens=max_new_tokens), label
 
     def _check_length(
         self, questions: Sequence[str], contexts: Sequence[str | None] | None, max_new_tokens: int
@@ -220,9 +227,7 @@ class VersionedModel:
                 raise PromptTooLongError("context" if context else "question", tokens, limit)
 
     def answer(self, question: str, context: str | None = None, *, max_new_tokens: int = 24) -> Answer:
-        self._check_length([question], [context], max_new_tokens)
-        with self.reading() as label:
-            (made,) = generate_batch(self.loaded, [question], [context], max_new_tokens=max_new_tokens)
+        (made,), label = self._generate([question], [context], max_new_tokens)
         return Answer(made.text, label, made.tokens, made.stopped)
 
 
