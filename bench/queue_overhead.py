@@ -32,7 +32,7 @@ from qfedit.config import Settings
 from qfedit.db import make_engine, migrate, session_factory
 from qfedit.edit import capture_observations, make_delta
 from qfedit.evaluate import evaluate
-from qfedit.facts import read_jsonl, write_jsonl
+from qfedit.facts import Fact, read_jsonl, write_jsonl
 from qfedit.importing import import_facts
 from qfedit.modeling import load_model, weights_fingerprint
 from qfedit.pipeline import lifecycle, submit
@@ -46,7 +46,25 @@ def _port() -> int:
         return int(sock.getsockname()[1])
 
 
-def run_pipeline(args: argparse.Namespace, workers: int, root: Path) -> dict[str, float]:
+def peak_rss_mib(pid: int) -> float:
+    """The peak resident memory of a process and its children (VmHWM, Linux), in MiB."""
+    total = 0.0
+    pids = [pid]
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    if children.exists():
+        pids += [int(c) for c in children.read_text().split()]
+    for one in pids:
+        for line in Path(f"/proc/{one}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                total += int(line.split()[1]) / 1024
+    return total
+
+
+def run_pipeline(
+    args: argparse.Namespace, workers: int, root: Path, facts: list[Fact] | None = None
+) -> dict[str, float]:
+    """One batch of `facts` (default: the first `args.facts` demo edits) through the queue, after
+    a one-fact warm-up batch: wall and capture seconds, and the workers' largest peak RSS."""
     from qfedit.demo import DEMO_MODEL_DIR, EDITS_PATH
     from qfedit.demo.settings import demo_settings
     from worker.client import enqueue_batch
@@ -80,7 +98,8 @@ def run_pipeline(args: argparse.Namespace, workers: int, root: Path) -> dict[str
         time.sleep(0.5)
         migrate.upgrade(engine)
         sessions = session_factory(engine)
-        facts = read_jsonl(EDITS_PATH)[: args.facts + 1]
+        if facts is None:
+            facts = read_jsonl(EDITS_PATH)[: args.facts + 1]
         warm, timed = root / "warm.jsonl", root / "timed.jsonl"
         write_jsonl(facts[:1], warm)
         write_jsonl(facts[1:], timed)
@@ -151,7 +170,8 @@ def run_pipeline(args: argparse.Namespace, workers: int, root: Path) -> dict[str
                 text("SELECT started_at FROM batches WHERE id = :b"), {"b": batch_id}
             ).scalar_one()
         capture_span = (shards[1] - started).total_seconds()
-        return {"wall": wall, "capture": capture_span}
+        peak = max(peak_rss_mib(proc.pid) for proc in procs)
+        return {"wall": wall, "capture": capture_span, "peak_rss_mib": peak}
     finally:
         for proc in procs:
             proc.send_signal(signal.SIGTERM)

@@ -13,6 +13,7 @@ settings give bitwise the same delta on either path.
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from qfedit.capture import CaptureOptions, capture, capture_side
 from qfedit.covariance import CorpusText, compute_covariance, corpus_digest
@@ -29,7 +31,7 @@ from qfedit.facts import Fact, fact_set_digest
 from qfedit.hparams import EditConfig
 from qfedit.modeling import LoadedModel
 from qfedit.solve import Preservation, SolveResult, pick_form, solve
-from qfedit.statistics import Observations, Statistics, as_stored, fact_runs
+from qfedit.statistics import STATISTICS_RUN, Observations, Statistics, as_stored, fact_runs
 
 log = logging.getLogger(__name__)
 
@@ -196,6 +198,54 @@ def solve_delta(
     return delta, result
 
 
+def _spread_layer(
+    loaded: LoadedModel,
+    facts: Sequence[Fact],
+    config: EditConfig,
+    top: int,
+    shards: Sequence[Sequence[slice]],
+    targets: Sequence[Sequence[Path]],
+    *,
+    share: int,
+    ids: Sequence[int],
+    names: Sequence[str],
+    options: CaptureOptions,
+) -> tuple[Statistics, Observations | None]:
+    """One spread layer's statistics, reduced run by run as the runs are captured; the
+    observations too while the dual form may still need them (fewer positions than keys)."""
+    layer = config.layer
+    top_weight = base_weight(loaded, top)
+    d, m = base_weight(loaded, layer).shape
+    statistics = Statistics.zeros(d, m, layer, loaded.fingerprint)
+    kept: list[Observations] | None = [] if config.solve.form != "primal" else None
+    for run, run_targets in zip(shards, targets, strict=True):
+        parts = []
+        for cut, path in zip(run, run_targets, strict=True):
+            side = capture_side(
+                loaded,
+                facts[cut],
+                top,
+                context=False,
+                key_layer=layer if layer != top else None,
+                labels=names[cut],
+                options=options,
+            )
+            keys = side.low_keys if side.low_keys is not None else side.keys
+            errors = (load_file(path)["target"] - side.outputs(top_weight)) / share
+            shard_ids = torch.tensor(ids[cut], dtype=torch.int64)
+            parts.append(
+                Observations(as_stored(keys), as_stored(errors), side.weights, shard_ids[side.fact_index])
+            )
+        run_ids = ids[run[0].start : run[-1].stop]
+        (observations,) = fact_runs(Observations.concatenate(parts), run_ids, run=len(run_ids))
+        statistics = statistics + Statistics.from_observations(observations, layer, loaded.fingerprint)
+        if kept is not None:
+            kept.append(observations)
+            if config.solve.form == "auto" and statistics.positions >= m:
+                kept = None  # the primal form then: no need to hold what grows with the fact set
+    return statistics, Observations.concatenate(kept) if kept else None
+
+
 def spread_delta(
     loaded: LoadedModel,
     facts: Sequence[Fact],
@@ -228,65 +278,68 @@ def spread_delta(
         raise InvalidInputError(f"{len(ids)} fact ids for {len(facts)} facts")
     names = list(labels) if labels is not None else [f.id or f"fact {i + 1}" for i, f in enumerate(facts)]
     options = CaptureOptions(batch_size=batch_size, include_eos=config.include_eos)
-    shards = [slice(start, start + shard_size) for start in range(0, len(facts), shard_size)]
-    top_weight = base_weight(loaded, top)
-    started = time.perf_counter()
-    targets = [
-        capture_side(loaded, facts[cut], top, context=True, labels=names[cut], options=options).outputs(
-            top_weight
-        )
-        for cut in shards
+    # Shards never cross a statistics run, so each run is reduced as soon as its shards are in and
+    # memory holds one run's observations, not the fact set's (`_spread_layer`).
+    runs = [
+        slice(start, min(start + STATISTICS_RUN, len(facts)))
+        for start in range(0, len(facts), STATISTICS_RUN)
     ]
-    capture_seconds, solve_seconds = time.perf_counter() - started, 0.0
+    shards = [
+        [slice(start, min(start + shard_size, run.stop)) for start in range(run.start, run.stop, shard_size)]
+        for run in runs
+    ]
+    top_weight = base_weight(loaded, top)
     tensors: dict[str, torch.Tensor] = {}
     per_layer: dict[str, dict[str, Any]] = {}
     results: list[SolveResult] = []
-    for done, layer in enumerate(layers):
+    with tempfile.TemporaryDirectory(prefix="qfedit-spread-") as spill:
+        # The targets (positions x d) grow with the fact set: they wait on disk, a shard a file.
         started = time.perf_counter()
-        share = len(layers) - done
-        lower = Delta(dict(tensors), loaded.fingerprint) if tensors else None
-        parts = []
-        with applied(loaded, lower):
-            for cut, target in zip(shards, targets, strict=True):
-                side = capture_side(
+        targets: list[list[Path]] = []
+        for r, run in enumerate(shards):
+            targets.append([])
+            for s, cut in enumerate(run):
+                side = capture_side(loaded, facts[cut], top, context=True, labels=names[cut], options=options)
+                path = Path(spill) / f"target-{r}-{s}.safetensors"
+                save_file({"target": side.outputs(top_weight).contiguous()}, path)
+                targets[-1].append(path)
+        capture_seconds, solve_seconds = time.perf_counter() - started, 0.0
+        for done, layer in enumerate(layers):
+            started = time.perf_counter()
+            lower = Delta(dict(tensors), loaded.fingerprint) if tensors else None
+            with applied(loaded, lower):
+                statistics, observations = _spread_layer(
                     loaded,
-                    facts[cut],
+                    facts,
+                    config.at_layer(layer),
                     top,
-                    context=False,
-                    key_layer=layer if layer != top else None,
-                    labels=names[cut],
+                    shards,
+                    targets,
+                    share=len(layers) - done,
+                    ids=ids,
+                    names=names,
                     options=options,
                 )
-                keys = side.low_keys if side.low_keys is not None else side.keys
-                errors = (target - side.outputs(top_weight)) / share
-                shard_ids = torch.tensor(ids[cut], dtype=torch.int64)
-                parts.append(
-                    Observations(as_stored(keys), as_stored(errors), side.weights, shard_ids[side.fact_index])
-                )
-        captured = time.perf_counter()
-        runs = list(fact_runs(Observations.concatenate(parts), ids))
-        d, m = base_weight(loaded, layer).shape
-        statistics = Statistics.accumulate(runs, d=d, m=m, layer=layer, fingerprint=loaded.fingerprint)
-        result = _solve_layer(
-            loaded,
-            config.at_layer(layer),
-            statistics,
-            Observations.concatenate(runs),
-            (preservation or {}).get(layer),
-        )
-        name, tensor = _parameter(loaded, layer, result.delta)
-        tensors[name] = tensor
-        results.append(result)
-        per_layer[str(layer)] = {
-            "share": 1 / share,
-            "relative_norm": result.relative_norm,
-            "condition_number": result.condition_number,
-        }
-        capture_seconds += captured - started
-        solve_seconds += time.perf_counter() - captured
-        log.info(
-            "layer %d: |dW|/|W| = %.4g, condition %.3g", layer, result.relative_norm, result.condition_number
-        )
+            captured = time.perf_counter()
+            result = _solve_layer(
+                loaded, config.at_layer(layer), statistics, observations, (preservation or {}).get(layer)
+            )
+            name, tensor = _parameter(loaded, layer, result.delta)
+            tensors[name] = tensor
+            results.append(result)
+            per_layer[str(layer)] = {
+                "share": 1 / (len(layers) - done),
+                "relative_norm": result.relative_norm,
+                "condition_number": result.condition_number,
+            }
+            capture_seconds += captured - started
+            solve_seconds += time.perf_counter() - captured
+            log.info(
+                "layer %d: |dW|/|W| = %.4g, condition %.3g",
+                layer,
+                result.relative_norm,
+                result.condition_number,
+            )
     weights = sum(float(base_weight(loaded, layer).norm() ** 2) for layer in layers)
     changes = sum(float(r.delta.norm() ** 2) for r in results)
     last = results[-1]

@@ -11,7 +11,7 @@ from tiny_models import FACTS
 
 from qfedit.capture import encode_fact
 from qfedit.delta import DeltaMismatchError, applied
-from qfedit.edit import make_delta
+from qfedit.edit import make_delta, spread_delta
 from qfedit.hparams import EditConfig, SolveConfig
 from qfedit.modeling import LoadedModel, load_model, weights_fingerprint
 
@@ -95,6 +95,24 @@ def test_seed_edit_over_several_layers_makes_the_top_layer_behave_as_with_contex
         lower_only = _layer_outputs(loaded, with_context=False, at=top)
     remaining = float((lower_only - target).norm() / (before - target).norm())
     assert 0.05 < remaining < 0.95
+
+
+@pytest.mark.parametrize("form", ["dual", "primal"])
+def test_a_spread_reduced_run_by_run_equals_one_reduced_at_once(
+    tiny_model_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch, form: str
+) -> None:
+    """A spread holds one statistics run's observations at a time (memory bounded by the run,
+    not the fact set); cut into runs of one fact it solves the edit a single run solves."""
+    loaded = load_model(tiny_model_dirs["qwen2"])
+    config = EditConfig(layers=(0, 1), solve=SolveConfig(rule="seed", form=form))  # type: ignore[arg-type]
+    whole = spread_delta(loaded, FACTS, config, fact_set_digest="x", shard_size=len(FACTS))
+    monkeypatch.setattr("qfedit.edit.STATISTICS_RUN", 1)
+    pieces = spread_delta(loaded, FACTS, config, fact_set_digest="x", shard_size=2)
+    assert whole.solve.form == pieces.solve.form == form
+    assert sorted(whole.delta.tensors) == sorted(pieces.delta.tensors)
+    for name, tensor in whole.delta.tensors.items():
+        assert float(tensor.norm()) > 0, name
+        torch.testing.assert_close(pieces.delta.tensors[name], tensor, rtol=1e-4, atol=1e-6)
 
 
 def test_apply_then_revert_restores_every_weight_bitwise(tiny_model_dirs: dict[str, Path]) -> None:
