@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # dependency range can pull a CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test lint install
+.PHONY: demo test lint install screenshots
 
 $(BIN)/qfedit: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -24,6 +24,11 @@ test: install
 	$(BIN)/python -m pytest -q tests
 
 lint: install
-	$(BIN)/ruff check qfedit worker api cli tests bench migrations
-	$(BIN)/ruff format --check qfedit worker api cli tests bench migrations
+	$(BIN)/ruff check qfedit worker api cli tests bench tools migrations
+	$(BIN)/ruff format --check qfedit worker api cli tests bench tools migrations
 	$(BIN)/mypy
+	$(BIN)/mypy tools
+
+# The console's screenshots in docs/console (the demo's data, the system's Chromium).
+screenshots: install
+	$(BIN)/python tools/console_screenshots.py

@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from api import errors
+from api.console import pages as console
 from api.generation import Generators
 from api.limits import BodyLimit
 from api.routes import aliases, audit, batches, facts, generate, health, models, versions
@@ -76,4 +77,5 @@ def create_app(
     )
     for module in (health, models, facts, batches, versions, aliases, audit, generate):
         app.include_router(module.router)
+    app.include_router(console.router)
     return app

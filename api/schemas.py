@@ -325,6 +325,7 @@ class AuditOut(_Out):
     object_type: str
     object_id: str
     details: dict[str, Any]
+    model_id: int | None = None
 
 
 # -- generation --------------------------------------------------------------------------------

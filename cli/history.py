@@ -336,6 +336,7 @@ def gc_command(
                     action="store.gc",
                     object_type="store",
                     object_id="checkpoints",
+                    model_id=None,
                     details={"removed": garbage},
                 )
                 session.commit()

@@ -36,7 +36,7 @@ from qfedit.errors import InvalidInputError
 from qfedit.hparams import parse_layers
 from qfedit.pipeline import corpora
 from qfedit.pipeline.preflight import check_runnable
-from qfedit.pipeline.settings import ModelSettings, merged, nested, validate_settings
+from qfedit.pipeline.settings import ModelSettings, layers_label, merged, nested, validate_settings
 
 # -- db -------------------------------------------------------------------------------------
 
@@ -259,17 +259,6 @@ def model_add(
     in_session(work)
 
 
-def _edited_layers(model: Any) -> str:
-    """The layers its batches edit, as `4` or `0-4`; `-` when its settings name none."""
-    try:
-        layers = validate_settings(model.settings, default_layer=model.default_layer).edit.edited_layers
-    except InvalidInputError:
-        return "-"
-    if len(layers) > 1 and list(layers) == list(range(layers[0], layers[-1] + 1)):
-        return f"{layers[0]}-{layers[-1]}"
-    return ",".join(str(x) for x in layers)
-
-
 @model_app.command("list")
 def model_list(as_json: JsonOption = False) -> None:
     """List registered base models."""
@@ -282,7 +271,13 @@ def model_list(as_json: JsonOption = False) -> None:
             return
         table = Table("name", "source", "layers", "fingerprint", "added")
         for m in models:
-            table.add_row(m.name, m.source, _edited_layers(m), m.fingerprint[:16], when(m.created_at))
+            table.add_row(
+                m.name,
+                m.source,
+                layers_label(m.settings, m.default_layer),
+                m.fingerprint[:16],
+                when(m.created_at),
+            )
         console.print(table)
 
     in_session(work)
@@ -470,6 +465,7 @@ def model_configure(
                 action="model.configure",
                 object_type="model",
                 object_id=model.id,
+                model_id=model.id,
                 details={"settings": model.settings},
             )
             session.commit()

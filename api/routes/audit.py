@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 
 from api.deps import ReadAccess, SessionDep
-from api.schemas import ERROR_RESPONSES, AuditOut, Moment, Text
+from api.schemas import ERROR_RESPONSES, NAME_PATTERN, AuditOut, Moment, Text
 from qfedit import registry
 
 router = APIRouter(tags=["audit"])
@@ -27,6 +27,8 @@ def list_audit(
     object_type: Annotated[Text | None, Query(max_length=32)] = None,
     object_id: Annotated[Text | None, Query(max_length=64)] = None,
     since: Annotated[Moment | None, Query(description="At or after; UTC if no zone.")] = None,
+    until: Annotated[Moment | None, Query(description="Before; UTC if no zone.")] = None,
+    model: Annotated[str | None, Query(pattern=NAME_PATTERN, description="Entries about this model.")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> list[AuditOut]:
     entries = registry.list_audit(
@@ -36,6 +38,8 @@ def list_audit(
         object_type=object_type,
         object_id=object_id,
         since=since,
+        until=until,
+        model=registry.get_model(session, model) if model else None,
         limit=limit,
     )
     return [AuditOut.model_validate(e) for e in entries]

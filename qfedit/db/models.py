@@ -351,6 +351,8 @@ class AuditEntry(Base):
     object_type: Mapped[str] = mapped_column(String(32))
     object_id: Mapped[str] = mapped_column(String(64))
     details: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # The model the entry is about (None for the store's own entries): the log filters by it.
+    model_id: Mapped[int | None] = mapped_column(Integer, index=True)
 
 
 class WorkerHeartbeat(Base):

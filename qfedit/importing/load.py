@@ -294,6 +294,7 @@ def import_facts(
                 action="facts.import",
                 object_type="model",
                 object_id=model_id,
+                model_id=model_id,
                 details={**summary.as_dict(), "completed": completed},
             )
             session.commit()

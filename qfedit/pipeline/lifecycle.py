@@ -82,6 +82,7 @@ def transition_batch(
         action="batch.status",
         object_type="batch",
         object_id=batch.id,
+        model_id=batch.model_id,
         details={"from": previous.value, "to": status.value, **({"error": error} if error else {})},
     )
     return batch
@@ -129,6 +130,7 @@ def advance_to_solving(session: Session, batch_id: int) -> bool:
         action="batch.status",
         object_type="batch",
         object_id=batch_id,
+        model_id=session.scalar(select(Batch.model_id).where(Batch.id == batch_id)),
         details={"from": BatchStatus.CAPTURING.value, "to": BatchStatus.SOLVING.value},
     )
     return True

@@ -215,6 +215,7 @@ def solve_batch(
                 action="batch.excluded",
                 object_type="batch",
                 object_id=str(batch.id),
+                model_id=batch.model_id,
                 details={"unteachable": [e["fact_id"] for e in excluded][:100], "count": len(excluded)},
             )
         if removed:

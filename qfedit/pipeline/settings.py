@@ -154,3 +154,14 @@ def check_overrides(overrides: dict[str, Any] | None, *, field: str = "hyperpara
 
 def batch_settings(batch: Batch) -> ModelSettings:
     return model_settings(batch.model, batch.hyperparameters)
+
+
+def layers_label(settings: dict[str, Any], default_layer: int | None) -> str:
+    """The layers a model's batches edit, as `4` or `0-4`; `-` when its settings name none."""
+    try:
+        layers = validate_settings(settings, default_layer=default_layer).edit.edited_layers
+    except InvalidInputError:
+        return "-"
+    if len(layers) > 1 and list(layers) == list(range(layers[0], layers[-1] + 1)):
+        return f"{layers[0]}-{layers[-1]}"
+    return ",".join(str(x) for x in layers)

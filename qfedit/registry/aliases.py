@@ -113,6 +113,7 @@ def set_alias(
         action="alias.set",
         object_type="alias",
         object_id=alias.id,
+        model_id=model.id,
         details={
             "model": model.name,
             "alias": name,

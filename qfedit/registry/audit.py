@@ -19,9 +19,15 @@ def record_audit(
     object_type: str,
     object_id: str | int,
     details: dict[str, Any] | None = None,
+    model_id: int | None,
 ) -> AuditEntry:
     entry = AuditEntry(
-        actor=actor, action=action, object_type=object_type, object_id=str(object_id), details=details or {}
+        actor=actor,
+        action=action,
+        object_type=object_type,
+        object_id=str(object_id),
+        details=details or {},
+        model_id=model_id,
     )
     session.add(entry)
     return entry
@@ -35,10 +41,20 @@ def list_audit(
     object_type: str | None = None,
     object_id: str | None = None,
     since: datetime | None = None,
+    until: datetime | None = None,
+    model: Model | None = None,
+    before: int | None = None,
     limit: int | None = 100,
 ) -> list[AuditEntry]:
-    """Newest first. `action` matches a prefix, so `alias` finds `alias.set`."""
+    """Newest first. `action` matches a prefix, so `alias` finds `alias.set`; `before` pages
+    (entries with a smaller id); `until` is exclusive."""
     query = select(AuditEntry).order_by(AuditEntry.id.desc())
+    if model is not None:
+        query = query.where(AuditEntry.model_id == model.id)
+    if before is not None:
+        query = query.where(AuditEntry.id < before)
+    if until is not None:
+        query = query.where(AuditEntry.at < until)
     if actor is not None:
         query = query.where(AuditEntry.actor == actor)
     if action is not None:

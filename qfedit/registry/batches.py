@@ -111,6 +111,7 @@ def create_batch(
         action="batch.create",
         object_type="batch",
         object_id=batch.id,
+        model_id=model.id,
         details={
             "model": model.name,
             "kind": kind.value,

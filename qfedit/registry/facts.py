@@ -90,6 +90,7 @@ def set_fact_status(
         action="fact.status",
         object_type="fact",
         object_id=",".join(map(str, ids[:20])) + ("..." if len(ids) > 20 else ""),
+        model_id=session.scalar(select(FactRow.model_id).where(FactRow.id == ids[0])) if ids else None,
         details={"status": status.value, "count": len(ids), "changed": changed, "reason": reason},
     )
     return changed

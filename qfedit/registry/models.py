@@ -56,6 +56,7 @@ def add_model(
         action="model.add",
         object_type="model",
         object_id=model.id,
+        model_id=model.id,
         details={"name": name, "source": source, "revision": revision, "fingerprint": fingerprint},
     )
     return model

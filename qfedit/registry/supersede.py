@@ -96,6 +96,7 @@ def link(
             action="fact.superseded",
             object_type="fact",
             object_id=",".join(str(new) for _, new in changed[:20]) + ("..." if len(changed) > 20 else ""),
+            model_id=model_id,
             details={"superseded_by": {str(old): new for old, new in changed[:1000]}, "count": len(changed)},
         )
     return changed

@@ -112,6 +112,7 @@ def record_version(
         action="version.create",
         object_type="version",
         object_id=version.id,
+        model_id=version.model_id,
         details={
             "version": f"{model.name}@{number}",
             "parent": parent.number if parent is not None else None,

@@ -122,7 +122,7 @@ def test_alias_moves_compare_and_set_and_history(client: TestClient, history: li
     assert shown["aliases"] == ["production", "staging"]
 
 
-def test_audit_filters(client: TestClient, history: list[int]) -> None:
+def test_audit_filters(client: TestClient, history: list[int], db: Session) -> None:
     client.put(
         "/v1/models/tiny/aliases/staging", json={"version": "1", "reason": "r"}, headers=auth("writer")
     )
@@ -137,3 +137,21 @@ def test_audit_filters(client: TestClient, history: list[int]) -> None:
     far = client.get("/v1/audit", params={"since": "0001-01-01T00:00:00+05:00"}, headers=reader)
     assert (far.status_code, far.json()["field"]) == (422, "query.since")
     assert len(client.get("/v1/audit", params={"limit": 2}, headers=reader).json()) == 2
+    # By model: every entry about tiny (model, facts, versions, alias), none about another model.
+    other = add_model(db, name="other")
+    add_facts(db, other, 1)
+    db.commit()
+    tiny = client.get("/v1/audit", params={"model": "tiny", "limit": 1000}, headers=reader).json()
+    others = client.get("/v1/audit", params={"model": "other", "limit": 1000}, headers=reader).json()
+    assert {e["object_type"] for e in tiny} >= {"model", "version", "alias"}
+    assert {e["model_id"] for e in tiny} == {history_model_id(db, "tiny")}
+    assert [e["action"] for e in others] == ["model.add"]
+    assert len(tiny) + len(others) == len(
+        client.get("/v1/audit", params={"limit": 1000}, headers=reader).json()
+    )
+    assert client.get("/v1/audit", params={"until": "2000-01-01T00:00:00"}, headers=reader).json() == []
+    assert client.get("/v1/audit", params={"model": "nope"}, headers=reader).status_code == 404
+
+
+def history_model_id(db: Session, name: str) -> int:
+    return registry.get_model(db, name).id

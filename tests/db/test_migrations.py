@@ -66,3 +66,52 @@ def test_migrated_database_refuses_changes_to_versions_and_audit(empty_engine: E
     with empty_engine.connect() as connection:
         assert connection.execute(text("SELECT reason FROM versions")).scalar_one() == "base"
         assert connection.execute(text("SELECT actor FROM audit_log")).scalar_one() == "me"
+
+
+def test_0008_names_the_model_of_audit_entries_written_before_it(empty_engine: Engine) -> None:
+    """Entries about a model, its batches, versions, aliases and facts get its id; the store's
+    own entries get none; and the log refuses changes again afterwards."""
+    migrate.upgrade(empty_engine, "0007")
+    rows = [
+        "INSERT INTO models (id, name, source, fingerprint, created_at, created_by) "
+        "VALUES (1, 'a', '/a', 'f', CURRENT_TIMESTAMP, 'me'), (2, 'b', '/b', 'f', CURRENT_TIMESTAMP, 'me')",
+        "INSERT INTO facts (id, model_id, content_hash, question, answer, context, paraphrases, neighbors, "
+        "source, status, created_at) VALUES (7, 2, 'h', 'q', 'a', 'c', '[]', '[]', 's', 'pending', "
+        "CURRENT_TIMESTAMP), (8, 2, 'h2', 'q', 'a', 'c', '[]', '[]', 's', 'pending', CURRENT_TIMESTAMP)",
+        "INSERT INTO batches (id, model_id, status, hyperparameters, requested_by, attempts, progress, "
+        "created_at, updated_at, kind) VALUES (3, 2, 'queued', '{}', 'me', 0, 0, CURRENT_TIMESTAMP, "
+        "CURRENT_TIMESTAMP, 'edit')",
+        "INSERT INTO versions (id, model_id, number, hyperparameters, metrics, fact_set_digest, "
+        "fact_count, created_at, created_by, reason) "
+        "VALUES (5, 2, 0, '{}', '{}', 'd', 0, CURRENT_TIMESTAMP, 'me', 'base')",
+        "INSERT INTO aliases (id, model_id, name, version_id, revision, updated_at) "
+        "VALUES (4, 2, 'production', 5, 1, CURRENT_TIMESTAMP)",
+    ]
+    entries = [
+        (1, "model", "1"),
+        (2, "batch", "3"),
+        (3, "version", "5"),
+        (4, "alias", "4"),
+        (5, "fact", "8,7"),
+        (6, "fact", "7"),
+        (7, "store", "checkpoints"),
+    ]
+    with empty_engine.begin() as connection:
+        for row in rows:
+            connection.execute(text(row))
+        for entry_id, kind, object_id in entries:
+            connection.execute(
+                text(
+                    "INSERT INTO audit_log (id, at, actor, action, object_type, object_id, details) "
+                    "VALUES (:i, CURRENT_TIMESTAMP, 'me', 'x', :k, :o, '{}')"
+                ),
+                {"i": entry_id, "k": kind, "o": object_id},
+            )
+    migrate.upgrade(empty_engine)
+    with empty_engine.connect() as connection:
+        found: dict[int, int | None] = dict(
+            connection.execute(text("SELECT id, model_id FROM audit_log")).all()
+        )
+    assert found == {1: 1, 2: 2, 3: 2, 4: 2, 5: 2, 6: 2, 7: None}
+    with pytest.raises(DBAPIError, match="immutable"), empty_engine.begin() as connection:
+        connection.execute(text("UPDATE audit_log SET model_id = 1 WHERE id = 7"))

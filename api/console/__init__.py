@@ -1,0 +1,1 @@
+"""The read-only web console (`/ui`): see `api.console.pages`."""
