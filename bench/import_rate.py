@@ -3,8 +3,8 @@
     python bench/import_rate.py [--facts 100000] [--postgres URL] [--profile]
 
 Writes synthetic facts (jsonl and csv), imports each into a fresh database, and prints a table.
-The issue's floor is 5,000 facts/s for jsonl into PostgreSQL. The PostgreSQL run uses a
-throwaway schema that is dropped afterwards.
+Issue 18 asks 50,000 facts/s for jsonl into PostgreSQL. The PostgreSQL run uses a throwaway
+schema that is dropped afterwards.
 """
 
 from __future__ import annotations

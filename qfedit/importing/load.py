@@ -11,7 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from sqlalchemy import insert, text
+import psycopg
+from sqlalchemy import String, bindparam, insert, text
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
@@ -90,13 +92,14 @@ def _unwrap_reject(line: int, label: str, envelope: Any) -> _Item:
     )
 
 
-def _insert_new(session: Session, rows: list[dict[str, Any]]) -> int:
-    """Insert rows whose (model, content hash) is new; return how many were inserted."""
+def _insert_new(session: Session, rows: list[dict[str, Any]], *, check: bool) -> tuple[int, bool]:
+    """Insert rows whose (model, content hash) is new; return how many were inserted and whether
+    the model held some of them already (PostgreSQL: `check` looks them up first)."""
     if not rows:
-        return 0
+        return 0, False
     dialect = session.get_bind().dialect.name
     if dialect == "postgresql":
-        return _insert_new_postgresql(session, rows)
+        return _insert_new_postgresql(session, rows, check=check)
     if dialect == "sqlite":
         statement: Any = sqlite_insert(FactRow).on_conflict_do_nothing(
             index_elements=["model_id", "content_hash"]
@@ -105,8 +108,8 @@ def _insert_new(session: Session, rows: list[dict[str, Any]]) -> int:
         statement = insert(FactRow)
     # RETURNING with many parameter sets is batched into multi-row INSERTs by SQLAlchemy
     # ("insertmanyvalues"); rows skipped by the conflict clause return nothing.
-    result = session.execute(statement.returning(FactRow.id), rows)
-    return len(result.all())
+    inserted = len(session.execute(statement.returning(FactRow.id), rows).all())
+    return inserted, inserted < len(rows)
 
 
 _TEXT_COLUMNS = (
@@ -121,9 +124,13 @@ _TEXT_COLUMNS = (
 )
 _JSON_COLUMNS = ("significance", "paraphrases", "neighbors")
 _COLUMNS = ("source_line", *_TEXT_COLUMNS, *_JSON_COLUMNS)
-# A chunk is copied into a temporary table (COPY: no SQL to parse per value, rows written by
-# psycopg's C code) and moved into `facts` by one INSERT ... SELECT that keeps the dedup of the
-# unique key. Measured against one INSERT with an array parameter per column: see the README.
+_PG_EXISTING = text(
+    "SELECT content_hash FROM facts WHERE model_id = :model_id AND content_hash = ANY(:hashes)"
+).bindparams(bindparam("hashes", type_=ARRAY(String)))
+_PG_COPY = f"COPY facts (model_id, status, created_at, {', '.join(_COLUMNS)}) FROM STDIN"
+# The fallback when a concurrent import committed one of a chunk's facts after the check: the
+# chunk is copied into a temporary table and moved by one INSERT ... SELECT that skips what the
+# unique key already holds.
 _PG_STAGE = (
     "CREATE TEMPORARY TABLE IF NOT EXISTS import_stage (source_line integer, "
     + ", ".join(f"{c} text" for c in _TEXT_COLUMNS + _JSON_COLUMNS)
@@ -138,22 +145,54 @@ _PG_MOVE = text(
 )
 
 
-def _insert_new_postgresql(session: Session, rows: list[dict[str, Any]]) -> int:
+def _copy_values(row: dict[str, Any]) -> tuple[Any, ...]:
+    return (
+        row["source_line"],
+        *(row[c] for c in _TEXT_COLUMNS),
+        *(None if row[c] is None else json.dumps(row[c]) for c in _JSON_COLUMNS),
+    )
+
+
+def _insert_new_postgresql(session: Session, rows: list[dict[str, Any]], *, check: bool) -> tuple[int, bool]:
+    """COPY straight into `facts` (psycopg writes the rows in C; no SQL is parsed per value). The
+    unique key stays the arbiter: when the chunk holds a fact the model has (a re-import, or one
+    another import committed meanwhile), the COPY fails and the chunk goes the staged way, which
+    skips what the key already holds. With `check`, the known facts are looked up first, which
+    costs less than a failed COPY once an import is finding duplicates."""
     first = rows[0]
     if any(row["model_id"] != first["model_id"] for row in rows):
         raise InvalidInputError("one chunk of an import holds facts of one model")
+    connection = session.connection()
+    cursor = connection.connection.driver_connection.cursor()  # type: ignore[union-attr]
+    fixed = (first["model_id"], first["status"].value, first["created_at"])
+    held = False
+    if check:
+        params = {"model_id": first["model_id"], "hashes": [row["content_hash"] for row in rows]}
+        existing = set(session.scalars(_PG_EXISTING, params))
+        held = bool(existing)
+        rows = [row for row in rows if row["content_hash"] not in existing]
+        if not rows:
+            return 0, held
+    cursor.execute("SAVEPOINT import_copy")
+    try:
+        with cursor.copy(_PG_COPY) as copy:
+            for row in rows:
+                copy.write_row((*fixed, *_copy_values(row)))
+    except psycopg.errors.UniqueViolation:
+        cursor.execute("ROLLBACK TO SAVEPOINT import_copy")
+        return _insert_staged_postgresql(session, rows), True
+    cursor.execute("RELEASE SAVEPOINT import_copy")
+    return len(rows), held
+
+
+def _insert_staged_postgresql(session: Session, rows: list[dict[str, Any]]) -> int:
+    first = rows[0]
     connection = session.connection()
     connection.exec_driver_sql(_PG_STAGE)
     cursor = connection.connection.driver_connection.cursor()  # type: ignore[union-attr]
     with cursor.copy(f"COPY import_stage ({', '.join(_COLUMNS)}) FROM STDIN") as copy:
         for row in rows:
-            copy.write_row(
-                (
-                    row["source_line"],
-                    *(row[c] for c in _TEXT_COLUMNS),
-                    *(None if row[c] is None else json.dumps(row[c]) for c in _JSON_COLUMNS),
-                )
-            )
+            copy.write_row(_copy_values(row))
     params = {
         "model_id": first["model_id"],
         "status": first["status"].value,
@@ -223,21 +262,26 @@ def import_facts(
         rejects_out.write(line + "\n")
 
     pending: dict[str, dict[str, Any]] = {}
+    check = False
 
     def flush() -> None:
+        nonlocal check
         rows = list(pending.values())
-        summary.imported += _insert_new(session, rows)
+        inserted, held = _insert_new(session, rows, check=check)
+        # Once a chunk meets facts the model holds (a re-import), the next ones look them up
+        # before copying: cheaper than a COPY that fails.
+        check = check or held
         # In the chunk's transaction: a fact and what it supersedes are committed together.
-        summary.superseded += len(
-            supersede.link(
-                session,
-                model_id,
-                question_keys=[row["question_key"] for row in rows],
-                external_ids=[row["external_id"] for row in rows if row["external_id"]],
-                actor=actor,
-            )
+        superseded = supersede.link(
+            session,
+            model_id,
+            question_keys=[row["question_key"] for row in rows],
+            external_ids=[row["external_id"] for row in rows if row["external_id"]],
+            actor=actor,
         )
         session.commit()
+        summary.imported += inserted
+        summary.superseded += len(superseded)
         pending.clear()
 
     chunk_read = 0

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import Engine, insert, select
 from sqlalchemy.orm import Session
 
 from qfedit import importing, registry
-from qfedit.db import FactRow
-from qfedit.facts import FactError
+from qfedit.db import FactRow, session_factory
+from qfedit.facts import Fact, FactError
+from qfedit.registry.facts import row_values
 
 from .helpers import add_model
 
@@ -219,3 +221,30 @@ def test_a_stopped_import_is_in_the_audit_log_with_what_it_committed(
     (entry,) = registry.list_audit(session, action="facts.import")
     assert entry.actor == "alice" and entry.details["completed"] is False
     assert entry.details["imported"] == 10 == len(registry.list_facts(session, model=model))
+
+
+@pytest.mark.backends("postgresql")
+def test_a_fact_another_import_commits_during_the_copy_is_skipped_not_an_error(
+    engine: Engine, session: Session, tmp_path: Path
+) -> None:
+    # The first chunk is copied without looking its facts up; another session inserts one of them
+    # and commits while the COPY waits on its unique key: the chunk must fall back to the
+    # skipping insert, keeping the other facts and the rival's row.
+    model = add_model(session)
+    session.commit()
+    source = _write_jsonl(tmp_path / "facts.jsonl", [_fact(i) for i in range(20)])
+    rival = session_factory(engine)()
+    rival_fact = Fact.model_validate(_fact(7))
+    rival.execute(insert(FactRow).values(row_values(model.id, rival_fact, source="rival.jsonl", line=1)))
+    rival.flush()  # the row is in the unique index, uncommitted: the COPY waits for it
+    committer = threading.Timer(0.5, rival.commit)
+    committer.start()
+    try:
+        summary = importing.import_facts(session, source, model, actor="alice", chunk_size=50)
+    finally:
+        committer.join()
+        rival.close()
+    assert (summary.imported, summary.duplicates) == (19, 1)
+    facts = registry.list_facts(session, model=model)
+    assert len(facts) == 20
+    assert [f.source for f in facts if f.question == "Q7?"] == ["rival.jsonl"]
