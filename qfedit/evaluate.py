@@ -103,11 +103,17 @@ def evaluate(
     abstention: str = ABSTENTION,
     progress: Callable[[str], None] | None = None,
     batch_size: int = 32,
+    recorded_base_answers: Sequence[str | None] | None = None,
+    recorded_context_answers: Sequence[str | None] | None = None,
 ) -> EvalReport:
     """Measure `delta` (or the model as it is, without one) on `facts`, `known` facts and `unknown`
     questions; `progress(stage)` hears each stage begin (generation over every set is minutes).
     Answers are generated `batch_size` at a time (left-padded, with a KV cache): the same answers
-    as one at a time (`tests/demo/test_batched_evaluation.py`), several times faster."""
+    as one at a time (`tests/demo/test_batched_evaluation.py`), several times faster.
+
+    `recorded_base_answers` and `recorded_context_answers`, one per fact or None, are what the unedited model was
+    already seen to answer to a fact's question without and with its context (a queue's capture
+    records both): those are not generated again."""
     stage = progress or (lambda _: None)
     questions = [f.question for f in facts]
     paraphrases = [(i, p) for i, f in enumerate(facts) for p in f.paraphrases]
@@ -115,12 +121,29 @@ def evaluate(
         (k.question, k.answer) for k in known
     ]
 
+    def unless_given(given: Sequence[str | None] | None, contexts: bool) -> list[str]:
+        answers: list[str | None] = list(given) if given is not None else [None] * len(facts)
+        if len(answers) != len(facts):
+            raise ValueError(f"{len(answers)} recorded answers for {len(facts)} facts")
+        todo = [i for i, answer in enumerate(answers) if answer is None]
+        found = answer_batch(
+            loaded,
+            [questions[i] for i in todo],
+            [facts[i].context for i in todo] if contexts else None,
+            batch_size=batch_size,
+        )
+        for i, answer in zip(todo, found, strict=True):
+            answers[i] = answer
+        filled = [answer for answer in answers if answer is not None]
+        assert len(filled) == len(facts)
+        return filled
+
     stage(f"base model on {len(keep) + len(unknown) + len(questions)} questions")
     base_keep = answer_batch(loaded, [q for q, _ in keep], batch_size=batch_size)
     base_unknown = answer_batch(loaded, list(unknown), batch_size=batch_size)
-    base_answers = answer_batch(loaded, questions, batch_size=batch_size)
+    base_answers = unless_given(recorded_base_answers, contexts=False)
     stage(f"base model reading {len(questions)} facts from context")
-    read_answers = answer_batch(loaded, questions, [f.context for f in facts], batch_size=batch_size)
+    read_answers = unless_given(recorded_context_answers, contexts=True)
     with applied(loaded, delta):
         stage(f"edited model on {len(questions) + len(paraphrases) + len(keep) + len(unknown)} questions")
         edited = answer_batch(

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 
 from qfedit.db.models import FactCapture
 from qfedit.errors import PermanentError
+from qfedit.registry.base import chunks
 from qfedit.statistics import STATISTICS_RUN, Observations, Statistics, fact_runs
 from qfedit.store import CheckpointStore, StoredObject
 from qfedit.teachable import Reading
@@ -58,18 +59,17 @@ def find_captures(
     session: Session, fact_ids: Iterable[int], layer: int, fingerprint: str
 ) -> list[FactCapture]:
     """The capture records of `fact_ids` at `layer` of the base weights `fingerprint`."""
-    wanted = sorted(set(fact_ids))
-    if not wanted:
-        return []
-    return list(
-        session.scalars(
+    found: list[FactCapture] = []
+    # In chunks: one IN list of a whole fact set would pass PostgreSQL's 65,535 parameters.
+    for part in chunks(sorted(set(fact_ids))):
+        found += session.scalars(
             select(FactCapture).where(
-                FactCapture.fact_id.in_(wanted),
+                FactCapture.fact_id.in_(part),
                 FactCapture.layer == layer,
                 FactCapture.fingerprint == fingerprint,
             )
         )
-    )
+    return found
 
 
 def captured_fact_ids(session: Session, fact_ids: Iterable[int], layer: int, fingerprint: str) -> set[int]:
