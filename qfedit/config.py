@@ -70,6 +70,13 @@ class Settings(BaseSettings):
     every core, which is right for one worker a host; with N workers on a host, or a host shared
     with other work, give each cores / N: several processes each spinning every core slow each
     other down far more than their share (see the README, "Scaling workers")."""
+    cpu_tokens: bool = True
+    """On a CPU device, tasks hold the cores they compute with as lock files (`qfedit.cpu`), so the
+    workers of a host never run more threads than it has cores, and a solve borrows the cores of
+    idle workers. Off: each task runs on `torch_threads` whatever the others do."""
+    cpu_tokens_dir: Path | None = None
+    """The host-local folder of those lock files; unset: `qfedit-cpu-UID` in the temporary folder.
+    Workers in separate containers on one host share cores only through a shared folder here."""
     # The queue.
     visibility_timeout: int = 3600
     """Seconds before a Redis message taken by a worker that died is delivered again."""

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from sqlalchemy.orm import Session, sessionmaker
 
 from qfedit.config import Settings
+from qfedit.cpu import CpuTokens, default_folder
 from qfedit.db import engine_from_settings, session_factory
 from qfedit.pipeline.steps import ModelCache
 from qfedit.store import CheckpointStore, store_from_settings
@@ -25,6 +26,9 @@ class Runtime:
     sessions: sessionmaker[Session]
     store: CheckpointStore
     models: ModelCache
+    cpu: CpuTokens | None
+    """The host's cores, shared with the other workers on it (CPU device only: on a GPU host, a
+    task holding every core would keep the other GPUs' workers waiting)."""
 
 
 def make_runtime(settings: Settings) -> Runtime:
@@ -32,10 +36,18 @@ def make_runtime(settings: Settings) -> Runtime:
 
     if settings.torch_threads is not None:
         torch.set_num_threads(settings.torch_threads)
-    log.info("worker: torch uses %d CPU threads (QFEDIT_TORCH_THREADS)", torch.get_num_threads())
+    cpu = None
+    if settings.cpu_tokens and settings.device == "cpu":
+        cpu = CpuTokens(settings.cpu_tokens_dir or default_folder())
+    log.info(
+        "worker: torch uses %d CPU threads (QFEDIT_TORCH_THREADS)%s",
+        torch.get_num_threads(),
+        f"; a solve borrows idle cores of the {cpu.cores} shared in {cpu.folder}" if cpu else "",
+    )
     return Runtime(
         settings=settings,
         sessions=session_factory(engine_from_settings(settings)),
         store=store_from_settings(settings),
         models=ModelCache(settings),
+        cpu=cpu,
     )

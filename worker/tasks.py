@@ -18,6 +18,7 @@ from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 
 from qfedit import registry
 from qfedit.config import Settings
+from qfedit.cpu import torch_threads
 from qfedit.errors import TransientError
 from qfedit.pipeline import lifecycle, publish, steps, submit
 from worker.runtime import Runtime, make_runtime
@@ -90,7 +91,7 @@ def register(app: Celery) -> None:
     def capture_shard(self: Task, batch_id: int, shard_id: int) -> None:
         rt = _runtime(self)
         try:
-            with rt.sessions() as session:
+            with rt.sessions() as session, torch_threads(rt.cpu, rt.settings.torch_threads):
                 ready = steps.capture_shard(
                     session, rt.store, rt.models, shard_id, before_commit=lambda: _chaos_pause("capture")
                 )
@@ -104,14 +105,17 @@ def register(app: Celery) -> None:
     def solve_batch(self: Task, batch_id: int) -> None:
         rt = _runtime(self)
         try:
-            publish.solve_batch(
-                rt.sessions,
-                rt.store,
-                rt.models,
-                batch_id,
-                rt.settings,
-                before_commit=lambda: _chaos_pause("solve"),
-            )
+            # The solve follows the last capture shard: the other workers' cores are likely idle.
+            with torch_threads(rt.cpu, rt.settings.torch_threads, borrow=True) as threads:
+                log.info("batch %d: solving on %d threads", batch_id, threads)
+                publish.solve_batch(
+                    rt.sessions,
+                    rt.store,
+                    rt.models,
+                    batch_id,
+                    rt.settings,
+                    before_commit=lambda: _chaos_pause("solve"),
+                )
         except Exception as error:
             _retry_or_fail(self, rt, batch_id, error)
 

@@ -7,6 +7,7 @@ import torch
 from sqlalchemy import func, select
 
 from qfedit import registry
+from qfedit.cpu import host_cores
 from qfedit.db import BatchShard, FactCapture, Version
 from qfedit.db.models import FactStatus
 from qfedit.delta import Delta
@@ -26,11 +27,15 @@ def _delta(cluster: Cluster, version: Version) -> torch.Tensor:
 
 def test_submit_publishes_a_version_and_moves_head(cluster: Cluster) -> None:
     cluster.add_model("tiny", [fact(i) for i in range(6)], eval_sample=4)
-    cluster.start_worker("a")
-    cluster.start_worker("b")
+    # One thread each, sharing the host's cores: the solve, with the other worker idle, borrows.
+    cores = {"QFEDIT_TORCH_THREADS": "1", "QFEDIT_CPU_TOKENS_DIR": str(cluster.root / "cpu")}
+    cluster.start_worker("a", extra_env=cores)
+    cluster.start_worker("b", extra_env=cores)
     batch_id = cluster.submit("tiny")
     batch = cluster.wait(batch_id)
     assert batch.status.value == "published", batch.error
+    logs = "".join((cluster.root / f"worker-{name}.log").read_text() for name in "ab")
+    assert f"batch {batch_id}: solving on {host_cores()} threads" in logs
     (version,) = cluster.versions_of_batch(batch_id)
     assert version.number == 1 and version.fact_count == 6
     assert version.rule == "preserve" and version.relative_update_norm is not None
