@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # dependency range can pull a CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test lint install screenshots
+.PHONY: demo test lint install browser screenshots
 
 $(BIN)/qfedit: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -20,7 +20,14 @@ install: $(BIN)/qfedit
 demo: install
 	$(BIN)/qfedit demo
 
-test: install
+# The web console's tests drive the system's Chromium (Debian's package), never a downloaded one.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@command -v chromium >/dev/null 2>&1 || { echo "installing Chromium (apt) for the console's tests"; \
+		$(SUDO) apt-get install -y -q chromium >/dev/null 2>&1 || \
+		{ $(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q chromium >/dev/null; }; }
+
+test: install browser
 	$(BIN)/python -m pytest -q tests
 
 lint: install
@@ -30,5 +37,5 @@ lint: install
 	$(BIN)/mypy tools
 
 # The console's screenshots in docs/console (the demo's data, the system's Chromium).
-screenshots: install
+screenshots: install browser
 	$(BIN)/python tools/console_screenshots.py
