@@ -1,5 +1,5 @@
 """`qfedit doctor`: is everything a batch needs there? The checks `/readyz` makes (database,
-broker), and the store, the workers and each model's files and settings."""
+broker), and the store, the host's shared cores, the workers and each model's files and settings."""
 
 from __future__ import annotations
 
@@ -67,6 +67,25 @@ def _store(settings: Settings) -> Check:
     return Check("store", "ok", f"{store!r}: write and verified read")
 
 
+def _cores(settings: Settings) -> Check:
+    from qfedit.cpu import CpuTokens, default_folder
+
+    threads = settings.torch_threads or "every core"
+    if not (settings.cpu_tokens and settings.device == "cpu"):
+        return Check("cores", "ok", f"not shared (device {settings.device}); torch threads: {threads}")
+    try:
+        tokens = CpuTokens(settings.cpu_tokens_dir or default_folder())
+        free = tokens.free()
+    except OSError as err:  # a worker could not run a task either
+        return Check("cores", "fail", f"cannot use {settings.cpu_tokens_dir or default_folder()}: {err}")
+    return Check(
+        "cores",
+        "ok",
+        f"{tokens.cores} shared by this host's workers in {tokens.folder}, {free} free now; "
+        f"a task's share: {threads}",
+    )
+
+
 def _workers_and_models(settings: Settings) -> list[Check]:
     from qfedit import registry
     from qfedit.db.engine import engine_from_settings, session_factory
@@ -110,11 +129,12 @@ def _workers_and_models(settings: Settings) -> list[Check]:
 
 @app.command()
 def doctor(as_json: JsonOption = False) -> None:
-    """Check what batches need: database (at the latest schema), broker, checkpoint store, workers
-    listening, and each model's directory and settings. Exits 1 when something fails."""
+    """Check what batches need: database (at the latest schema), broker, checkpoint store, the
+    host's shared cores, workers listening, and each model's directory and settings. Exits 1 when
+    something fails."""
     settings = get_settings()
     checks = _database(settings)
-    checks += [_broker(settings), _store(settings)]
+    checks += [_broker(settings), _store(settings), _cores(settings)]
     if checks[0].status == "ok":
         checks += _workers_and_models(settings)
     if as_json:

@@ -335,17 +335,21 @@ def test_doctor_checks_what_batches_need(cli: Any, tmp_path: Path, monkeypatch: 
         "database": "ok",
         "broker": "ok",
         "store": "ok",
+        "cores": "ok",
         "workers": "ok",
         "model tiny": "ok",
     }
     # A model directory gone and a broker nobody answers at: each named, and the exit status says so.
     (model_dir / "config.json").unlink()
     monkeypatch.setenv("QFEDIT_BROKER_URL", "redis://127.0.0.1:1/0")
+    (tmp_path / "not-a-folder").write_text("")
+    monkeypatch.setenv("QFEDIT_CPU_TOKENS_DIR", str(tmp_path / "not-a-folder"))
     failed = cli("doctor", "--json", ok=False)
     checks = {c["name"]: c for c in _json(failed)}
     assert checks["broker"]["status"] == "fail" and "unreachable" in checks["broker"]["detail"]
     assert checks["model tiny"]["status"] == "fail" and "no model directory" in checks["model tiny"]["detail"]
     assert checks["workers"]["status"] == "fail" and "qfedit worker" in checks["workers"]["detail"]
+    assert checks["cores"]["status"] == "fail" and "not-a-folder" in checks["cores"]["detail"]
 
 
 def test_a_bad_setting_is_one_line_naming_it(tmp_path: Path) -> None:
