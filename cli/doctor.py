@@ -68,16 +68,16 @@ def _store(settings: Settings) -> Check:
 
 
 def _cores(settings: Settings) -> Check:
-    from qfedit.cpu import CpuTokens, default_folder
+    from qfedit.cpu import host_tokens
 
     threads = settings.torch_threads or "every core"
-    if not (settings.cpu_tokens and settings.device == "cpu"):
-        return Check("cores", "ok", f"not shared (device {settings.device}); torch threads: {threads}")
     try:
-        tokens = CpuTokens(settings.cpu_tokens_dir or default_folder())
-        free = tokens.free()
+        tokens = host_tokens(settings)
+        free = tokens.free() if tokens is not None else 0
     except OSError as err:  # a worker could not run a task either
-        return Check("cores", "fail", f"cannot use {settings.cpu_tokens_dir or default_folder()}: {err}")
+        return Check("cores", "fail", f"cannot use the folder of the shared cores: {err}")
+    if tokens is None:
+        return Check("cores", "ok", f"not shared (device {settings.device}); torch threads: {threads}")
     return Check(
         "cores",
         "ok",

@@ -17,8 +17,10 @@ import random
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
+
+from qfedit.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +33,15 @@ def host_cores() -> int:
 def default_folder() -> Path:
     # Host-local and per user: the workers of one account on one host share it.
     return Path(tempfile.gettempdir()) / f"qfedit-cpu-{os.getuid()}"
+
+
+def host_tokens(settings: Settings) -> CpuTokens | None:
+    """The cores a worker shares, or None: not on a GPU device, where a task holding every core
+    would keep the other GPUs' workers waiting, nor with `cpu_tokens` off. Raises `OSError` when
+    the folder cannot be made."""
+    if not (settings.cpu_tokens and settings.device == "cpu"):
+        return None
+    return CpuTokens(settings.cpu_tokens_dir or default_folder())
 
 
 class CpuTokens:
@@ -111,18 +122,14 @@ def torch_threads(tokens: CpuTokens | None, share: int | None, borrow: bool = Fa
     import torch
 
     before = torch.get_num_threads()
-    if tokens is None:
-        threads = share or before
+    with ExitStack() as stack:
+        if tokens is None:
+            threads = share or before
+        else:
+            wanted = share or tokens.cores
+            threads = stack.enter_context(tokens.hold(wanted, tokens.cores if borrow else wanted))
         torch.set_num_threads(threads)
         try:
             yield threads
-        finally:
-            torch.set_num_threads(before)
-        return
-    wanted = share or tokens.cores
-    with tokens.hold(wanted, tokens.cores if borrow else wanted) as held:
-        torch.set_num_threads(held)
-        try:
-            yield held
         finally:
             torch.set_num_threads(before)

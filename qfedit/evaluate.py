@@ -111,9 +111,9 @@ def evaluate(
     Answers are generated `batch_size` at a time (left-padded, with a KV cache): the same answers
     as one at a time (`tests/demo/test_batched_evaluation.py`), several times faster.
 
-    `recorded_base_answers` and `recorded_context_answers`, one per fact or None, are what the unedited model was
-    already seen to answer to a fact's question without and with its context (a queue's capture
-    records both): those are not generated again."""
+    `recorded_base_answers` and `recorded_context_answers`, one per fact or None, are what the
+    unedited model was already seen to answer to a fact's question without and with its context
+    (a queue's capture records both): those are not generated again."""
     stage = progress or (lambda _: None)
     questions = [f.question for f in facts]
     paraphrases = [(i, p) for i, f in enumerate(facts) for p in f.paraphrases]

@@ -36,8 +36,6 @@ def _storable(value: str) -> str:
     # `\ud800` escapes produce): refused here, they are one rejected record instead of a failed chunk.
     if "\x00" in value:
         raise ValueError("must not contain NUL characters")
-    if value.isascii():  # no surrogate possible, and no copy made to find out
-        return value
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:

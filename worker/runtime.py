@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from sqlalchemy.orm import Session, sessionmaker
 
 from qfedit.config import Settings
-from qfedit.cpu import CpuTokens, default_folder
+from qfedit.cpu import CpuTokens, host_tokens
 from qfedit.db import engine_from_settings, session_factory
 from qfedit.pipeline.steps import ModelCache
 from qfedit.store import CheckpointStore, store_from_settings
@@ -27,8 +27,7 @@ class Runtime:
     store: CheckpointStore
     models: ModelCache
     cpu: CpuTokens | None
-    """The host's cores, shared with the other workers on it (CPU device only: on a GPU host, a
-    task holding every core would keep the other GPUs' workers waiting)."""
+    """The host's cores, shared with the other workers on it (`qfedit.cpu.host_tokens`)."""
 
 
 def make_runtime(settings: Settings) -> Runtime:
@@ -36,9 +35,7 @@ def make_runtime(settings: Settings) -> Runtime:
 
     if settings.torch_threads is not None:
         torch.set_num_threads(settings.torch_threads)
-    cpu = None
-    if settings.cpu_tokens and settings.device == "cpu":
-        cpu = CpuTokens(settings.cpu_tokens_dir or default_folder())
+    cpu = host_tokens(settings)
     log.info(
         "worker: torch uses %d CPU threads (QFEDIT_TORCH_THREADS)%s",
         torch.get_num_threads(),

@@ -128,9 +128,8 @@ _PG_EXISTING = text(
     "SELECT content_hash FROM facts WHERE model_id = :model_id AND content_hash = ANY(:hashes)"
 ).bindparams(bindparam("hashes", type_=ARRAY(String)))
 _PG_COPY = f"COPY facts (model_id, status, created_at, {', '.join(_COLUMNS)}) FROM STDIN"
-# The fallback when a concurrent import committed one of a chunk's facts after the check: the
-# chunk is copied into a temporary table and moved by one INSERT ... SELECT that skips what the
-# unique key already holds.
+# The way a chunk goes when the unique key refuses its COPY (facts the model already holds): it is
+# copied into a temporary table and moved by one INSERT ... SELECT that skips what the key holds.
 _PG_STAGE = (
     "CREATE TEMPORARY TABLE IF NOT EXISTS import_stage (source_line integer, "
     + ", ".join(f"{c} text" for c in _TEXT_COLUMNS + _JSON_COLUMNS)
