@@ -12,6 +12,7 @@ import json
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from json.encoder import encode_basestring as _quote  # json's string form with ensure_ascii=False
 from pathlib import Path
 from typing import Any
 
@@ -114,11 +115,11 @@ class Fact(BaseModel):
 
     def content_hash(self) -> str:
         """sha256 of what the edit learns (context, question, answer, significance); stable across ids."""
-        payload = json.dumps(
-            [self.context, self.question, self.answer, list(self.word_significance())],
-            ensure_ascii=False,
-            separators=(",", ":"),
-        )
+        # Byte for byte `json.dumps([context, question, answer, significance], ensure_ascii=False,
+        # separators=(",", ":"))`, which stored hashes were made with; written out because json
+        # sets up an encoder per call, most of the time of a hash (and import hashes every fact).
+        weights = ",".join(map(float.__repr__, self.word_significance()))
+        payload = f"[{_quote(self.context)},{_quote(self.question)},{_quote(self.answer)},[{weights}]]"
         return hashlib.sha256(payload.encode()).hexdigest()
 
     def to_json(self) -> dict[str, Any]:

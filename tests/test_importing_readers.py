@@ -88,3 +88,24 @@ def test_the_public_datasets_are_told_by_their_names(name: str, expected: import
     from pathlib import Path
 
     assert importing.detect_format(Path(name)) == expected
+
+
+# Anything a JSON line may hold, including what orjson refuses or reads otherwise than json: lone
+# surrogates, NaN and infinities, integers beyond 64 bits.
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats()
+    | st.text(st.characters(codec=None, exclude_categories=())),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner, max_size=3),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(value=json_values, ascii_only=st.booleans())
+def test_a_json_line_decodes_as_json_loads_decodes_it(value: object, ascii_only: bool) -> None:
+    line = json.dumps(value, ensure_ascii=ascii_only).encode("utf-8", "surrogatepass")
+    # repr tells NaN, -0.0 and 1 from 1.0 apart, which == does not.
+    assert repr(readers.decode_json(line)) == repr(json.loads(line))

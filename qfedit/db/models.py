@@ -63,6 +63,12 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
 
 
+def _key(length: int) -> String:
+    """A string compared only for equality: in byte order on PostgreSQL, whose locale-aware
+    comparison made up about 15% of a bulk import's server time (migration 0009)."""
+    return String(length).with_variant(String(length, collation="C"), "postgresql")
+
+
 class FactStatus(str, enum.Enum):
     PENDING = "pending"
     APPLIED = "applied"
@@ -147,8 +153,8 @@ class FactRow(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     model_id: Mapped[int] = mapped_column(ForeignKey("models.id"))
-    content_hash: Mapped[str] = mapped_column(String(64))
-    external_id: Mapped[str | None] = mapped_column(String(200))
+    content_hash: Mapped[str] = mapped_column(_key(64))
+    external_id: Mapped[str | None] = mapped_column(_key(200))
     question: Mapped[str] = mapped_column(Text)
     answer: Mapped[str] = mapped_column(Text)
     context: Mapped[str] = mapped_column(Text)
@@ -160,7 +166,7 @@ class FactRow(Base):
     source_line: Mapped[int | None] = mapped_column(Integer)
     status: Mapped[FactStatus] = mapped_column(_enum(FactStatus, "fact_status"), default=FactStatus.PENDING)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
-    question_key: Mapped[str | None] = mapped_column(String(64))
+    question_key: Mapped[str | None] = mapped_column(_key(64))
     """`qfedit.facts.question_key` of the question: a later fact with the same key supersedes this one."""
     superseded_by_id: Mapped[int | None] = mapped_column(ForeignKey("facts.id"))
     """The fact that states a newer answer to this fact's question (qfedit.registry.supersede)."""

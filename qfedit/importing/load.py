@@ -7,17 +7,19 @@ import json
 import logging
 import os
 from collections.abc import Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
+from operator import itemgetter
 from pathlib import Path
 from typing import IO, Any
 
+import orjson
 import psycopg
-from sqlalchemy import String, bindparam, insert, text
-from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy import insert, select, text
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
-from qfedit.db.models import FactRow, Model
+from qfedit.db.models import FactRow, Model, utcnow
 from qfedit.errors import InvalidInputError
 from qfedit.facts import FactError
 from qfedit.importing.convert import to_fact
@@ -35,6 +37,7 @@ from qfedit.importing.records import (
 )
 from qfedit.registry import supersede
 from qfedit.registry.audit import record_audit
+from qfedit.registry.base import equals_any
 from qfedit.registry.facts import row_values
 
 logger = logging.getLogger(__name__)
@@ -92,24 +95,33 @@ def _unwrap_reject(line: int, label: str, envelope: Any) -> _Item:
     )
 
 
-def _insert_new(session: Session, rows: list[dict[str, Any]], *, check: bool) -> tuple[int, bool]:
-    """Insert rows whose (model, content hash) is new; return how many were inserted and whether
-    the model held some of them already (PostgreSQL: `check` looks them up first)."""
-    if not rows:
-        return 0, False
-    dialect = session.get_bind().dialect.name
-    if dialect == "postgresql":
-        return _insert_new_postgresql(session, rows, check=check)
-    if dialect == "sqlite":
-        statement: Any = sqlite_insert(FactRow).on_conflict_do_nothing(
-            index_elements=["model_id", "content_hash"]
-        )
-    else:
-        statement = insert(FactRow)
-    # RETURNING with many parameter sets is batched into multi-row INSERTs by SQLAlchemy
-    # ("insertmanyvalues"); rows skipped by the conflict clause return nothing.
-    inserted = len(session.execute(statement.returning(FactRow.id), rows).all())
-    return inserted, inserted < len(rows)
+class _Inserts:
+    """Where an import puts each chunk's new rows. This one keeps them for one multi-row INSERT at
+    the chunk's end that skips what the unique key holds (SQLite, and any other database)."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def add(self, row: dict[str, Any]) -> None:
+        """A row new to the chunk, as soon as it is read."""
+
+    def insert(self, rows: list[dict[str, Any]]) -> int:
+        """End the chunk (`rows`: what `add` was given): insert what the model does not hold yet;
+        returns how many were inserted."""
+        if not rows:
+            return 0
+        if self.session.get_bind().dialect.name == "sqlite":
+            statement: Any = sqlite_insert(FactRow).on_conflict_do_nothing(
+                index_elements=["model_id", "content_hash"]
+            )
+        else:
+            statement = insert(FactRow)
+        # RETURNING with many parameter sets is batched into multi-row INSERTs by SQLAlchemy
+        # ("insertmanyvalues"); rows skipped by the conflict clause return nothing.
+        return len(self.session.execute(statement.returning(FactRow.id), rows).all())
+
+    def abandon(self, error: BaseException) -> None:
+        """The import stopped inside a chunk (`error`): nothing of that chunk may stay."""
 
 
 _TEXT_COLUMNS = (
@@ -124,9 +136,6 @@ _TEXT_COLUMNS = (
 )
 _JSON_COLUMNS = ("significance", "paraphrases", "neighbors")
 _COLUMNS = ("source_line", *_TEXT_COLUMNS, *_JSON_COLUMNS)
-_PG_EXISTING = text(
-    "SELECT content_hash FROM facts WHERE model_id = :model_id AND content_hash = ANY(:hashes)"
-).bindparams(bindparam("hashes", type_=ARRAY(String)))
 _PG_COPY = f"COPY facts (model_id, status, created_at, {', '.join(_COLUMNS)}) FROM STDIN"
 # The way a chunk goes when the unique key refuses its COPY (facts the model already holds): it is
 # copied into a temporary table and moved by one INSERT ... SELECT that skips what the key holds.
@@ -144,62 +153,104 @@ _PG_MOVE = text(
 )
 
 
+def _json(value: Any) -> str | None:
+    return None if value is None else "[]" if value == [] else orjson.dumps(value).decode()
+
+
+_PLAIN_VALUES = itemgetter("source_line", *_TEXT_COLUMNS)
+_JSON_VALUES = itemgetter(*_JSON_COLUMNS)
+
+
 def _copy_values(row: dict[str, Any]) -> tuple[Any, ...]:
-    return (
-        row["source_line"],
-        *(row[c] for c in _TEXT_COLUMNS),
-        *(None if row[c] is None else json.dumps(row[c]) for c in _JSON_COLUMNS),
-    )
+    """A row's values in `_COLUMNS` order, the JSON columns as JSON text (what COPY takes)."""
+    return (*_PLAIN_VALUES(row), *map(_json, _JSON_VALUES(row)))
 
 
-def _insert_new_postgresql(session: Session, rows: list[dict[str, Any]], *, check: bool) -> tuple[int, bool]:
-    """COPY straight into `facts` (psycopg writes the rows in C; no SQL is parsed per value). The
-    unique key stays the arbiter: when the chunk holds a fact the model has (a re-import, or one
-    another import committed meanwhile), the COPY fails and the chunk goes the staged way, which
-    skips what the key already holds. With `check`, the known facts are looked up first, which
-    costs less than a failed COPY once an import is finding duplicates."""
-    first = rows[0]
-    if any(row["model_id"] != first["model_id"] for row in rows):
-        raise InvalidInputError("one chunk of an import holds facts of one model")
-    connection = session.connection()
-    cursor = connection.connection.driver_connection.cursor()  # type: ignore[union-attr]
-    fixed = (first["model_id"], first["status"].value, first["created_at"])
-    held = False
-    if check:
-        params = {"model_id": first["model_id"], "hashes": [row["content_hash"] for row in rows]}
-        existing = set(session.scalars(_PG_EXISTING, params))
-        held = bool(existing)
-        rows = [row for row in rows if row["content_hash"] not in existing]
-        if not rows:
-            return 0, held
-    cursor.execute("SAVEPOINT import_copy")
-    try:
-        with cursor.copy(_PG_COPY) as copy:
+def _cursor(session: Session) -> psycopg.Cursor[Any]:
+    return session.connection().connection.driver_connection.cursor()  # type: ignore[union-attr,no-any-return]
+
+
+class _CopiedInserts(_Inserts):
+    """PostgreSQL: a chunk's rows go into `facts` by COPY as they are read, so the server inserts
+    them on its own core while the next records are decoded and checked, and psycopg writes each
+    row in C. The unique key stays the arbiter: when the chunk holds a fact the model has (a
+    re-import, or one another import committed meanwhile), the COPY fails, the chunk goes back to
+    its savepoint and takes the staged way, which skips what the key holds. From then on the chunks
+    look their facts up before copying them, which costs less than a failed COPY once an import is
+    finding known facts."""
+
+    def __init__(self, session: Session) -> None:
+        super().__init__(session)
+        self.checking = False
+        self._copy: psycopg.Copy | None = None
+        self._open = ExitStack()
+        self._fixed: tuple[Any, ...] = ()
+
+    def add(self, row: dict[str, Any]) -> None:
+        if not self.checking:
+            self._write(row)
+
+    def _write(self, row: dict[str, Any]) -> None:
+        if self._copy is None:
+            cursor = _cursor(self.session)
+            cursor.execute("SAVEPOINT import_copy")
+            self._copy = self._open.enter_context(cursor.copy(_PG_COPY))
+            # One model, status and time for the chunk (a time as text: psycopg formats a datetime
+            # per row, a sixth of writing one).
+            self._fixed = (row["model_id"], row["status"].value, row["created_at"].isoformat())
+        self._copy.write_row((*self._fixed, *_copy_values(row)))
+
+    def insert(self, rows: list[dict[str, Any]]) -> int:
+        if self.checking and rows:
+            hashes = [row["content_hash"] for row in rows]
+            existing = set(
+                self.session.scalars(
+                    select(FactRow.content_hash).where(
+                        FactRow.model_id == rows[0]["model_id"],
+                        equals_any(FactRow.content_hash, hashes, "hashes"),
+                    )
+                )
+            )
+            rows = [row for row in rows if row["content_hash"] not in existing]
             for row in rows:
-                copy.write_row((*fixed, *_copy_values(row)))
-    except psycopg.errors.UniqueViolation:
-        cursor.execute("ROLLBACK TO SAVEPOINT import_copy")
-        return _insert_staged_postgresql(session, rows), True
-    cursor.execute("RELEASE SAVEPOINT import_copy")
-    return len(rows), held
+                self._write(row)
+        if self._copy is None:
+            return 0
+        self._copy = None
+        cursor = _cursor(self.session)
+        try:
+            self._open.close()  # the end of the COPY, where the server reports a refused row
+        except psycopg.errors.UniqueViolation:
+            cursor.execute("ROLLBACK TO SAVEPOINT import_copy")
+            self.checking = True
+            return self._insert_staged(rows)
+        cursor.execute("RELEASE SAVEPOINT import_copy")
+        return len(rows)
 
+    def _insert_staged(self, rows: list[dict[str, Any]]) -> int:
+        connection = self.session.connection()
+        connection.exec_driver_sql(_PG_STAGE)
+        with _cursor(self.session).copy(f"COPY import_stage ({', '.join(_COLUMNS)}) FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row(_copy_values(row))
+        model_id, status, created_at = self._fixed
+        params = {"model_id": model_id, "status": status, "created_at": created_at}
+        inserted = len(self.session.execute(_PG_MOVE, params).all())
+        connection.exec_driver_sql("TRUNCATE import_stage")
+        return inserted
 
-def _insert_staged_postgresql(session: Session, rows: list[dict[str, Any]]) -> int:
-    first = rows[0]
-    connection = session.connection()
-    connection.exec_driver_sql(_PG_STAGE)
-    cursor = connection.connection.driver_connection.cursor()  # type: ignore[union-attr]
-    with cursor.copy(f"COPY import_stage ({', '.join(_COLUMNS)}) FROM STDIN") as copy:
-        for row in rows:
-            copy.write_row(_copy_values(row))
-    params = {
-        "model_id": first["model_id"],
-        "status": first["status"].value,
-        "created_at": first["created_at"],
-    }
-    inserted = len(session.execute(_PG_MOVE, params).all())
-    connection.exec_driver_sql("TRUNCATE import_stage")
-    return inserted
+    def abandon(self, error: BaseException) -> None:
+        if self._copy is None:
+            return
+        self._copy = None
+        try:
+            # psycopg ends the COPY with the error (the server drops the rows it took), then the
+            # chunk's transaction goes; earlier chunks are committed.
+            self._open.__exit__(type(error), error, error.__traceback__)
+            self.session.rollback()
+        except Exception:
+            # The error that stopped the import (a lost database, say) is the one to report.
+            logger.exception("the unfinished chunk's COPY could not be ended")
 
 
 def import_facts(
@@ -261,15 +312,15 @@ def import_facts(
         rejects_out.write(line + "\n")
 
     pending: dict[str, dict[str, Any]] = {}
-    check = False
+    chunk_started = utcnow()  # a chunk's facts are created together, in one transaction
+    inserts = (
+        _CopiedInserts(session) if session.get_bind().dialect.name == "postgresql" else _Inserts(session)
+    )
 
     def flush() -> None:
-        nonlocal check
+        nonlocal chunk_started
         rows = list(pending.values())
-        inserted, held = _insert_new(session, rows, check=check)
-        # Once a chunk meets facts the model holds (a re-import), the next ones look them up
-        # before copying: cheaper than a COPY that fails.
-        check = check or held
+        inserted = inserts.insert(rows)
         # In the chunk's transaction: a fact and what it supersedes are committed together.
         superseded = supersede.link(
             session,
@@ -282,6 +333,7 @@ def import_facts(
         summary.imported += inserted
         summary.superseded += len(superseded)
         pending.clear()
+        chunk_started = utcnow()
 
     chunk_read = 0
     completed = False
@@ -300,10 +352,14 @@ def import_facts(
                     except FactError as err:
                         reject(item, err.field, err.reason)
                     else:
-                        row = row_values(model_id, fact, source=item.source, line=item.line)
+                        row = row_values(
+                            model_id, fact, source=item.source, line=item.line, created_at=chunk_started
+                        )
                         # Duplicates inside one chunk are dropped here; across chunks and
                         # earlier imports the database's unique key drops them.
-                        pending.setdefault(row["content_hash"], row)
+                        if row["content_hash"] not in pending:
+                            pending[row["content_hash"]] = row
+                            inserts.add(row)
                 if chunk_read >= chunk_size:
                     flush()
                     chunk_read = 0
@@ -313,6 +369,9 @@ def import_facts(
             if progress is not None:
                 progress(handle.tell())
         completed = True
+    except BaseException as error:
+        inserts.abandon(error)
+        raise
     finally:
         if rejects_out is not None:
             rejects_out.flush()

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+import orjson
+
 from qfedit.errors import InvalidInputError
 from qfedit.facts import FactError
 
@@ -108,12 +110,29 @@ def default_rejects_path(path: Path) -> Path:
 # -- readers: (line number, decoded record or Bad) -----------------------------------------------
 
 
+# A run of 19+ digits may be an integer orjson turns into a float (beyond 64 bits); json keeps it.
+# Found as 19 zeros once every digit is a zero: a sixth of a regular expression's time.
+_DIGITS_AS_ZERO = bytes.maketrans(b"0123456789", b"0" * 10)
+_LONG_NUMBER = b"0" * 19
+
+
+def decode_json(line: bytes) -> Any:
+    """`json.loads(line)`, by orjson where the two agree: valid UTF-8 JSON without NaN, lone
+    surrogates or integers beyond 64 bits. Whatever orjson refuses, json decides (and explains)."""
+    if _LONG_NUMBER not in line.translate(_DIGITS_AS_ZERO):
+        try:
+            return orjson.loads(line)
+        except orjson.JSONDecodeError:
+            pass
+    return json.loads(line)
+
+
 def iter_json_lines(handle: IO[bytes]) -> Iterator[tuple[int, Any]]:
     for number, line in enumerate(handle, start=1):
         if not line.strip():
             continue
         try:
-            yield number, json.loads(line)
+            yield number, decode_json(line)
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             reason = (
                 f"not valid JSON: {err.msg}" if isinstance(err, json.JSONDecodeError) else f"not UTF-8: {err}"

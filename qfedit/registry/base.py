@@ -6,6 +6,14 @@ import enum
 import hashlib
 import re
 from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import psycopg
+from psycopg.types.array import ListBinaryDumper
+from sqlalchemy import Dialect, String, any_, bindparam
+from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.sql.elements import ColumnElement
+from sqlalchemy.types import TypeDecorator
 
 from qfedit.errors import InvalidInputError
 
@@ -40,3 +48,27 @@ def chunks(ids: Sequence[int], size: int = ID_CHUNK) -> Iterator[Sequence[int]]:
 def digest_of_hashes(content_hashes: Iterable[str]) -> str:
     """Same value as `qfedit.facts.fact_set_digest` over the facts with these content hashes."""
     return hashlib.sha256("\n".join(sorted(content_hashes)).encode()).hexdigest()
+
+
+class _BinaryList(list[str]):
+    """A list psycopg sends in its binary form (a copy of the bytes); in text form it quotes each
+    element in Python: 11 ms for 2,000 hashes, a fifth of an import's Python time."""
+
+
+psycopg.adapters.register_dumper(_BinaryList, ListBinaryDumper)
+
+
+class _StringArray(TypeDecorator[list[str]]):
+    """`ARRAY(String)` that hands the list to psycopg as it is (ARRAY's own copies it element by element)."""
+
+    impl = ARRAY(String)
+    cache_ok = True
+
+    def bind_processor(self, dialect: Dialect) -> None:
+        return None
+
+
+def equals_any(column: Any, values: Sequence[str], name: str) -> ColumnElement[bool]:
+    """PostgreSQL's `column = ANY(:name)` over `values`, the array parameter sent in binary. One
+    array, not `IN (...)`: a prepared statement's generic plan keeps to the index on `column`."""
+    return column == any_(bindparam(name, _BinaryList(values), type_=_StringArray()))

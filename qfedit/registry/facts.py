@@ -4,6 +4,7 @@ engine's `qfedit.facts.Fact`."""
 from __future__ import annotations
 
 from collections.abc import Iterable
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import func, or_, select, update
@@ -128,8 +129,11 @@ def to_record(row: FactRow) -> Fact:
     )
 
 
-def row_values(model_id: int, fact: Fact, *, source: str, line: int | None) -> dict[str, Any]:
-    """Column values of a new pending row holding `fact` (an insert's parameters)."""
+def row_values(
+    model_id: int, fact: Fact, *, source: str, line: int | None, created_at: datetime | None = None
+) -> dict[str, Any]:
+    """Column values of a new pending row holding `fact` (an insert's parameters); `created_at`
+    defaults to now."""
     return {
         "model_id": model_id,
         "content_hash": fact.content_hash(),
@@ -145,5 +149,5 @@ def row_values(model_id: int, fact: Fact, *, source: str, line: int | None) -> d
         "source": source,
         "source_line": line,
         "status": FactStatus.PENDING,
-        "created_at": utcnow(),
+        "created_at": created_at or utcnow(),
     }

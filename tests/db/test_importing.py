@@ -223,6 +223,30 @@ def test_a_stopped_import_is_in_the_audit_log_with_what_it_committed(
     assert entry.details["imported"] == 10 == len(registry.list_facts(session, model=model))
 
 
+def test_an_import_that_fails_inside_a_chunk_keeps_the_committed_chunks_and_nothing_else(
+    session: Session, tmp_path: Path
+) -> None:
+    # PostgreSQL copies a chunk's facts while it reads them: an error halfway through a chunk must
+    # end that COPY and drop what it took, leave the earlier chunks and record the import.
+    model = add_model(session)
+    records: list[Any] = [_fact(i) for i in range(30)]
+    records[14] = {"question": "Q?", "answer": "", "context": "c"}  # its reject is the 15th record
+    source = _write_jsonl(tmp_path / "corpus.jsonl", records)
+    (tmp_path / "corpus.rejects.jsonl.part").mkdir()  # where rejects are written: cannot be opened
+    with pytest.raises(IsADirectoryError):
+        importing.import_facts(session, source, model, actor="alice", chunk_size=10)
+    assert sorted(f.question for f in registry.list_facts(session, model=model)) == sorted(
+        f"Q{i}?" for i in range(10)
+    )
+    (entry,) = registry.list_audit(session, action="facts.import")
+    assert entry.details["completed"] is False and entry.details["imported"] == 10
+
+    (tmp_path / "corpus.rejects.jsonl.part").rmdir()
+    summary = importing.import_facts(session, source, model, actor="alice", chunk_size=10)
+    assert (summary.imported, summary.duplicates, summary.rejected) == (19, 10, 1)
+    assert len(registry.list_facts(session, model=model)) == 29
+
+
 @pytest.mark.backends("postgresql")
 def test_a_fact_another_import_commits_during_the_copy_is_skipped_not_an_error(
     engine: Engine, session: Session, tmp_path: Path

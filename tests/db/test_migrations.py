@@ -115,3 +115,37 @@ def test_0008_names_the_model_of_audit_entries_written_before_it(empty_engine: E
     assert found == {1: 1, 2: 2, 3: 2, 4: 2, 5: 2, 6: 2, 7: None}
     with pytest.raises(DBAPIError, match="immutable"), empty_engine.begin() as connection:
         connection.execute(text("UPDATE audit_log SET model_id = 1 WHERE id = 7"))
+
+
+@pytest.mark.backends("postgresql")
+def test_0009_compares_fact_keys_in_byte_order_and_keeps_them(empty_engine: Engine) -> None:
+    keys = ("content_hash", "external_id", "question_key")
+    query = text(
+        "SELECT column_name, collation_name FROM information_schema.columns "
+        "WHERE table_schema = current_schema() AND table_name = 'facts' AND column_name IN "
+        "('content_hash', 'external_id', 'question_key') ORDER BY column_name"
+    )
+    migrate.upgrade(empty_engine, "0008")
+    with empty_engine.begin() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO models (id, name, source, fingerprint, created_at, created_by) "
+                "VALUES (1, 'm', '/m', 'f', CURRENT_TIMESTAMP, 'me')"
+            )
+        )
+        connection.execute(
+            text(
+                "INSERT INTO facts (model_id, content_hash, question_key, external_id, question, answer, "
+                "context, paraphrases, neighbors, source, status, created_at) VALUES (1, 'h', 'k', 'Ä-1', "
+                "'q', 'a', 'c', '[]', '[]', 's', 'pending', CURRENT_TIMESTAMP)"
+            )
+        )
+    migrate.upgrade(empty_engine)
+    with empty_engine.connect() as connection:
+        assert connection.execute(query).all() == [(key, "C") for key in keys]
+        assert connection.execute(
+            text("SELECT content_hash, question_key, external_id FROM facts")
+        ).one() == ("h", "k", "Ä-1")
+    migrate.downgrade(empty_engine, "0008")
+    with empty_engine.connect() as connection:
+        assert [collation for _, collation in connection.execute(query)] == [None, None, None]
