@@ -33,15 +33,16 @@ def test_check_detects_drift(empty_engine: Engine) -> None:
         migrate.check(empty_engine)
 
 
+_ONE_MODEL = (
+    "INSERT INTO models (id, name, source, fingerprint, created_at, created_by) "
+    "VALUES (1, 'm', '/m', 'f', CURRENT_TIMESTAMP, 'me')"
+)
+
+
 def test_migrated_database_refuses_changes_to_versions_and_audit(empty_engine: Engine) -> None:
     migrate.upgrade(empty_engine)
     with empty_engine.begin() as connection:
-        connection.execute(
-            text(
-                "INSERT INTO models (id, name, source, fingerprint, created_at, created_by) "
-                "VALUES (1, 'm', '/m', 'f', CURRENT_TIMESTAMP, 'me')"
-            )
-        )
+        connection.execute(text(_ONE_MODEL))
         connection.execute(
             text(
                 "INSERT INTO versions (id, model_id, number, hyperparameters, metrics, fact_set_digest, "
@@ -127,12 +128,7 @@ def test_0009_compares_fact_keys_in_byte_order_and_keeps_them(empty_engine: Engi
     )
     migrate.upgrade(empty_engine, "0008")
     with empty_engine.begin() as connection:
-        connection.execute(
-            text(
-                "INSERT INTO models (id, name, source, fingerprint, created_at, created_by) "
-                "VALUES (1, 'm', '/m', 'f', CURRENT_TIMESTAMP, 'me')"
-            )
-        )
+        connection.execute(text(_ONE_MODEL))
         connection.execute(
             text(
                 "INSERT INTO facts (model_id, content_hash, question_key, external_id, question, answer, "

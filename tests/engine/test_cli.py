@@ -218,7 +218,7 @@ def test_edit_keeps_what_the_demo_model_reads_and_leaves_out_what_it_does_not(tm
 
     good = read_jsonl(EDITS_PATH)[:3]
     # The context says one thing, the answer another: the model reads the context, not the answer.
-    wrong = good[0].model_copy(update={"answer": good[1].answer, "paraphrases": [], "neighbors": []})
+    wrong = good[0].model_copy(update={"answer": good[1].answer, "paraphrases": (), "neighbors": ()})
     write_jsonl([*good, wrong], tmp_path / "facts.jsonl")
     out = tmp_path / "delta.safetensors"
     done = runner.invoke(
