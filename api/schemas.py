@@ -120,6 +120,11 @@ class FactOut(_Out):
     source_line: int | None
     content_hash: str
     created_at: datetime
+    truncated: list[str] = Field(
+        default_factory=list,
+        description="Fields a list cut short (a text to its first characters, a list too long to show "
+        "left empty); `GET /v1/facts/{id}` has the fact whole.",
+    )
 
 
 class VersionRefOut(BaseModel):
@@ -137,6 +142,11 @@ class FactPage(BaseModel):
     items: list[FactOut]
     limit: int
     offset: int
+    next_offset: int | None = Field(
+        default=None,
+        description="Set when the page ended at the response's size budget with more facts to list: "
+        "ask again from here.",
+    )
 
 
 class ImportReject(BaseModel):
@@ -186,6 +196,9 @@ class BatchRequest(BaseModel):
 class UnteachableFact(BaseModel):
     fact_id: int
     context_answer: str | None = Field(description="What the model answers with the fact in context.")
+    reason: str = Field(
+        default="", description="Unteachable, or refused before capture as too large for the model."
+    )
 
 
 class BatchOut(BaseModel):
@@ -196,6 +209,10 @@ class BatchOut(BaseModel):
     progress: float = Field(description="0 to 1.")
     attempts: int
     error: str | None
+    waiting: str | None = Field(
+        default=None,
+        description="What a task of the batch is waiting for, while it waits (CPU cores that other tasks hold).",
+    )
     reason: str | None
     requested_by: str
     idempotency_key: str | None

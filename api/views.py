@@ -64,6 +64,30 @@ def fact_out(fact: FactRow) -> FactOut:
     )
 
 
+def fact_preview_out(preview: registry.FactPreview) -> FactOut:
+    """A fact as a list shows it: its text cut to a preview's size, the cut fields named."""
+    fact = preview.row
+    return FactOut(
+        id=fact.id,
+        model_id=fact.model_id,
+        external_id=fact.external_id,
+        question=preview.question,
+        answer=preview.answer,
+        context=preview.context,
+        subject=preview.subject,
+        significance=fact.significance,
+        paraphrases=preview.paraphrases,
+        neighbors=preview.neighbors,
+        status=fact.status.value,
+        superseded_by=fact.superseded_by_id,
+        source=fact.source,
+        source_line=fact.source_line,
+        content_hash=fact.content_hash,
+        created_at=fact.created_at,
+        truncated=list(preview.cut),
+    )
+
+
 def fact_detail(session: Session, fact: FactRow) -> FactDetail:
     versions = [
         VersionRefOut(number=v.number, label=v.label) for v in registry.versions_with_fact(session, fact)
@@ -85,6 +109,7 @@ def batch_out(session: Session, batch: Batch) -> BatchOut:
         progress=batch.progress,
         attempts=batch.attempts,
         error=batch.error,
+        waiting=batch.waiting,
         reason=batch.reason,
         requested_by=batch.requested_by,
         idempotency_key=batch.idempotency_key,
@@ -93,7 +118,7 @@ def batch_out(session: Session, batch: Batch) -> BatchOut:
         captured=progress.captured,
         version=version.label if version is not None else None,
         unteachable=[
-            UnteachableFact(fact_id=e["fact_id"], context_answer=e["context_answer"])
+            UnteachableFact(fact_id=e["fact_id"], context_answer=e["context_answer"], reason=e["reason"])
             for e in _unteachable(session, batch)[:100]
         ],
         excluded=[int(e["fact_id"]) for e in batch.excluded_facts or []],

@@ -65,6 +65,12 @@ def load(model_dir: Path, dtype: str, device: str, chat_template: Path | None = 
     from qfedit.modeling import load_model
 
     template = chat_template.read_text() if chat_template is not None else None
+    if model_dir.is_file():
+        from qfedit.config import get_settings
+        from qfedit.gguf_model import convert_gguf
+
+        # A GGUF file: converted once into the data folder, as `model add` does.
+        model_dir = convert_gguf(model_dir, get_settings().data_dir / "models", progress=err.print)
     return load_model(model_dir, dtype=dtype, device=device, chat_template=template)
 
 
@@ -168,8 +174,9 @@ def edit(
     preset: Annotated[
         str | None,
         typer.Option(
-            help="demo: the demo model's settings (layers 0-4, lambda 4000, ridge 1e-3, its preservation "
-            "corpus), behind the README's figures; options given override them."
+            help="Named settings (demo, smollm2; `qfedit model add --help` says what each is): layers, "
+            "rule, lambda, ridge and preservation corpus, behind the README's figures; options given "
+            "override them."
         ),
     ] = None,
     preserve: Annotated[
@@ -208,11 +215,9 @@ def edit(
 
     with user_errors():
         if preset is not None:
-            if preset != "demo":
-                raise InvalidInputError(f"--preset {preset!r}: the one preset is demo", field="preset")
-            from qfedit.demo.settings import demo_settings
+            from qfedit.presets import preset as named_preset
 
-            chosen = demo_settings()
+            chosen = named_preset(preset).settings()
             edit_settings = chosen["edit"]
             layers = (
                 layers

@@ -11,8 +11,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Annotated
 
@@ -31,6 +32,7 @@ from cli.common import (
     in_session,
     model_of_facts,
     single_model,
+    user_errors,
 )
 from qfedit import registry
 from qfedit.config import Settings, get_settings
@@ -52,10 +54,15 @@ def worker(
     hostname: Annotated[str | None, typer.Option(help="Worker name (default: celery's).")] = None,
 ) -> None:
     """Run a worker process: one per GPU (set CUDA_VISIBLE_DEVICES), the model loaded once in it."""
+    from qfedit.cpu import host_tokens
+
+    settings = get_settings()
+    with user_errors():  # refused here, not by every task: the folder of the shared cores
+        host_tokens(settings)
     argv = ["worker", "--pool", "solo", "--concurrency", "1", "--queues", queues, "--loglevel", loglevel]
     if hostname:
         argv += ["--hostname", hostname]
-    app_for(get_settings()).worker_main(argv)
+    app_for(settings).worker_main(argv)
 
 
 @app.command()
@@ -69,29 +76,73 @@ def beat(
     app_for(settings).start(["beat", "--loglevel", loglevel, "--schedule", str(schedule)])
 
 
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _ends_with_parent() -> Callable[[], None] | None:
+    """A `preexec_fn` that makes the kernel send the child SIGTERM when its parent ends, however
+    it ends (SIGKILL, a crash); None where there is no `prctl` (not Linux)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    # The library is loaded here, in the parent: between fork and exec the child only calls it.
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    parent = os.getpid()
+
+    def child() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # the parent ended before the request was in place
+            os._exit(1)
+
+    return child
+
+
+@contextmanager
+def _exit_on_sigterm() -> Iterator[None]:
+    """SIGTERM raises `SystemExit` while in the block, so that `finally` clauses run. uvicorn
+    re-raises the signal it caught once it has shut down: with the default action the process
+    died there, and the embedded worker child outlived it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 @contextmanager
 def embedded_worker(settings: Settings) -> Iterator[subprocess.Popen[bytes] | None]:
-    """A worker child on the embedded broker, when no broker is configured; stopped on exit."""
+    """A worker child on the embedded broker, when no broker is configured; stopped on exit, and
+    by the kernel when this process ends without one (SIGKILL)."""
     if settings.broker_url:
         yield None
         return
     log = (settings.data_dir / "worker.log").open("ab")
-    child = subprocess.Popen(
-        [sys.executable, "-m", "cli", "worker", "--loglevel", "WARNING"],
-        stdout=log,
-        stderr=log,
-        env=os.environ.copy(),
-    )
-    try:
-        yield child
-    finally:
-        child.send_signal(signal.SIGTERM)
+    with _exit_on_sigterm():
+        child = subprocess.Popen(
+            [sys.executable, "-m", "cli", "worker", "--loglevel", "WARNING"],
+            stdout=log,
+            stderr=log,
+            env=os.environ.copy(),
+            preexec_fn=_ends_with_parent(),
+        )
         try:
-            child.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
-        log.close()
+            yield child
+        finally:
+            child.send_signal(signal.SIGTERM)
+            try:
+                child.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+            log.close()
 
 
 def watch_batch(
@@ -113,6 +164,8 @@ def watch_batch(
                 state = lifecycle.batch_progress(session, batch)
                 session.expunge_all()
             described = f"{state.stage}, {state.captured}/{state.facts} facts captured"
+            if batch.waiting:
+                described += f"; {batch.waiting}"
             progress.update(task, description=described, completed=batch.progress)
             if batch.status in lifecycle.FINAL:
                 return batch

@@ -127,7 +127,8 @@ def serve(
             f"serving {model_name}@{alias} = {follower.versioned.version} on http://{host}:{port}"
             f" (alias checked at most every {poll:g} s)"
         )
-        uvicorn.run(create_app(follower, tokens), host=host, port=port, log_level="info")
+        app = create_app(follower, tokens, max_body_bytes=settings.api_max_body_bytes)
+        uvicorn.run(app, host=host, port=port, log_level="info")
     finally:
         engine.dispose()
 

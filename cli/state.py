@@ -28,7 +28,7 @@ from cli.common import (
     user_errors,
     when,
 )
-from qfedit import registry
+from qfedit import presets, registry
 from qfedit.config import get_settings
 from qfedit.db import migrate
 from qfedit.db.models import FactStatus
@@ -78,9 +78,6 @@ def db_current() -> None:
 
 
 # -- models ---------------------------------------------------------------------------------
-
-
-PRESETS = ("demo",)
 
 
 def _settings_file(path: Path) -> dict[str, Any]:
@@ -147,7 +144,8 @@ def model_add(
     model_dir: Annotated[
         Path | None,
         typer.Argument(
-            help="Directory holding the model's *.safetensors weights (--preset demo: the shipped one)."
+            help="Directory holding the model's *.safetensors weights, or a GGUF file (converted once "
+            "into the data folder); --preset names its own."
         ),
     ] = None,
     layer: Annotated[
@@ -186,7 +184,11 @@ def model_add(
     ] = None,
     preset: Annotated[
         str | None,
-        typer.Option("--preset", help=f"Named settings: {', '.join(PRESETS)} (the demo model's tuned ones)."),
+        typer.Option(
+            "--preset",
+            help="Named model and settings: "
+            + "; ".join(f"{p.name}: {p.summary}" for p in presets.PRESETS.values()),
+        ),
     ] = None,
     revision: Annotated[str | None, typer.Option("--revision", help="Hub revision or commit.")] = None,
     as_json: JsonOption = False,
@@ -198,18 +200,22 @@ def model_add(
     def work(session: Session) -> None:
         raw: dict[str, Any] = {}
         directory = model_dir
+        models_dir = get_settings().data_dir / "models"
         if preset is not None:
-            if preset not in PRESETS:
-                raise InvalidInputError(f"--preset {preset!r}: one of {', '.join(PRESETS)}", field="preset")
-            from qfedit.demo import DEMO_MODEL_DIR
-            from qfedit.demo.settings import demo_settings
-
-            raw = nested(demo_settings())
-            directory = directory or DEMO_MODEL_DIR
+            chosen = presets.preset(preset)
+            raw = nested(chosen.settings())
+            directory = directory or chosen.model_dir(models_dir)
         if settings_file is not None:
             raw = merged(raw, nested(_settings_file(settings_file)))
         if directory is None:
-            raise InvalidInputError("MODEL_DIR: give the model's directory", field="model_dir")
+            raise InvalidInputError("MODEL_DIR: give the model's directory or GGUF file", field="model_dir")
+        if directory.is_file():
+            from qfedit.gguf_model import convert_gguf
+
+            # Converted once into the data folder: a Hugging Face directory the workers load.
+            directory = convert_gguf(
+                directory, models_dir, progress=lambda line: errors.print(line, highlight=False)
+            )
         if not directory.is_dir():
             raise FileNotFoundError(f"{directory}: not a directory")
         edit: dict[str, Any] = dict(raw.get("edit") or {})
@@ -326,6 +332,7 @@ def import_command(
                 chunk_size=chunk_size,
                 rejects_path=rejects,
                 progress=lambda done: bar.update(task, completed=done),
+                limits=get_settings().fact_limits,
             )
         if as_json:
             emit_json(summary.as_dict())

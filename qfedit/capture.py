@@ -24,8 +24,9 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from qfedit.architectures import OutputNorm
 from qfedit.errors import InvalidInputError
-from qfedit.facts import Fact, FactError
+from qfedit.facts import Fact, FactError, FactLimits
 from qfedit.modeling import LoadedModel
 
 PaddingSide = Literal["left", "right"]
@@ -137,6 +138,9 @@ def encode_fact(
         raise FactError(
             where, "context", "the model's tokenizer has no chat template to place the context in"
         )
+    limit = loaded.max_positions
+    # Counted before anything is tokenized: a fact of megabytes is refused in no time.
+    FactLimits().for_positions(limit).check_prompt(fact, where)
     with_prefix = tokenizer(chat_prompt(tokenizer, fact.question, fact.context), add_special_tokens=False)[
         "input_ids"
     ]
@@ -145,7 +149,6 @@ def encode_fact(
     if include_eos and tokenizer.eos_token_id is not None:
         answer_ids = [*answer_ids, tokenizer.eos_token_id]
         weights = [*weights, eos_significance]
-    limit = loaded.max_positions
     if limit is not None:
         if len(without_prefix) + len(answer_ids) > limit:
             raise FactError(
@@ -164,6 +167,16 @@ def encode_fact(
         without_context=list(without_prefix) + answer_ids,
         weights=weights,
     )
+
+
+def check_fits(
+    loaded: LoadedModel, fact: Fact, where: str, limits: FactLimits, *, include_eos: bool = True
+) -> None:
+    """Raise `FactError` naming `where` and the field when `fact` is over `limits` or its prompts
+    are longer than the model's context. Characters are counted first, so only a fact of bounded
+    size is ever tokenized: what a worker checks before it captures anything."""
+    limits.for_positions(loaded.max_positions).check(fact, where)
+    encode_fact(loaded, fact, where, include_eos=include_eos)
 
 
 def pad_batch(
@@ -202,16 +215,33 @@ class Capture:
     weights: torch.Tensor  # (n,) s_i
     fact_index: torch.Tensor  # (n,) which fact (index into the captured list) a row belongs to
     layer: int
+    output_norm: OutputNorm | None = None
+    """The layer's norm on the MLP's output, where it has one (the block outputs `v + N(W k)`)."""
 
     @property
     def positions(self) -> int:
         return int(self.weights.shape[0])
 
     def errors(self, weight: torch.Tensor) -> torch.Tensor:
-        """`e_i = W x_i + v_i - v'_i - W y_i`, (n, d), in float64, for `W` of shape (d, m)."""
+        """`e_i = W x_i + v_i - v'_i - W y_i`, (n, d), in float64, for `W` of shape (d, m).
+
+        With a norm on the MLP's output the block must reach `N(W' y_i) = t_i`, where
+        `t_i = N(W x_i) + v_i - v'_i`: `e_i = u_i - W y_i` for the `down_proj` output `u_i` that
+        `OutputNorm.preimage` gives for `t_i`."""
         w = weight.to(torch.float64)
-        diff = self.keys_with.to(torch.float64) - self.keys_without.to(torch.float64)
-        return diff @ w.T + self.residuals_with.to(torch.float64) - self.residuals_without.to(torch.float64)
+        if self.output_norm is None:
+            diff = self.keys_with.to(torch.float64) - self.keys_without.to(torch.float64)
+            return (
+                diff @ w.T + self.residuals_with.to(torch.float64) - self.residuals_without.to(torch.float64)
+            )
+        outputs_with = self.keys_with.to(torch.float64) @ w.T  # (n, d) W x_i
+        outputs_without = self.keys_without.to(torch.float64) @ w.T  # (n, d) W y_i
+        targets = (
+            self.output_norm(outputs_with)
+            + self.residuals_with.to(torch.float64)
+            - self.residuals_without.to(torch.float64)
+        )
+        return self.output_norm.preimage(targets, like=outputs_without) - outputs_without
 
     @staticmethod
     def concatenate(parts: Sequence[Capture]) -> Capture:
@@ -229,6 +259,7 @@ class Capture:
             weights=torch.cat([p.weights for p in parts]),
             fact_index=torch.cat([p.fact_index + off for p, off in zip(parts, offsets, strict=True)]),
             layer=parts[0].layer,
+            output_norm=parts[0].output_norm,
         )
 
 
@@ -280,10 +311,16 @@ class SideCapture:
     low_keys: torch.Tensor | None  # (n, m) at `key_layer`, when one was asked for
     weights: torch.Tensor  # (n,) s_i
     fact_index: torch.Tensor  # (n,)
+    output_norm: OutputNorm | None = None
+    """The top layer's norm on the MLP's output, where it has one."""
 
     def outputs(self, weight: torch.Tensor) -> torch.Tensor:
-        """The top layer's output `v + W k` at each position, (n, d) float64, for `W` (d x m)."""
-        return self.residuals.to(torch.float64) + self.keys.to(torch.float64) @ weight.to(torch.float64).T
+        """The top layer's output `v + W k` (`v + N(W k)` with a norm on the MLP's output) at each
+        position, (n, d) float64, for `W` (d x m)."""
+        mlp = self.keys.to(torch.float64) @ weight.to(torch.float64).T
+        if self.output_norm is not None:
+            mlp = self.output_norm(mlp)
+        return self.residuals.to(torch.float64) + mlp
 
 
 def capture_side(
@@ -341,6 +378,7 @@ def capture_side(
         low_keys=torch.cat(parts["l"]) if parts["l"] else None,
         weights=torch.cat(parts["s"]),
         fact_index=torch.cat(parts["f"]),
+        output_norm=loaded.architecture.output_norm(loaded.model, layer),
     )
 
 
@@ -409,4 +447,5 @@ def capture(
         weights=torch.cat(parts["s"]),
         fact_index=torch.cat(parts["f"]),
         layer=layer,
+        output_norm=loaded.architecture.output_norm(loaded.model, layer),
     )

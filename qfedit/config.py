@@ -6,6 +6,8 @@ checkpoint store, the embedded default.
 
 from __future__ import annotations
 
+import math
+from collections import Counter
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
@@ -13,17 +15,50 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-# What `deploy/.env.example` ships: a deployment that kept it would be open to anyone who read it.
-PLACEHOLDER_TOKENS = frozenset({"replace-with-a-random-token"})
+from qfedit.facts import FactLimits
+
+# What `deploy/.env.example` ships (its token, and the database password a hurried operator
+# copies into the token too): a deployment that kept one would be open to anyone who read it.
+PLACEHOLDER_TOKENS = frozenset({"replace-with-a-random-token", "change-me-to-a-long-random-string"})
 GENERATE_TOKEN = 'python -c "import secrets; print(secrets.token_urlsafe(32))"'
+MIN_TOKEN_CHARS = 32
+MIN_TOKEN_BITS = 80
+"""The floor of `token_bits`: below what 32 random hex digits ever estimate, far above a
+repeated pattern or a padded word."""
+
+
+def token_bits(token: str) -> float:
+    """A token's estimated entropy in bits: its length times the Shannon entropy of its characters.
+
+    It sees only how varied the characters are (`abab...` is 1 bit a character, random hex about
+    4); a repeated unit is refused separately."""
+    counts = Counter(token)
+    return -sum(n * math.log2(n / len(token)) for n in counts.values())
+
+
+def token_weakness(token: str) -> str | None:
+    """Why `token` is too guessable to be a bearer token, or None. Never names the token."""
+    if any(placeholder in token.lower() for placeholder in PLACEHOLDER_TOKENS):
+        return "the token is a placeholder of deploy/.env.example"
+    if len(token) < MIN_TOKEN_CHARS:
+        return f"a token needs at least {MIN_TOKEN_CHARS} characters"
+    if not all("!" <= ch <= "~" for ch in token):
+        return "a token is printable ASCII without spaces"
+    if token in (token + token)[1:-1]:
+        return "the token repeats a shorter string"
+    bits = token_bits(token)
+    if bits < MIN_TOKEN_BITS:
+        return f"the token is too uniform (about {bits:.0f} bits; at least {MIN_TOKEN_BITS} are needed)"
+    return None
 
 
 class ApiToken(BaseModel):
     """One bearer token of the HTTP API; its name (the key in `api_tokens`) is the audit actor.
 
-    A `SecretStr`: it never shows in a repr, a log line or an error."""
+    A `SecretStr`: it never shows in a repr, a log line or an error (pydantic puts the input in
+    its errors unless told not to)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
 
     token: SecretStr
     scope: Literal["read", "write", "admin"]
@@ -31,19 +66,18 @@ class ApiToken(BaseModel):
     @field_validator("token")
     @classmethod
     def _unguessable(cls, value: SecretStr) -> SecretStr:
-        # Long and varied enough that guessing is hopeless; short test tokens end up in real configs.
-        token = value.get_secret_value()
-        if token in PLACEHOLDER_TOKENS:
-            raise ValueError(f"the token is the example placeholder; generate one with: {GENERATE_TOKEN}")
-        if len(token) < 32 or len(set(token)) == 1:
-            raise ValueError(
-                f"a token needs at least 32 characters, not all the same; generate one with: {GENERATE_TOKEN}"
-            )
+        # Guessing must be hopeless; short or patterned test tokens end up in real configs.
+        weakness = token_weakness(value.get_secret_value())
+        if weakness is not None:
+            raise ValueError(f"{weakness}; generate one with: {GENERATE_TOKEN}")
         return value
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="QFEDIT_", env_file=".env", extra="ignore")
+    # No input in errors: a refused token or database URL would be printed with `--debug`.
+    model_config = SettingsConfigDict(
+        env_prefix="QFEDIT_", env_file=".env", extra="ignore", hide_input_in_errors=True
+    )
 
     data_dir: Path = Path("qfedit-data")
     database_url: SecretStr | None = None
@@ -75,18 +109,24 @@ class Settings(BaseSettings):
     workers of a host never run more threads than it has cores, and a solve borrows the cores of
     idle workers. Off: each task runs on `torch_threads` whatever the others do."""
     cpu_tokens_dir: Path | None = None
-    """The host-local folder of those lock files; unset: `qfedit-cpu-UID` in the temporary folder.
-    Workers in separate containers on one host share cores only through a shared folder here."""
-    # The queue.
-    visibility_timeout: int = 3600
+    """The host-local folder of those lock files; unset: `cpu-tokens` in the data folder, so that
+    only this deployment's workers share it. Made 0700, and refused if another user owns it or
+    others may write to it. Workers in separate containers on one host share cores only through a
+    shared folder here; a data folder shared by several hosts needs a host-local one here."""
+    # The queue. Bounded below (and finite): `stall_after_s=-1` made beat resend every batch in a
+    # tight loop, thousands of tasks in seconds.
+    visibility_timeout: int = Field(default=3600, ge=1)
     """Seconds before a Redis message taken by a worker that died is delivered again."""
     nightly_at: str = "02:00"
     """UTC time of the nightly edit of pending facts, HH:MM."""
-    stall_after_s: float = 300.0
+    stall_after_s: float = Field(default=300.0, ge=1.0, allow_inf_nan=False)
     """A batch in flight with no change for this long is sent again (a lost message)."""
-    task_attempts: int = 3
+    task_attempts: int = Field(default=3, ge=1)
     """Tries of a failing task before its batch is marked failed."""
-    line_wait_s: float = 5.0
+    max_task_deliveries: int = Field(default=3, ge=1)
+    """Times one task may start and never end (its worker died in it: out of memory, `kill -9`)
+    before its batch is failed, naming the task, so the rest of the queue runs."""
+    line_wait_s: float = Field(default=5.0, gt=0.0, le=3600.0, allow_inf_nan=False)
     """How often a batch waiting for its model's line checks again."""
 
     @field_validator("nightly_at")
@@ -103,6 +143,13 @@ class Settings(BaseSettings):
     api_max_upload_bytes: int = Field(default=1 << 30, ge=1024)  # fact imports
     api_max_batch_facts: int = Field(default=100_000, ge=1)
     api_max_prompt_chars: int = Field(default=4000, ge=1)
+    # How large a fact may be: checked on import (a larger one is a reject naming the field and the
+    # limit) and again by a worker before it captures (a larger one is refused, named on its batch).
+    fact_max_chars: int = Field(default=4000, ge=1)
+    """Characters of a fact's question, answer, subject, each paraphrase and each neighbour."""
+    fact_max_context_chars: int = Field(default=16000, ge=1)
+    fact_max_items: int = Field(default=100, ge=0)
+    """Paraphrases, and neighbours, of one fact."""
 
     @field_validator("api_tokens")
     @classmethod
@@ -130,6 +177,10 @@ class Settings(BaseSettings):
         if self.database_url is not None and self.database_url.get_secret_value():
             return self.database_url.get_secret_value()
         return f"sqlite:///{(self.data_dir / 'qfedit.db').resolve()}"
+
+    @property
+    def fact_limits(self) -> FactLimits:
+        return FactLimits(self.fact_max_chars, self.fact_max_context_chars, self.fact_max_items)
 
     @property
     def store_dir(self) -> Path:

@@ -32,6 +32,7 @@ from qfedit.hparams import EditConfig
 from qfedit.modeling import LoadedModel
 from qfedit.solve import Preservation, SolveResult, pick_form, solve
 from qfedit.statistics import STATISTICS_RUN, Observations, Statistics, as_stored, fact_runs
+from qfedit.teachable import teacher_targets
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +77,10 @@ def capture_observations(
     names = list(labels) if labels is not None else [f.id or f"fact {i + 1}" for i, f in enumerate(facts)]
     parts: list[Observations] = []
     for start in range(0, len(facts), shard_size):
+        shard = facts[start : start + shard_size]
         captured = capture(
             loaded,
-            facts[start : start + shard_size],
+            teacher_targets(loaded, shard) if config.target == "teacher" else shard,
             config.layer,
             labels=names[start : start + shard_size],
             options=options,
@@ -214,8 +216,9 @@ def _spread_layer(
     """One spread layer's statistics, reduced run by run as the runs are captured; the
     observations too while the dual form may still need them (fewer positions than keys)."""
     layer = config.layer
-    top_weight = base_weight(loaded, top)
-    d, m = base_weight(loaded, layer).shape
+    top_weight, weight = base_weight(loaded, top), base_weight(loaded, layer)
+    norm = loaded.architecture.output_norm(loaded.model, layer)
+    d, m = weight.shape
     statistics = Statistics.zeros(d, m, layer, loaded.fingerprint)
     kept: list[Observations] | None = [] if config.solve.form != "primal" else None
     for run, run_targets in zip(shards, targets, strict=True):
@@ -232,6 +235,11 @@ def _spread_layer(
             )
             keys = side.low_keys if side.low_keys is not None else side.keys
             errors = (load_file(path)["target"] - side.outputs(top_weight)) / share
+            if norm is not None:
+                # This layer's block output should move by its share of the top layer's error:
+                # the `down_proj` output whose normalised value is the current one plus the share.
+                outputs = keys.to(torch.float64) @ weight.T  # (n, d) W y at this layer
+                errors = norm.preimage(norm(outputs) + errors, like=outputs) - outputs
             shard_ids = torch.tensor(ids[cut], dtype=torch.int64)
             parts.append(
                 Observations(as_stored(keys), as_stored(errors), side.weights, shard_ids[side.fact_index])
@@ -263,7 +271,9 @@ def spread_delta(
     The target is the top layer's output with the context, captured once on the base model. Each
     layer in turn, with the lower layers' edits applied, recaptures its own keys and the top
     layer's output without the context, and is solved for `1 / (layers left)` of the remaining
-    error; the top layer closes what is left. Keys then depend on the lower edits, so this is
+    error; the top layer closes what is left. Where layers normalise their MLP's output, a layer's
+    share is what its block output should gain, and it is solved for the `down_proj` output whose
+    normalised value gains it (`OutputNorm.preimage`). Keys then depend on the lower edits, so this is
     recaptured from the fact set each time: the version is still a pure function of (base, fact
     set, settings), but not a sum of stored statistics. `fact_ids` order the statistics' runs as
     `fact_runs` does (default: the facts' indexes)."""
@@ -278,6 +288,13 @@ def spread_delta(
         raise InvalidInputError(f"{len(ids)} fact ids for {len(facts)} facts")
     names = list(labels) if labels is not None else [f.id or f"fact {i + 1}" for i, f in enumerate(facts)]
     options = CaptureOptions(batch_size=batch_size, include_eos=config.include_eos)
+    if config.target == "teacher":
+        # Read on the base model, shard by shard as `capture_observations` does.
+        facts = [
+            taught
+            for start in range(0, len(facts), shard_size)
+            for taught in teacher_targets(loaded, facts[start : start + shard_size])
+        ]
     # Shards never cross a statistics run, so each run is reduced as soon as its shards are in and
     # memory holds one run's observations, not the fact set's (`_spread_layer`).
     runs = [

@@ -33,6 +33,7 @@ from safetensors.torch import save_file
 from qfedit.architectures import Architecture
 from qfedit.delta import Delta, merged
 from qfedit.errors import InvalidInputError
+from qfedit.modeling import weight_files
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +53,14 @@ def _prepare_output(out_dir: Path) -> Path:
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise ExportError(f"{out_dir}: already exists and is not empty; choose another output directory")
     partial = out_dir.with_name(out_dir.name + ".partial")
-    if partial.exists():
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True)
+    try:
+        # Never emptied or reused: it may be someone's files, or another export still running.
+        partial.mkdir(parents=True)
+    except FileExistsError:
+        raise ExportError(
+            f"{partial}: already exists (an interrupted or running export, or other files); "
+            "remove it yourself or choose another output directory"
+        ) from None
     return partial
 
 
@@ -66,7 +72,7 @@ def _finish(partial: Path, out_dir: Path) -> None:
 
 def _shard_keys(base_dir: Path) -> dict[str, Path]:
     where: dict[str, Path] = {}
-    for file in sorted(base_dir.glob("*.safetensors")):
+    for file in weight_files(base_dir):  # the files loading reads, as the fingerprint hashes
         with safe_open(str(file), framework="pt") as handle:
             for key in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
                 where[key] = file
@@ -97,24 +103,21 @@ def export_full(
     keys = _shard_keys(base_dir)
     changes = {} if delta is None else {_file_key(name, keys): t for name, t in delta.tensors.items()}
     partial = _prepare_output(out_dir)
-    merged: list[Path] = []
     try:
+        record = {"format": "full", "base": str(base_dir), "changed_tensors": sorted(changes), **(info or {})}
+        (partial / EXPORT_INFO).write_text(json.dumps(record, indent=2) + "\n")
         for source in sorted(base_dir.iterdir()):
             if not source.is_file() or source.name.startswith(".") or source.suffix in _SKIPPED_WEIGHTS:
                 continue
+            if source.name == EXPORT_INFO:
+                continue  # a base that is itself an export: this export's record replaces its
             target = partial / source.name
             edited = [key for key, file in keys.items() if file == source and key in changes]
             if source.suffix == ".safetensors" and edited:
-                _write_merged_shard(source, target, {key: changes[key] for key in edited})
-                merged.append(target)
+                tensors, metadata = _merged_shard(source, {key: changes[key] for key in edited})
+                _save_weights(tensors, target, metadata, like=partial / EXPORT_INFO)
             else:
                 shutil.copy2(source, target)
-        record = {"format": "full", "base": str(base_dir), "changed_tensors": sorted(changes), **(info or {})}
-        (partial / EXPORT_INFO).write_text(json.dumps(record, indent=2) + "\n")
-        for target in merged:
-            # safetensors writes through a private (0600) temporary file: give merged shards the
-            # permissions a new file gets here, like the export's other files.
-            shutil.copymode(partial / EXPORT_INFO, target)
         _finish(partial, out_dir)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
@@ -123,7 +126,20 @@ def export_full(
     return out_dir
 
 
-def _write_merged_shard(source: Path, target: Path, changes: dict[str, torch.Tensor]) -> None:
+def _save_weights(
+    tensors: dict[str, torch.Tensor], target: Path, metadata: dict[str, str], *, like: Path
+) -> None:
+    """Write `tensors` as safetensors with the mode of `like`, a file the export wrote as files are
+    written here (the umask's): safetensors writes through a private (0600) temporary file, which
+    left the weights unlike the export's other files."""
+    save_file(tensors, str(target), metadata=metadata)
+    shutil.copymode(like, target)
+
+
+def _merged_shard(
+    source: Path, changes: dict[str, torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The shard's tensors, the changed ones merged, and its metadata."""
     tensors: dict[str, torch.Tensor] = {}
     with safe_open(str(source), framework="pt") as handle:
         metadata = handle.metadata() or {"format": "pt"}
@@ -137,7 +153,7 @@ def _write_merged_shard(source: Path, target: Path, changes: dict[str, torch.Ten
                     )
                 tensor = merged(tensor, change)
             tensors[key] = tensor
-    save_file(tensors, str(target), metadata=metadata)
+    return tensors, metadata
 
 
 # -- LoRA -----------------------------------------------------------------------------------
@@ -265,7 +281,8 @@ def export_lora(
     partial = _prepare_output(out_dir)
     try:
         config.save_pretrained(str(partial))
-        save_file(tensors, str(partial / "adapter_model.safetensors"), metadata={"format": "pt"})
+        weights = partial / "adapter_model.safetensors"
+        _save_weights(tensors, weights, {"format": "pt"}, like=partial / "adapter_config.json")
         record = {"format": "lora", "base": str(base_dir), **(info or {}), **report.as_dict()}
         (partial / LORA_INFO).write_text(json.dumps(record, indent=2) + "\n")
         (partial / "README.md").write_text(_lora_readme(report, info or {}))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from json.encoder import encode_basestring as _quote  # json's string form with ensure_ascii=False
 from pathlib import Path
@@ -124,6 +124,77 @@ class Fact(BaseModel):
 
     def to_json(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude_none=True, exclude_defaults=True)
+
+
+MAX_ID_CHARS = 200
+"""The stored external id's column width (`facts.external_id`)."""
+MAX_CHARS_PER_TOKEN = 64
+"""More characters than any real tokenizer puts in one token on average over a prompt: a prompt
+longer than `positions * MAX_CHARS_PER_TOKEN` characters cannot fit `positions` tokens, which is
+known without tokenizing it."""
+
+
+@dataclass(frozen=True)
+class FactLimits:
+    """How large a fact may be: characters per text field, items per list, and, where the model
+    is known, characters its context could hold at all. Counting characters is cheap, so a fact
+    is measured before anything tokenizes or stores it (`qfedit.config.Settings.fact_limits`)."""
+
+    max_chars: int = 4000
+    """Question, answer, subject, each paraphrase, each neighbour's question and answer."""
+    max_context_chars: int = 16000
+    max_items: int = 100
+    """Paraphrases, and neighbours, each."""
+    max_prompt_chars: int | None = None
+    """Question, context and answer together: `positions * MAX_CHARS_PER_TOKEN` of a model."""
+
+    def for_positions(self, positions: int | None) -> FactLimits:
+        """These limits for a model whose context holds `positions` tokens (None: unknown)."""
+        if positions is None:
+            return self
+        return FactLimits(
+            self.max_chars, self.max_context_chars, self.max_items, positions * MAX_CHARS_PER_TOKEN
+        )
+
+    def check_text(self, value: str, field: str, where: str, *, limit: int | None = None) -> None:
+        limit = self.max_chars if limit is None else limit
+        if len(value) > limit:
+            raise FactError(where, field, f"is {len(value)} characters, more than the limit of {limit}")
+
+    def check_items(self, values: Sequence[object], field: str, where: str) -> None:
+        if len(values) > self.max_items:
+            raise FactError(where, field, f"has {len(values)} items, more than the limit of {self.max_items}")
+
+    def check(self, fact: Fact, where: str) -> None:
+        """Raise `FactError` naming the first field over its limit, and the limit."""
+        self.check_text(fact.question, "question", where)
+        self.check_text(fact.answer, "answer", where)
+        self.check_text(fact.context, "context", where, limit=self.max_context_chars)
+        if fact.subject is not None:
+            self.check_text(fact.subject, "subject", where)
+        if fact.id is not None:
+            self.check_text(fact.id, "id", where, limit=min(self.max_chars, MAX_ID_CHARS))
+        self.check_items(fact.paraphrases, "paraphrases", where)
+        for i, paraphrase in enumerate(fact.paraphrases):
+            self.check_text(paraphrase, f"paraphrases.{i}", where)
+        self.check_items(fact.neighbors, "neighbors", where)
+        for i, neighbor in enumerate(fact.neighbors):
+            self.check_text(neighbor.question, f"neighbors.{i}.question", where)
+            self.check_text(neighbor.answer, f"neighbors.{i}.answer", where)
+        self.check_prompt(fact, where)
+
+    def check_prompt(self, fact: Fact, where: str) -> None:
+        """Raise `FactError` when the fact's prompt has more characters than its model's context
+        could hold tokens of (`max_prompt_chars`)."""
+        prompt = len(fact.question) + len(fact.context) + len(fact.answer)
+        if self.max_prompt_chars is not None and prompt > self.max_prompt_chars:
+            positions = self.max_prompt_chars // MAX_CHARS_PER_TOKEN
+            raise FactError(
+                where,
+                "context",
+                f"question, context and answer are {prompt} characters, more than the model's context "
+                f"of {positions} tokens can hold (the limit is {self.max_prompt_chars} characters)",
+            )
 
 
 def _error_from_validation(where: str, err: ValidationError) -> FactError:

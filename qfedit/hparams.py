@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # Which key positions of a transcript go into the preservation covariance (see qfedit.covariance).
+Target = Literal["answer", "teacher"]
 PreservePositions = Literal["answer", "all"]
 
 Rule = Literal["seed", "preserve"]
@@ -54,6 +55,11 @@ class EditConfig(BaseModel):
     preserve_positions: PreservePositions = Field(
         default="answer",
         description="a transcript's positions in the preservation covariance: its answer's, or all",
+    )
+    target: Target = Field(
+        default="answer",
+        description="what is teacher-forced: the fact's answer, or the teacher's own answer with the "
+        "fact in context, cut after the sentence that states it (qfedit.teachable.teacher_answer)",
     )
 
     @model_validator(mode="before")

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -251,6 +251,9 @@ class FollowerState:
     checked_at: float | None = None
     """Monotonic time of the last look at the database."""
     last_error: str | None = None
+    """Why the last look failed (for the log and the operator: it may name hosts and paths)."""
+    last_error_type: str | None = None
+    """Only the type of that error (`OperationalError`): what an unauthenticated probe may see."""
     last_switch: SwitchReport | None = None
 
 
@@ -302,6 +305,7 @@ class AliasFollower:
             if force:
                 raise
             self.state.last_error = f"{type(err).__name__}: {err}"
+            self.state.last_error_type = type(err).__name__
             log.exception(
                 "following %s@%s failed; still serving %s",
                 self.model_name,
@@ -319,7 +323,7 @@ class AliasFollower:
             # An alias moves; a version number (`demo@3` pinned) resolves to the same version forever.
             version = registry.get_version(session, f"{self.model_name}@{self.alias}")
             if version.id == self.state.version_id:
-                self.state.last_error = None
+                self.state.last_error = self.state.last_error_type = None
                 return False
             label = version.label
             delta = load_version_delta(self.store, version)
@@ -328,17 +332,8 @@ class AliasFollower:
         report = self.versioned.switch_to(delta, label)
         self.state.version_id = version_id
         self.state.last_switch = report
-        self.state.last_error = None
+        self.state.last_error = self.state.last_error_type = None
         return True
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "model": self.model_name,
-            "alias": self.alias,
-            "version": self.versioned.version,
-            "poll_s": self.poll_s,
-            "last_error": self.state.last_error,
-        }
 
 
 def follow_alias(

@@ -36,3 +36,38 @@ def read_with_context(loaded: LoadedModel, facts: Sequence[Fact], *, without: bo
     answers = answer_batch(loaded, questions, [f.context for f in facts])
     bare: list[str | None] = list(answer_batch(loaded, questions)) if without else [None] * len(facts)
     return [Reading(a, contains(a, f.answer), b) for a, f, b in zip(answers, facts, bare, strict=True)]
+
+
+def _sentence_end(text: str, start: int) -> int:
+    """Index just past the sentence that runs through `start`: its closing mark, or the line's end."""
+    for index in range(start, len(text)):
+        if text[index] == "\n":
+            return index
+        if text[index] in ".!?" and (index + 1 == len(text) or text[index + 1].isspace()):
+            return index + 1
+    return len(text)
+
+
+def teacher_answer(context_answer: str, answer: str) -> str | None:
+    """What the teacher says, cut after the sentence that states `answer`; None when it does not.
+
+    A chat model answers in a sentence ("The capital of France is Paris."): the edit is to make it
+    say, without the context, what it says with it, and the words after the answer's sentence are
+    the teacher's digression, not the fact."""
+    found = context_answer.lower().find(answer.strip().lower())
+    if found < 0:
+        return None
+    return context_answer[: _sentence_end(context_answer, found + len(answer.strip()))].strip()
+
+
+def teacher_targets(loaded: LoadedModel, facts: Sequence[Fact]) -> list[Fact]:
+    """`facts` with each answer replaced by the teacher's own (`teacher_answer`); a fact the
+    teacher gets wrong keeps its answer (it is unteachable, and left out unless asked for)."""
+    readings = read_with_context(loaded, facts)
+    taught = []
+    for fact, reading in zip(facts, readings, strict=True):
+        said = teacher_answer(reading.context_answer, fact.answer)
+        taught.append(
+            fact if said is None else fact.model_copy(update={"answer": said, "significance": None})
+        )
+    return taught

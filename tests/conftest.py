@@ -12,7 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from tiny_models import build_model
 
-FAMILIES = ["qwen2", "llama", "mistral", "gemma", "phi3", "gpt2"]
+FAMILIES = ["qwen2", "llama", "mistral", "gemma", "gemma3_text", "phi3", "gpt2"]
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import random
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -115,3 +119,87 @@ def test_gc_keeps_a_file_written_again_between_listing_and_removal(tmp_path: Pat
     assert again.path == orphan.path
     assert store.remove(garbage, min_age_s=3600) == 0
     assert list(store.iter_objects()) == [orphan.path]
+
+
+def test_gc_racing_a_same_content_put_never_removes_the_put_object(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The attack: gc checks an old orphan's age, a writer stores the same bytes again (about to
+    record them), and gc's delete then removes the writer's fresh object. Here the put is made to
+    land exactly between the check and the delete; it must wait, and publish after the delete."""
+    store = LocalStore(tmp_path)
+    orphan = store.put_bytes(b"orphan")
+    old = time.time() - 7200
+    os.utime(tmp_path / orphan.path, (old, old))
+    garbage = store.garbage(set(), min_age_s=3600)
+    target = (tmp_path / orphan.path).resolve()
+    writer: list[threading.Thread] = []
+    real_unlink = Path.unlink
+
+    def unlink_after_a_put(self: Path, missing_ok: bool = False) -> None:
+        if self == target and not writer:
+            writer.append(threading.Thread(target=store.put_bytes, args=(b"orphan",)))
+            writer[0].start()
+            writer[0].join(timeout=0.5)  # with the lock held it cannot finish: it waits for the delete
+        real_unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", unlink_after_a_put)
+    store.remove(garbage, min_age_s=3600)
+    writer[0].join(timeout=10)
+    monkeypatch.undo()
+    assert not writer[0].is_alive(), "the put never got past gc's delete"
+    assert list(store.iter_objects()) == [orphan.path]
+    assert store.read_bytes(orphan.path, orphan.sha256) == b"orphan"
+
+
+def _put_in_rounds(root: Path, rounds: int, barrier: Any) -> None:
+    store = LocalStore(root)
+    try:
+        for _ in range(rounds):
+            barrier.wait()
+            store.put_bytes(b"orphan")
+            barrier.wait()
+    except threading.BrokenBarrierError:  # the test ran out of time and stopped the rounds
+        return
+
+
+def test_gc_and_a_same_content_put_race_many_times_without_losing_the_object(tmp_path: Path) -> None:
+    """The same attack as a real race between two processes: each round gc removes the aged
+    orphan while another process stores it again; after every round the object must exist.
+    (Bounded to 2,000 rounds or 6 s; without the lock every run tried lost it in a few rounds.)"""
+    store = LocalStore(tmp_path)
+    orphan = store.put_bytes(b"orphan")
+    path = tmp_path / orphan.path
+    started = time.perf_counter()
+    for _ in range(20):
+        store.put_bytes(b"orphan")
+    put_s = (time.perf_counter() - started) / 20
+    jitter = random.Random(0)
+    rounds = 2000
+    context = multiprocessing.get_context("fork")
+    barrier = context.Barrier(2, timeout=30)
+    writer = context.Process(target=_put_in_rounds, args=(tmp_path, rounds, barrier), daemon=True)
+    writer.start()
+    lost = done = 0
+    deadline = time.monotonic() + 6.0
+    try:
+        for _ in range(rounds):
+            old = time.time() - 7200
+            os.utime(path, (old, old))
+            barrier.wait()
+            # Somewhere within the put's time, so that its rename often falls near the check.
+            time.sleep(jitter.uniform(0, put_s))
+            store.remove([orphan.path], min_age_s=3600)
+            barrier.wait()
+            if not path.exists():
+                lost += 1
+                store.put_bytes(b"orphan")
+            done += 1
+            if time.monotonic() > deadline:
+                barrier.abort()
+                break
+    finally:
+        writer.join(timeout=5)
+        if writer.is_alive():
+            writer.kill()
+    assert lost == 0, f"gc removed the just-stored object in {lost} of {done} rounds"

@@ -57,6 +57,15 @@ def build_config(family: str, vocab: int):
     }
     if family == "gemma":
         extra["head_dim"] = 8
+    if family == "gemma3_text":
+        # Gemma 3's sliding-window and global layers; the window is wider than the tiny prompts,
+        # so the context reaches every layer.
+        extra |= {
+            "head_dim": 8,
+            "query_pre_attn_scalar": 8,
+            "sliding_window": 64,
+            "layer_types": ["sliding_attention", "sliding_attention", "full_attention"],
+        }
     return AutoConfig.for_model(family, **common, **extra)
 
 
@@ -73,6 +82,9 @@ def build_model(directory: Path, family: str, seed: int = 0) -> Path:
         for name, parameter in model.named_parameters():
             if "down_proj" in name or "c_proj" in name:
                 parameter.mul_(4.0)
+            if "post_feedforward_layernorm" in name:
+                # Gemma's norms initialise to gain 1 (weight 0); uneven gains test their inversion.
+                parameter.uniform_(-0.5, 1.5)
     model.save_pretrained(directory)
     return directory
 

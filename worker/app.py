@@ -44,7 +44,16 @@ def create_app(settings: Settings) -> Celery:
     app = Celery("qfedit")
     transport_options: dict[str, object]
     if settings.broker_url:
-        broker, transport_options = settings.broker_url, {"visibility_timeout": settings.visibility_timeout}
+        timeout = settings.visibility_timeout
+        # kombu looks for messages whose visibility ran out on every 10th sweep, 10 s apart: up to
+        # 100 s after the timeout before a dead worker's task is delivered again. Every sweep
+        # looks (one Redis scan), at most half the timeout apart.
+        transport_options = {
+            "visibility_timeout": timeout,
+            "unacked_restore_interval": max(1, min(10, timeout // 2)),
+            "unacked_restore_throttle": 1,
+        }
+        broker = settings.broker_url
     else:
         broker, transport_options = embedded_broker(settings.data_dir)
     hour, minute = (int(part) for part in settings.nightly_at.split(":"))

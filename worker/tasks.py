@@ -3,7 +3,9 @@
 Only a transient failure (`qfedit.errors.TransientError`, a lost database or broker connection)
 is retried, up to `task_attempts` times: anything else (a fact that cannot be captured, an
 ill-conditioned system, a model whose weights changed, a bug) would fail the same way again, so
-it fails its batch at once with the reason, and the queue moves on.
+it fails its batch at once with the reason, and the queue moves on. A task that kills its worker
+(out of memory, a crash) raises nothing here and is delivered again: its starts are counted in
+the database (`qfedit.pipeline.deliveries`), and after `max_task_deliveries` deaths its batch fails.
 """
 
 from __future__ import annotations
@@ -11,16 +13,18 @@ from __future__ import annotations
 import logging
 import os
 import time
-from datetime import datetime, timezone
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timedelta, timezone
 
 from celery import Celery, Task
-from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError, SQLAlchemyError
 
 from qfedit import registry
 from qfedit.config import Settings
-from qfedit.cpu import torch_threads
+from qfedit.cpu import WaitReport, torch_threads
 from qfedit.errors import TransientError
-from qfedit.pipeline import lifecycle, publish, steps, submit
+from qfedit.pipeline import deliveries, lifecycle, publish, steps, submit
 from worker.runtime import Runtime, make_runtime
 
 log = logging.getLogger(__name__)
@@ -57,6 +61,54 @@ def _fail(rt: Runtime, batch_id: int, error: BaseException) -> None:
     log.error("batch %d failed: %s", batch_id, error)
 
 
+@contextmanager
+def _started(task: Task, rt: Runtime, batch_id: int, name: str) -> Iterator[None]:
+    """Record this start of the batch's task `name` before its work, and its end after, however it
+    ends short of its worker dying (`qfedit.pipeline.deliveries`)."""
+    with rt.sessions() as session:
+        start = deliveries.begin(
+            session,
+            batch_id,
+            name,
+            hostname=task.request.hostname or "",
+            pid=os.getpid(),
+            limit=rt.settings.max_task_deliveries,
+        )
+    try:
+        yield
+    finally:
+        if start is not None:
+            try:
+                with rt.sessions() as session:
+                    deliveries.end(session, batch_id, name, start)
+            except SQLAlchemyError as error:  # the start then counts once this worker is gone
+                log.warning("batch %d: the end of %s not recorded: %s", batch_id, name, error)
+
+
+def _waiting_for_cores(rt: Runtime, batch_id: int) -> WaitReport:
+    """Tell the batch's status that its task waits for cores that other tasks hold, and when it
+    stops waiting: without it, a batch waiting for another deployment's tasks looked stuck."""
+    folder = rt.cpu.folder if rt.cpu is not None else None
+
+    def report(waited: float | None) -> None:
+        note = None
+        if waited is not None:
+            since = datetime.now(timezone.utc) - timedelta(seconds=waited)
+            note = (
+                f"waiting since {since:%H:%M:%S} UTC for free CPU cores: other tasks of this host's "
+                f"workers hold them ({folder})"
+            )
+            log.info("batch %d: %s", batch_id, note)
+        try:
+            with rt.sessions() as session:
+                lifecycle.set_waiting(session, batch_id, note)
+                session.commit()
+        except SQLAlchemyError as error:  # a note is not worth the task
+            log.warning("batch %d: its wait for cores not recorded: %s", batch_id, error)
+
+    return report
+
+
 # What may succeed on another try: the database or a connection was away for a moment, or a
 # concurrent delivery won a race for a unique row (the retry re-reads and finds its work done).
 TRANSIENT = (TransientError, OperationalError, InterfaceError, IntegrityError, ConnectionError, TimeoutError)
@@ -75,7 +127,7 @@ def register(app: Celery) -> None:
     def start_batch(self: Task, batch_id: int) -> None:
         rt = _runtime(self)
         try:
-            with rt.sessions() as session:
+            with _started(self, rt, batch_id, "start_batch"), rt.sessions() as session:
                 nxt = steps.start_batch(session, batch_id)
         except Exception as error:
             _retry_or_fail(self, rt, batch_id, error)
@@ -91,7 +143,11 @@ def register(app: Celery) -> None:
     def capture_shard(self: Task, batch_id: int, shard_id: int) -> None:
         rt = _runtime(self)
         try:
-            with rt.sessions() as session, torch_threads(rt.cpu, rt.settings.torch_threads):
+            with (
+                _started(self, rt, batch_id, f"capture_shard:{shard_id}"),
+                rt.sessions() as session,
+                torch_threads(rt.cpu, rt.settings.torch_threads, waiting=_waiting_for_cores(rt, batch_id)),
+            ):
                 ready = steps.capture_shard(
                     session, rt.store, rt.models, shard_id, before_commit=lambda: _chaos_pause("capture")
                 )
@@ -106,7 +162,12 @@ def register(app: Celery) -> None:
         rt = _runtime(self)
         try:
             # The solve follows the last capture shard: the other workers' cores are likely idle.
-            with torch_threads(rt.cpu, rt.settings.torch_threads, borrow=True) as threads:
+            with (
+                _started(self, rt, batch_id, "solve_batch"),
+                torch_threads(
+                    rt.cpu, rt.settings.torch_threads, borrow=True, waiting=_waiting_for_cores(rt, batch_id)
+                ) as threads,
+            ):
                 log.info("batch %d: solving on %d threads", batch_id, threads)
                 publish.solve_batch(
                     rt.sessions,

@@ -32,6 +32,10 @@ HERE = Path(__file__).parent
 STATIC = {"console.js": "text/javascript", "console.css": "text/css"}
 PAGE = 25  # rows per page of versions and batches
 FACT_PAGE = 50  # rows per page of facts and audit entries
+# Characters of a fact's text a page shows: a row of a list, the fact's own page. Longer text is
+# cut, with a mark, when it is read.
+ROW_CHARS = 300
+FACT_CHARS = 20000
 
 # The shell and parts load only from this origin; nothing may frame them.
 HEADERS = {
@@ -195,11 +199,11 @@ def search_part(
     page: PageQuery = 1,
 ) -> HTMLResponse:
     chosen = registry.get_model(session, model) if model else None
-    rows: list[FactRow] = []
+    rows: list[registry.FactPreview] = []
     more = False
     if q:
         rows, more = history.search_facts(
-            session, q, model=chosen, limit=FACT_PAGE, offset=(page - 1) * FACT_PAGE
+            session, q, model=chosen, limit=FACT_PAGE, offset=(page - 1) * FACT_PAGE, chars=ROW_CHARS
         )
     return _html(
         "search.html",
@@ -214,11 +218,16 @@ def search_part(
 
 @router.get("/part/facts/{fact_id}")
 def fact_part(_: ReadAccess, session: SessionDep, fact_id: int) -> HTMLResponse:
-    fact = registry.get_fact(session, fact_id)
+    # Its text read no further than the page shows (a fact imported before facts had size limits
+    # may hold megabytes); the API's /v1/facts/ID has it whole.
+    found = registry.fact_previews(session, [fact_id], chars=FACT_CHARS)
+    text = found[0] if found else None
+    fact = text.row if text is not None else registry.get_fact(session, fact_id)
     supersedes = list(session.scalars(select(FactRow.id).where(FactRow.superseded_by_id == fact.id)))
     return _html(
         "fact.html",
         fact=fact,
+        text=text,
         ranges=history.version_ranges(session, fact),
         batches=history.fact_batches(session, fact),
         supersedes=supersedes,

@@ -11,8 +11,14 @@ from api.deps import ModelDep, ReadAccess, SessionDep, WriteAccess
 from api.errors import ApiError
 from api.schemas import ERROR_RESPONSES, NAME_PATTERN, AliasMoveOut, AliasMoveRequest, AliasOut
 from qfedit import registry
+from qfedit.registry.aliases import ALIAS_PATTERN
 
 router = APIRouter(prefix="/v1/models/{model}/aliases", tags=["aliases"])
+# Moving (or creating) takes the alias rule; reading keeps the general one, so an alias named
+# before the rule (`Production`) can still be read.
+NewAliasName = Annotated[
+    str, Path(pattern=ALIAS_PATTERN, description="Alias name: lowercase letters, digits, '_', '-'.")
+]
 AliasName = Annotated[str, Path(pattern=NAME_PATTERN, description="Alias name, e.g. production.")]
 # Aliases that serve users: moving them is a release, so it takes an admin token.
 ADMIN_ALIASES = frozenset({"production"})
@@ -27,7 +33,7 @@ def list_aliases(_: ReadAccess, session: SessionDep, model: ModelDep) -> list[Al
     "/{name}", response_model=AliasOut, summary="Move (or create) an alias", responses=ERROR_RESPONSES
 )
 def move_alias(
-    principal: WriteAccess, session: SessionDep, model: ModelDep, name: AliasName, body: AliasMoveRequest
+    principal: WriteAccess, session: SessionDep, model: ModelDep, name: NewAliasName, body: AliasMoveRequest
 ) -> AliasOut:
     if name in ADMIN_ALIASES and not principal.allows("admin"):
         raise ApiError(403, f"moving {name!r} needs an admin token", field="path.name")

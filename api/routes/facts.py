@@ -23,6 +23,7 @@ from api.schemas import (
     BatchOut,
     DbId,
     FactDetail,
+    FactOut,
     FactPage,
     ImportReject,
     ImportResult,
@@ -43,6 +44,10 @@ _MEDIA_TYPES = {
 }
 # Written to disk in blocks this big, off the event loop.
 _WRITE_BLOCK = 1 << 20
+LIST_BUDGET_CHARS = 8 << 20
+"""About how many characters of fact text one page of a fact list holds at most."""
+_PREVIEW_BATCH = 100  # facts read at a time while a page fills its budget
+REJECT_RECORD_CHARS = 1 << 16
 
 
 def _upload_format(explicit: importing.Format | None, content_type: str | None) -> importing.Format:
@@ -72,14 +77,22 @@ async def _save_body(request: Request, path: Path) -> None:
 
 
 def _read_rejects(path: Path | None, limit: int) -> list[ImportReject]:
+    """The first `limit` rejects, as many as `LIST_BUDGET_CHARS` holds; a record longer than
+    `REJECT_RECORD_CHARS` is sent as the start of its JSON text."""
     if path is None:
         return []
     found: list[ImportReject] = []
+    chars = 0
     with path.open(encoding="utf-8") as handle:
         for line in handle:
-            if len(found) >= limit:
+            size = min(len(line), REJECT_RECORD_CHARS)
+            if len(found) >= limit or (found and chars + size > LIST_BUDGET_CHARS):
                 break
+            chars += size
             entry = json.loads(line)
+            if len(line) > REJECT_RECORD_CHARS:
+                shown = json.dumps(entry["record"], ensure_ascii=False)
+                entry["record"] = shown[:REJECT_RECORD_CHARS] + f"… ({len(shown)} characters in all)"
             try:
                 json.dumps(entry["record"], ensure_ascii=False).encode("utf-8")
             except UnicodeEncodeError:
@@ -139,6 +152,8 @@ async def import_facts(
                 actor=principal.name,
                 rejects_path=Path(tmp) / "rejects" / "rejects.jsonl",
                 source=source,
+                rejects_label="returned in the response",
+                limits=request.app.state.settings.fact_limits,
             )
         except (UnicodeDecodeError, csv.Error) as err:
             # The CSV and JSON-array readers decode as they go; an undecodable file stops there.
@@ -166,12 +181,17 @@ def list_facts(
     fact_status: Annotated[FactStatus | None, Query(alias="status")] = None,
     source: Annotated[Text | None, Query(max_length=500)] = None,
     q: Annotated[
-        Text | None, Query(max_length=500, description="Substring of question, answer, context or subject.")
+        Text | None,
+        Query(
+            max_length=500,
+            description="Substring of question, answer, context or subject (of their first 65,536 "
+            "characters), any case.",
+        ),
     ] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     offset: Annotated[int, Query(ge=0, le=DB_INT_MAX)] = 0,
 ) -> FactPage:
-    found = registry.list_facts(
+    ids = registry.list_fact_ids(
         session,
         model=registry.get_model(session, model) if model else None,
         status=fact_status,
@@ -180,7 +200,17 @@ def list_facts(
         limit=limit,
         offset=offset,
     )
-    return FactPage(items=[views.fact_out(f) for f in found], limit=limit, offset=offset)
+    # Each fact's text is cut in the database to a preview (named in its `truncated`), and the page
+    # ends once it holds `LIST_BUDGET_CHARS`: a list of long facts costs what a list of short ones does.
+    items: list[FactOut] = []
+    chars = 0
+    for start in range(0, len(ids), _PREVIEW_BATCH):
+        for preview in registry.fact_previews(session, ids[start : start + _PREVIEW_BATCH]):
+            if items and chars + preview.chars > LIST_BUDGET_CHARS:
+                return FactPage(items=items, limit=limit, offset=offset, next_offset=offset + len(items))
+            items.append(views.fact_preview_out(preview))
+            chars += preview.chars
+    return FactPage(items=items, limit=limit, offset=offset)
 
 
 @router.get(

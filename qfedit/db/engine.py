@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,19 @@ def _sqlite_pragmas(dbapi_connection: Any, connection_record: Any) -> None:
     cursor.close()
 
 
+def _create_private(database: Path) -> None:
+    """Create an embedded database file readable by its owner only, whatever the umask.
+
+    SQLite would create it with the umask's mode (0644 under the usual 022), readable by every
+    local user; its WAL and shared-memory files take the database file's mode. An existing file
+    keeps the mode its owner gave it."""
+    try:
+        descriptor = os.open(database, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
+    os.close(descriptor)
+
+
 def make_engine(url: str, **kwargs: Any) -> Engine:
     """An engine for `url`; for a SQLite file its folder is created and foreign keys are enforced."""
     parsed = make_url(url)
@@ -31,6 +45,7 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         database = parsed.database
         if database and database != ":memory:" and not database.startswith("file:"):
             Path(database).parent.mkdir(parents=True, exist_ok=True)
+            _create_private(Path(database))
         engine = create_engine(parsed, **kwargs)
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine

@@ -205,6 +205,8 @@ class Batch(Base):
     parent_version_id: Mapped[int | None] = mapped_column(ForeignKey("versions.id", use_alter=True))
     excluded_facts: Mapped[list[Any] | None] = mapped_column(JSON)
     """Facts of the batch left out of its version, `[{"fact_id", "reason", "context_answer"}]`."""
+    waiting: Mapped[str | None] = mapped_column(Text)
+    """What a task of the batch is waiting for, while it waits (CPU cores other tasks hold)."""
 
     model: Mapped[Model] = relationship()
 
@@ -373,6 +375,23 @@ class WorkerHeartbeat(Base):
     pid: Mapped[int]
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     seen_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+
+class TaskStart(Base):
+    """A task that started and has not ended: running now, or its worker died in it (out of memory,
+    `kill -9`). Written before the task's work and removed when it ends, so the starts of one task
+    that no live worker runs count the worker deaths it caused (`qfedit.pipeline.deliveries`)."""
+
+    __tablename__ = "task_starts"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    batch_id: Mapped[int] = mapped_column(ForeignKey("batches.id"), index=True)
+    task: Mapped[str] = mapped_column(String(100))
+    """Which of the batch's tasks: `start_batch`, `capture_shard:<shard id>` or `solve_batch`."""
+    hostname: Mapped[str] = mapped_column(String(255))
+    """The worker that started it, as in `worker_heartbeats`."""
+    pid: Mapped[int]
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 # Rows of these tables are written once; see `qfedit.db.guards`.

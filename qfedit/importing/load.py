@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 
 from qfedit.db.models import FactRow, Model, utcnow
 from qfedit.errors import InvalidInputError
-from qfedit.facts import FactError
+from qfedit.facts import FactError, FactLimits
 from qfedit.importing.convert import to_fact
 from qfedit.importing.records import (
     DEFAULT_CHUNK,
@@ -29,6 +29,7 @@ from qfedit.importing.records import (
     Format,
     ImportSummary,
     Progress,
+    decode_record,
     default_rejects_path,
     detect_format,
     iter_csv,
@@ -83,10 +84,7 @@ def _unwrap_reject(line: int, label: str, envelope: Any) -> _Item:
     record = envelope["record"]
     if isinstance(record, str) and fmt in (Format.JSONL, Format.COUNTERFACT, Format.ZSRE):
         # An undecodable line was kept as text; once fixed, it is JSON text again.
-        try:
-            record = json.loads(record)
-        except json.JSONDecodeError as err:
-            record = Bad(record, f"not valid JSON: {err.msg}")
+        record = decode_record(record)
     return _Item(
         original_line if isinstance(original_line, int) else line,
         str(envelope.get("source") or label),
@@ -253,6 +251,44 @@ class _CopiedInserts(_Inserts):
             logger.exception("the unfinished chunk's COPY could not be ended")
 
 
+def _model_positions(model: Model) -> int | None:
+    """The tokens a model's context holds, from the config.json of its directory when this host
+    has it (as `LoadedModel.max_positions` reads it once loaded); None otherwise."""
+    config = Path(model.source) / "config.json"
+    try:
+        with config.open("rb") as handle:
+            values = json.loads(handle.read(1 << 20))
+    except (OSError, ValueError, RecursionError):
+        return None
+    if not isinstance(values, dict):
+        return None
+    for name in ("max_position_embeddings", "n_positions"):
+        value = values.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _check_rejects_path(path: Path, rejects_path: Path, rejects_tmp: Path) -> None:
+    """Refuse a rejects file that is the input: writing it (or its `.part`) while reading the input
+    read back each reject as a new record, for ever, filling the disk; replacing it lost the input."""
+    for target in (rejects_path, rejects_tmp):
+        if target.resolve() == path.resolve() or _same_file(target, path):
+            raise InvalidInputError(
+                f"the rejects file {rejects_path} would overwrite the file being imported"
+                + (f" (through {target.name})" if target == rejects_tmp else "")
+                + "; give --rejects another path",
+                field="rejects",
+            )
+
+
 def import_facts(
     session: Session,
     path: Path,
@@ -264,6 +300,8 @@ def import_facts(
     rejects_path: Path | None = None,
     progress: Progress | None = None,
     source: str | None = None,
+    rejects_label: str | None = None,
+    limits: FactLimits | None = None,
 ) -> ImportSummary:
     """Import `path` into `model`'s facts, committing every `chunk_size` records.
 
@@ -271,7 +309,11 @@ def import_facts(
     neither holds one huge transaction nor loses finished chunks to a late failure). Rejects go
     to `rejects_path` (default: next to the file, `NAME.rejects.jsonl`), written only if any.
     `source` labels the facts (default: the file's name). The audit entry is written however the
-    import ends, with what was committed.
+    import ends, with what was committed; it names the rejects file by `rejects_label` when given
+    (the API's uploads: their rejects go back in the response, and the server's temporary path
+    is nothing for readers of the log). A fact over `limits` (default: `FactLimits()`; the
+    model's context length too, where its config.json is on this host) is a reject naming the
+    field and the limit.
     """
     path = Path(path)
     fmt = fmt or detect_format(path)
@@ -282,6 +324,8 @@ def import_facts(
     summary = ImportSummary(source=label, model=model.name, format=fmt)
     rejects_path.parent.mkdir(parents=True, exist_ok=True)
     rejects_tmp = rejects_path.with_name(rejects_path.name + ".part")
+    _check_rejects_path(path, rejects_path, rejects_tmp)
+    limits = (limits or FactLimits()).for_positions(_model_positions(model))
     rejects_out: IO[str] | None = None
     model_id = model.id
 
@@ -348,7 +392,7 @@ def import_facts(
                     reject(item, "(json)", item.record.reason)
                 else:
                     try:
-                        fact = to_fact(item.record, item.fmt, f"{item.source} line {item.line}")
+                        fact = to_fact(item.record, item.fmt, f"{item.source} line {item.line}", limits)
                     except FactError as err:
                         reject(item, err.field, err.reason)
                     else:
@@ -389,6 +433,7 @@ def import_facts(
             if not session.is_active:
                 session.rollback()
             summary.stopped = summary.stopped or "the import stopped with an error"
+        rejects_named = {"rejects_path": rejects_label} if rejects_label and summary.rejects_path else {}
         try:
             record_audit(
                 session,
@@ -397,7 +442,7 @@ def import_facts(
                 object_type="model",
                 object_id=model_id,
                 model_id=model_id,
-                details={**summary.as_dict(), "completed": completed},
+                details={**summary.as_dict(), **rejects_named, "completed": completed},
             )
             session.commit()
         except Exception:

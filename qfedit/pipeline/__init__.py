@@ -6,4 +6,5 @@ lifecycle   a batch's statuses, the moves between them, the model's line, progre
 steps       start a batch, capture a shard
 captures    observation files in the store and the records of which fact is where
 publish     solve, evaluate, record the version, move aliases
+deliveries  each task's starts, so one that keeps killing its worker fails its batch
 """

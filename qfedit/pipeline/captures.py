@@ -26,6 +26,14 @@ from qfedit.teachable import Reading
 from qfedit.tensorfile import check_format
 
 FORMAT = "qfedit.observations/1"
+REFUSED = ""
+"""The `object_path` of a fact refused before capture (too large for the model): no observations.
+Its record keeps it out of later batches as an unteachable fact's does; `teachable` is False."""
+UNTEACHABLE = "unteachable: with the fact as its system message the model answers otherwise"
+TOO_LARGE = (
+    "refused before capture: longer than the model's context or the fact size limits "
+    "(the audit log's facts.refused entry has the numbers)"
+)
 
 
 def observation_file(observations: Observations) -> bytes:
@@ -106,16 +114,41 @@ def record_captures(
             )
 
 
+def record_refused(session: Session, refused: Iterable[int], layer: int, fingerprint: str) -> None:
+    """Record that the facts `refused` cannot be captured at all (too large for the model), so
+    that no batch captures them again; a redelivered task records nothing twice."""
+    refused = sorted(set(refused))
+    known = captured_fact_ids(session, refused, layer, fingerprint)
+    for fact_id in refused:
+        if fact_id not in known:
+            session.add(
+                FactCapture(
+                    fact_id=fact_id,
+                    layer=layer,
+                    fingerprint=fingerprint,
+                    object_path=REFUSED,
+                    object_sha256="",
+                    positions=0,
+                    teachable=False,
+                )
+            )
+
+
 def unteachable(
-    session: Session, fact_ids: Iterable[int], layer: int, fingerprint: str
+    session: Session, fact_ids: Iterable[int], layer: int, fingerprint: str, *, refused_only: bool = False
 ) -> list[dict[str, Any]]:
     """The facts among `fact_ids` whose capture found the model does not answer them right with
-    the fact in context, as `{"fact_id", "reason", "context_answer"}`, by id."""
-    found = [c for c in find_captures(session, fact_ids, layer, fingerprint) if c.teachable is False]
+    the fact in context, or refused them as too large for it, as `{"fact_id", "reason",
+    "context_answer"}`, by id; `refused_only`: the refused ones alone, which no edit can include."""
+    found = [
+        c
+        for c in find_captures(session, fact_ids, layer, fingerprint)
+        if c.teachable is False and (c.object_path == REFUSED or not refused_only)
+    ]
     return [
         {
             "fact_id": c.fact_id,
-            "reason": "unteachable: with the fact as its system message the model answers otherwise",
+            "reason": TOO_LARGE if c.object_path == REFUSED else UNTEACHABLE,
             "context_answer": c.context_answer,
         }
         for c in sorted(found, key=lambda c: c.fact_id)

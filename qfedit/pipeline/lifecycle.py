@@ -61,6 +61,7 @@ def transition_batch(
         )
     previous = batch.status
     batch.status = status
+    batch.waiting = None  # a wait belongs to the stage it was in (or to a worker that died in it)
     now = utcnow()
     if status == BatchStatus.CAPTURING:
         batch.attempts += 1
@@ -94,6 +95,17 @@ def set_progress(batch: Batch, progress: float) -> None:
     batch.progress = progress
 
 
+def set_waiting(session: Session, batch_id: int, waiting: str | None) -> None:
+    """Say what a task of an active batch is waiting for, or (None) that it waits no longer. Also
+    the batch's last change: one that waits is not a lost message for beat to send again."""
+    session.execute(
+        update(Batch)
+        .where(Batch.id == batch_id, Batch.status.in_(ACTIVE))
+        .values(waiting=waiting, updated_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+
+
 def take_line(session: Session, batch: Batch) -> bool:
     """Make `batch` the one that holds its model's line; false if another batch holds it."""
     taken = session.execute(
@@ -119,7 +131,7 @@ def advance_to_solving(session: Session, batch_id: int) -> bool:
     result = session.execute(
         update(Batch)
         .where(Batch.id == batch_id, Batch.status == BatchStatus.CAPTURING, ~pending)
-        .values(status=BatchStatus.SOLVING, progress=1.0)
+        .values(status=BatchStatus.SOLVING, progress=1.0, waiting=None)
         .execution_options(synchronize_session=False)
     )
     if result.rowcount != 1:  # type: ignore[attr-defined]

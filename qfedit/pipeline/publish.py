@@ -17,6 +17,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from qfedit.capture import check_fits
 from qfedit.config import Settings
 from qfedit.covariance import CorpusText
 from qfedit.db.models import BatchKind, BatchStatus, FactStatus, Model, Version
@@ -24,7 +25,7 @@ from qfedit.delta import Delta
 from qfedit.edit import base_weight, preservations_for, solve_delta, spread_delta
 from qfedit.errors import NotFoundError, PermanentError
 from qfedit.evaluate import contains
-from qfedit.facts import StaleAnswers
+from qfedit.facts import FactError, StaleAnswers
 from qfedit.modeling import LoadedModel
 from qfedit.pipeline import captures, corpora, lifecycle
 from qfedit.pipeline.settings import ModelSettings, batch_settings
@@ -44,6 +45,31 @@ log = logging.getLogger(__name__)
 
 HEAD = "head"
 PRODUCTION = "production"
+
+
+def _refusal_reasons(
+    loaded: LoadedModel,
+    session: Session,
+    excluded: list[dict[str, Any]],
+    settings: Settings,
+    include_eos: bool,
+) -> None:
+    """Put the exact reason (field, size, limit) in each refused fact's entry, measured again as
+    the capture measured it: cheap, since a refused fact is counted before it is tokenized."""
+    refused = [e for e in excluded if e["reason"] == captures.TOO_LARGE]
+    if not refused:
+        return
+    rows = {row.id: row for row in load_facts(session, [e["fact_id"] for e in refused[:100]])}
+    for entry in refused[:100]:
+        row = rows.get(entry["fact_id"])
+        if row is None:
+            continue
+        try:
+            check_fits(
+                loaded, to_record(row), f"fact {row.id}", settings.fact_limits, include_eos=include_eos
+            )
+        except FactError as error:
+            entry["reason"] = f"refused before capture: {error}"
 
 
 @dataclass
@@ -80,15 +106,19 @@ def solve_batch(
         replaced: dict[int, int] = {}
         if batch.kind == BatchKind.EDIT:
             added, removed = batch_ids - parent_ids, set()
-            if config.unteachable == "exclude":
-                excluded = captures.unteachable(session, added, layer, model.fingerprint)
-                added -= {entry["fact_id"] for entry in excluded}
-                if excluded and not added:
-                    raise PermanentError(
-                        f"every fact this batch adds is unteachable (the model with the fact as its system "
-                        f"message does not answer it right): facts {[e['fact_id'] for e in excluded][:20]}; "
-                        "see `qfedit batch status`, or set unteachable=include to write them as it reads them"
-                    )
+            # Facts refused as too large for the model have no observations: always left out.
+            excluded = captures.unteachable(
+                session, added, layer, model.fingerprint, refused_only=config.unteachable == "include"
+            )
+            _refusal_reasons(models.get(model), session, excluded, settings, config.edit.include_eos)
+            added -= {entry["fact_id"] for entry in excluded}
+            if excluded and not added:
+                raise PermanentError(
+                    f"every fact this batch adds is unteachable (the model with the fact as its system "
+                    f"message does not answer it right) or too large for the model: facts "
+                    f"{[e['fact_id'] for e in excluded][:20]}; first: {excluded[0]['reason']}; see "
+                    "`qfedit batch status`, or set unteachable=include to write unteachable ones as it reads them"
+                )
             # A fact this batch adds may state a new answer to a question the version answers:
             # the older fact leaves the fact set in the same version (qfedit.registry.supersede).
             replaced = supersede.superseded_by(session, added, parent_ids)
@@ -185,7 +215,12 @@ def solve_batch(
                 "evaluation_left_out": judged_left_out,
             }
         if excluded:
-            metrics["excluded"] = {"unteachable": len(excluded), "facts": [e["fact_id"] for e in excluded]}
+            refused = sum(e["reason"] != captures.UNTEACHABLE for e in excluded)
+            metrics["excluded"] = {
+                "unteachable": len(excluded) - refused,
+                **({"refused": refused} if refused else {}),
+                "facts": [e["fact_id"] for e in excluded],
+            }
         if before_commit is not None:
             before_commit()
 

@@ -11,6 +11,7 @@ batches advance by conditional updates and files are content-addressed. The job 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -18,20 +19,24 @@ import torch
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from qfedit.capture import check_fits
 from qfedit.config import Settings
 from qfedit.db.models import Batch, BatchKind, BatchShard, BatchStatus, FactRow, Model, ShardStatus
 from qfedit.edit import capture_observations
 from qfedit.errors import NotFoundError, PermanentError
-from qfedit.facts import FactError
+from qfedit.facts import Fact, FactError
 from qfedit.modeling import LoadedModel, load_model
 from qfedit.pipeline import captures, lifecycle
 from qfedit.pipeline.settings import batch_settings
+from qfedit.registry.audit import record_audit
 from qfedit.registry.batches import batch_fact_ids, get_batch
 from qfedit.registry.facts import to_record
 from qfedit.registry.models import base_mismatch
 from qfedit.registry.versions import latest_version
-from qfedit.store import CheckpointStore
+from qfedit.store import CheckpointStore, StoredObject
 from qfedit.teachable import read_with_context
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -45,11 +50,13 @@ class Next:
 
 
 class ModelCache:
-    """Base models loaded once per worker process, checked against the registered fingerprint."""
+    """Base models loaded once per worker process, checked against the registered fingerprint,
+    and how large a fact they capture may be."""
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._loaded: dict[int, LoadedModel] = {}
+        self.fact_limits = settings.fact_limits
 
     def get(self, model: Model) -> LoadedModel:
         if model.id not in self._loaded:
@@ -59,6 +66,26 @@ class ModelCache:
                 raise PermanentError(mismatch)
             self._loaded[model.id] = loaded
         return self._loaded[model.id]
+
+
+def _refuse(session: Session, batch_id: int, model: Model, layer: int, refused: dict[int, str]) -> None:
+    """Record facts too large for the model: never captured, named in the log and the audit log."""
+    for reason in refused.values():
+        log.warning("batch %s: %s", batch_id, reason)
+    captures.record_refused(session, refused, layer, model.fingerprint)
+    record_audit(
+        session,
+        actor=lifecycle.SYSTEM,
+        action="facts.refused",
+        object_type="batch",
+        object_id=batch_id,
+        model_id=model.id,
+        details={
+            "layer": layer,
+            "count": len(refused),
+            "facts": [{"fact_id": i, "reason": r} for i, r in sorted(refused.items())][:100],
+        },
+    )
 
 
 def start_batch(session: Session, batch_id: int) -> Next:
@@ -135,34 +162,52 @@ def capture_shard(
     session.rollback()  # no transaction held open across the forward passes
 
     loaded = models.get(model)
-    try:
-        records = [to_record(row) for row in rows]
-        observations = capture_observations(
-            loaded,
-            records,
-            settings.edit,
-            labels=[f"fact {row.id}" for row in rows],
-            fact_ids=[row.id for row in rows],
-            shard_size=len(rows),
-            batch_size=settings.capture_batch_size,
-        )
-    except FactError as error:
-        raise PermanentError(str(error)) from error
-    # QF's teacher is the model with the fact in context: what it answers there is what an edit
-    # can write (qfedit.teachable); the solve leaves out the facts it gets wrong.
-    readings = dict(
-        zip([row.id for row in rows], read_with_context(loaded, records, without=True), strict=True)
-    )
-    stored = store.put_bytes(captures.observation_file(observations))
+    # Before any capture work, each fact is measured against the model: one too large for it
+    # (counted in characters first, so megabytes are never tokenized) is refused by name and stays
+    # out of this batch and the next, like an unteachable fact, instead of failing the batch.
+    refused: dict[int, str] = {}
+    kept: dict[int, Fact] = {}
+    for row in rows:
+        record = to_record(row)
+        try:
+            check_fits(
+                loaded, record, f"fact {row.id}", models.fact_limits, include_eos=settings.edit.include_eos
+            )
+        except FactError as error:
+            refused[row.id] = str(error)
+        else:
+            kept[row.id] = record
+    stored: StoredObject | None = None
+    if kept:
+        records = list(kept.values())
+        try:
+            observations = capture_observations(
+                loaded,
+                records,
+                settings.edit,
+                labels=[f"fact {fact_id}" for fact_id in kept],
+                fact_ids=list(kept),
+                shard_size=len(kept),
+                batch_size=settings.capture_batch_size,
+            )
+        except FactError as error:
+            raise PermanentError(str(error)) from error
+        # QF's teacher is the model with the fact in context: what it answers there is what an edit
+        # can write (qfedit.teachable); the solve leaves out the facts it gets wrong.
+        readings = dict(zip(kept, read_with_context(loaded, records, without=True), strict=True))
+        stored = store.put_bytes(captures.observation_file(observations))
+        assert observations.facts is not None
+        ids, counts = torch.unique(observations.facts, return_counts=True)
+        found = dict(zip(ids.tolist(), counts.tolist(), strict=True))
+        positions = {fact_id: found.get(fact_id, 0) for fact_id in kept}
     if before_commit is not None:
         before_commit()
-    assert observations.facts is not None
-    ids, counts = torch.unique(observations.facts, return_counts=True)
-    found = dict(zip(ids.tolist(), counts.tolist(), strict=True))
-    positions = {row.id: found.get(row.id, 0) for row in rows}
 
     # Record where each fact's observations are, then mark the shard done; both only once.
-    captures.record_captures(session, stored, positions, settings.edit.layer, fingerprint, readings)
+    if stored is not None:
+        captures.record_captures(session, stored, positions, settings.edit.layer, fingerprint, readings)
+    if refused:
+        _refuse(session, batch_id, model, settings.edit.layer, refused)
     lifecycle.finish_shard(session, shard_id, batch_id)
     advanced = lifecycle.advance_to_solving(session, batch_id)
     session.commit()

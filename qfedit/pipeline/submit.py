@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 from qfedit.config import Settings, get_settings
 from qfedit.db.models import Batch, BatchKind, FactCapture, FactRow, FactStatus, Model
 from qfedit.errors import InvalidInputError
+from qfedit.pipeline import captures
 from qfedit.pipeline.preflight import check_runnable
 from qfedit.pipeline.settings import check_overrides, model_settings
 from qfedit.registry.batches import batch_for_key, create_batch, request_digest
@@ -55,23 +56,24 @@ def submit_batch(
                 select(FactRow.id).where(FactRow.model_id == model.id, FactRow.status == FactStatus.PENDING)
             )
         )
-        if settings.unteachable == "exclude":
-            # Facts a capture found the model cannot be taught stay pending (named on their batch);
-            # "every pending fact" leaves them out, or every nightly batch would fail on them again.
-            unteachable = set(
-                session.scalars(
-                    select(FactCapture.fact_id)
-                    .join(FactRow, FactRow.id == FactCapture.fact_id)
-                    .where(
-                        FactRow.model_id == model.id,
-                        FactRow.status == FactStatus.PENDING,
-                        FactCapture.layer == settings.edit.layer,
-                        FactCapture.fingerprint == model.fingerprint,
-                        FactCapture.teachable.is_(False),
-                    )
-                )
+        # Facts a capture found the model cannot be taught, or refused as too large for it, stay
+        # pending (named on their batch); "every pending fact" leaves them out, or every nightly
+        # batch would fail on them again. Refused ones have nothing to include, whatever the settings.
+        query = (
+            select(FactCapture.fact_id)
+            .join(FactRow, FactRow.id == FactCapture.fact_id)
+            .where(
+                FactRow.model_id == model.id,
+                FactRow.status == FactStatus.PENDING,
+                FactCapture.layer == settings.edit.layer,
+                FactCapture.fingerprint == model.fingerprint,
+                FactCapture.teachable.is_(False),
             )
-            fact_ids = [fact_id for fact_id in fact_ids if fact_id not in unteachable]
+        )
+        if settings.unteachable == "include":
+            query = query.where(FactCapture.object_path == captures.REFUSED)
+        left_out = set(session.scalars(query))
+        fact_ids = [fact_id for fact_id in fact_ids if fact_id not in left_out]
         if not fact_ids:
             raise NothingPendingError(
                 f"model {model.name!r} has no pending facts to edit (unteachable ones aside)",

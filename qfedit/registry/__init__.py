@@ -23,7 +23,16 @@ from qfedit.registry.batches import (
     list_batches,
     version_of_batch,
 )
-from qfedit.registry.facts import count_facts, get_fact, list_facts, load_facts, set_fact_status
+from qfedit.registry.facts import (
+    FactPreview,
+    count_facts,
+    fact_previews,
+    get_fact,
+    list_fact_ids,
+    list_facts,
+    load_facts,
+    set_fact_status,
+)
 from qfedit.registry.models import add_model, base_mismatch, get_model, list_models
 from qfedit.registry.versions import (
     VersionDiff,
@@ -42,6 +51,7 @@ from qfedit.registry.workers import forget_worker, heartbeat, listening, live_wo
 __all__ = [
     "UNSET",
     "ConflictError",
+    "FactPreview",
     "NotFoundError",
     "VersionDiff",
     "add_model",
@@ -54,6 +64,7 @@ __all__ = [
     "create_batch",
     "diff_versions",
     "digest_of_hashes",
+    "fact_previews",
     "forget_worker",
     "get_alias",
     "get_batch",
@@ -65,6 +76,7 @@ __all__ = [
     "list_aliases",
     "list_audit",
     "list_batches",
+    "list_fact_ids",
     "list_facts",
     "list_models",
     "list_versions",

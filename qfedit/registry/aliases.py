@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -15,7 +17,21 @@ from qfedit.db.models import (
 )
 from qfedit.errors import ConflictError, InvalidInputError, NotFoundError
 from qfedit.registry.audit import record_audit
-from qfedit.registry.base import UNSET, _Unset, check_name
+from qfedit.registry.base import UNSET, _Unset
+
+# One case and no punctuation that reads as nothing: `Production`, `PRODUCTION` and
+# `production.` cannot sit beside `production` looking like it. The API's path uses it too.
+ALIAS_PATTERN = r"^[a-z][a-z0-9_-]{0,63}$"
+
+
+def check_alias_name(name: str) -> str:
+    # fullmatch: with `match`, `$` also matches before a trailing newline.
+    if not re.fullmatch(ALIAS_PATTERN, name):
+        raise InvalidInputError(
+            f"alias name {name!r}: use a lowercase letter, then up to 63 lowercase letters, digits, "
+            "'_' or '-'"
+        )
+    return name
 
 
 def aliases_by_version(session: Session, model: Model | None = None) -> dict[int, list[str]]:
@@ -59,7 +75,7 @@ def set_alias(
     lost race raises `ConflictError` instead of writing a history that skips a move.
     Rolling back is moving the alias to an older version; versions themselves never change.
     """
-    check_name("alias", name)
+    check_alias_name(name)
     if not reason.strip():
         raise InvalidInputError("moving an alias needs a reason")
     model = version.model

@@ -3,12 +3,14 @@ engine's `qfedit.facts.Fact`."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, or_, select, update
-from sqlalchemy.orm import Session
+import orjson
+from sqlalchemy import ColumnElement, Select, Text, cast, func, or_, select, update
+from sqlalchemy.orm import Session, defer
 
 from qfedit.db.models import (
     FactRow,
@@ -21,6 +23,42 @@ from qfedit.facts import Fact, Neighbor
 from qfedit.registry.audit import record_audit
 from qfedit.registry.base import chunks
 
+SEARCH_CHARS = 1 << 16
+"""Text search reads the first this many characters of each field: a fact of megabytes (imported
+before facts had size limits) costs a search no more than one at the limits."""
+PREVIEW_CHARS = 16000
+"""Characters of each text field a list shows (the default `fact_max_context_chars`)."""
+PREVIEW_LIST_CHARS = 1 << 16
+"""Characters of JSON a list shows of a fact's paraphrases, and of its neighbours."""
+_PREVIEW_TEXT = ("question", "answer", "context", "subject")
+_PREVIEW_LISTS = ("paraphrases", "neighbors")
+
+
+def text_match(text: str) -> ColumnElement[bool]:
+    """Whether a fact's question, answer, context or subject holds `text`, any case."""
+    columns = (FactRow.question, FactRow.answer, FactRow.context, FactRow.subject)
+    return or_(
+        *(func.substr(c, 1, SEARCH_CHARS, type_=Text).icontains(text, autoescape=True) for c in columns)
+    )
+
+
+def _filtered(
+    query: Select[Any],
+    model: Model | None,
+    status: FactStatus | None,
+    source: str | None,
+    text: str | None,
+) -> Select[Any]:
+    if model is not None:
+        query = query.where(FactRow.model_id == model.id)
+    if status is not None:
+        query = query.where(FactRow.status == status)
+    if source is not None:
+        query = query.where(FactRow.source == source)
+    if text:
+        query = query.where(text_match(text))
+    return query
+
 
 def list_facts(
     session: Session,
@@ -32,20 +70,84 @@ def list_facts(
     limit: int | None = None,
     offset: int = 0,
 ) -> list[FactRow]:
-    """Facts by id; `text` matches a substring of the question, answer, context or subject, any case."""
-    query = select(FactRow).order_by(FactRow.id).offset(offset)
-    if model is not None:
-        query = query.where(FactRow.model_id == model.id)
-    if status is not None:
-        query = query.where(FactRow.status == status)
-    if source is not None:
-        query = query.where(FactRow.source == source)
-    if text:
-        columns = (FactRow.question, FactRow.answer, FactRow.context, FactRow.subject)
-        query = query.where(or_(*(column.icontains(text, autoescape=True) for column in columns)))
+    """Facts by id; `text` matches a substring of the question, answer, context or subject, any
+    case (in their first `SEARCH_CHARS` characters)."""
+    query = _filtered(select(FactRow), model, status, source, text).order_by(FactRow.id).offset(offset)
     if limit is not None:
         query = query.limit(limit)
     return list(session.scalars(query))
+
+
+def list_fact_ids(
+    session: Session,
+    *,
+    model: Model | None = None,
+    status: FactStatus | None = None,
+    source: str | None = None,
+    text: str | None = None,
+    limit: int,
+    offset: int = 0,
+) -> list[int]:
+    """`list_facts`, as ids: what a list reads previews of (`fact_previews`)."""
+    query = _filtered(select(FactRow.id), model, status, source, text)
+    return list(session.scalars(query.order_by(FactRow.id).offset(offset).limit(limit)))
+
+
+@dataclass(frozen=True)
+class FactPreview:
+    """A fact as a list shows it: its text fields cut to a preview's size in the database, so a
+    fact of megabytes is never read whole. `row` holds the rest; its text columns are not loaded
+    (reading one raises)."""
+
+    row: FactRow
+    question: str
+    answer: str
+    context: str
+    subject: str | None
+    paraphrases: list[Any]
+    neighbors: list[Any]
+    cut: tuple[str, ...]
+    """The fields cut short; a list too long to show whole is shown empty."""
+
+    @property
+    def chars(self) -> int:
+        """About how many characters the preview's text holds."""
+        lists = sum(len(orjson.dumps(v)) for v in (self.paraphrases, self.neighbors))
+        return sum(len(v or "") for v in (self.question, self.answer, self.context, self.subject)) + lists
+
+
+def fact_previews(
+    session: Session, ids: Sequence[int], *, chars: int = PREVIEW_CHARS, list_chars: int = PREVIEW_LIST_CHARS
+) -> list[FactPreview]:
+    """Previews of the facts `ids`, in that order (ids of no fact are left out)."""
+    if not ids:
+        return []
+    columns = [func.substr(getattr(FactRow, name), 1, chars + 1, type_=Text) for name in _PREVIEW_TEXT]
+    columns += [
+        func.substr(cast(getattr(FactRow, name), Text), 1, list_chars + 1, type_=Text)
+        for name in _PREVIEW_LISTS
+    ]
+    query = select(FactRow, *columns).options(
+        *(defer(getattr(FactRow, name), raiseload=True) for name in (*_PREVIEW_TEXT, *_PREVIEW_LISTS))
+    )
+    found: dict[int, FactPreview] = {}
+    for part in chunks(sorted(set(ids))):
+        for row, *values in session.execute(query.where(FactRow.id.in_(part))):
+            texts, lists = values[: len(_PREVIEW_TEXT)], values[len(_PREVIEW_TEXT) :]
+            cut = [name for name, value in zip(_PREVIEW_TEXT, texts, strict=True) if len(value or "") > chars]
+            shown: list[list[Any]] = []
+            for name, value in zip(_PREVIEW_LISTS, lists, strict=True):
+                if value is not None and len(value) > list_chars:
+                    cut.append(name)
+                    shown.append([])
+                else:
+                    shown.append(orjson.loads(value) if value else [])
+            question, answer, context, subject = (None if v is None else v[:chars] for v in texts)
+            paraphrases, neighbors = shown
+            found[row.id] = FactPreview(
+                row, question or "", answer or "", context or "", subject, paraphrases, neighbors, tuple(cut)
+            )
+    return [found[i] for i in ids if i in found]
 
 
 def count_facts(session: Session, *, model: Model | None = None) -> dict[str, int]:

@@ -15,6 +15,7 @@ from sqlalchemy import Select, and_, exists, false, func, or_, select
 from sqlalchemy.orm import Session, aliased
 
 from qfedit.db.models import Batch, BatchFact, FactRow, FactStatus, Model, Version, VersionFact
+from qfedit.registry.facts import FactPreview, fact_previews, text_match
 
 DiffKind = Literal["added", "retracted", "superseded"]
 DIFF_KINDS: tuple[DiffKind, ...] = ("added", "retracted", "superseded")
@@ -103,23 +104,20 @@ def diff_page(
 
 
 def search_facts(
-    session: Session, text: str, *, model: Model | None = None, limit: int, offset: int
-) -> tuple[list[FactRow], bool]:
+    session: Session, text: str, *, model: Model | None = None, limit: int, offset: int, chars: int
+) -> tuple[list[FactPreview], bool]:
     """Facts whose id or external id is `text`, or whose question, answer, context or subject
-    holds it (any case); by id. Also whether there is a next page."""
+    holds it (any case, in their first `SEARCH_CHARS` characters); by id, each field cut to
+    `chars`. Also whether there is a next page."""
     text = text.strip()
-    matches = [
-        column.icontains(text, autoescape=True)
-        for column in (FactRow.question, FactRow.answer, FactRow.context, FactRow.subject)
-    ]
-    matches.append(FactRow.external_id == text)
+    matches = [text_match(text), FactRow.external_id == text]
     if text.isdigit() and len(text) < 19:
         matches.append(FactRow.id == int(text))
-    query = select(FactRow).where(or_(*matches))
+    query = select(FactRow.id).where(or_(*matches))
     if model is not None:
         query = query.where(FactRow.model_id == model.id)
-    rows = list(session.scalars(query.order_by(FactRow.id).limit(limit + 1).offset(offset)))
-    return rows[:limit], len(rows) > limit
+    ids = list(session.scalars(query.order_by(FactRow.id).limit(limit + 1).offset(offset)))
+    return fact_previews(session, ids[:limit], chars=chars), len(ids) > limit
 
 
 def version_ranges(session: Session, fact: FactRow) -> list[tuple[int, int]]:

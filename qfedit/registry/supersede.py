@@ -84,15 +84,17 @@ def link(
                 if older.status == FactStatus.PENDING:
                     older.status = FactStatus.RETRACTED
                 changed.append((older.id, newest.id))
-    if changed:
+    # One entry per superseded fact, about that fact: the log is searched by fact id, and ids
+    # joined into one `object_id` overflowed its 64 characters (PostgreSQL refused the import).
+    for old, new in changed:
         record_audit(
             session,
             actor=actor,
             action="fact.superseded",
             object_type="fact",
-            object_id=",".join(str(new) for _, new in changed[:20]) + ("..." if len(changed) > 20 else ""),
+            object_id=old,
             model_id=model_id,
-            details={"superseded_by": {str(old): new for old, new in changed[:1000]}, "count": len(changed)},
+            details={"superseded_by": new},
         )
     return changed
 

@@ -115,7 +115,9 @@ class CheckpointStore(ABC):
         """Delete what `garbage` listed; the number removed. Paths outside the store are refused.
 
         With `min_age_s`, each file's age is checked again just before it goes: one written again
-        since the listing (a writer about to record it) is kept."""
+        since the listing (a writer about to record it) is kept. Where the storage has a lock
+        (`LocalStore`), a same-content put cannot land between that check and the delete; object
+        storage has none, so there a put in that instant can still lose its object."""
 
 
 # -- shared checks and helpers ----------------------------------------------------------------

@@ -4,15 +4,22 @@ A file is written to a temporary name under `root/tmp`, fsynced, and renamed int
 `root/objects/<aa>/<sha256><suffix>`, so a crash never leaves a half file under a real name;
 rename is atomic on NFS and the like too. Paths are resolved (symlinks included) and refused
 unless they stay inside `root/objects`.
+
+`gc` and `put` share a lock file, `root/.lock` (`flock`, which Linux maps onto NFS locks too):
+`put` holds it shared while it renames an object into place, `remove` exclusive from an
+object's age check to its delete, so a same-content put lands either before the check (the
+object is young and kept) or after the delete (it is published again), never in between.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import os
 import time
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
@@ -31,6 +38,8 @@ from qfedit.store.base import (
 )
 
 logger = logging.getLogger(__name__)
+
+LOCK = ".lock"
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -51,6 +60,17 @@ class LocalStore(CheckpointStore):
     def __repr__(self) -> str:
         return f"LocalStore({str(self.root)!r})"
 
+    @contextmanager
+    def _lock(self, *, exclusive: bool) -> Iterator[None]:
+        """The store's publish lock: shared for puts (which may overlap), exclusive for a delete."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
     # -- writing -------------------------------------------------------------------------
 
     def put_stream(self, stream: BinaryIO, suffix: str = ".safetensors") -> StoredObject:
@@ -60,8 +80,10 @@ class LocalStore(CheckpointStore):
             relative = self.relative_path(sha, suffix)
             final = self.root / relative
             final.parent.mkdir(parents=True, exist_ok=True)
-            # Same content, same name: replacing an existing copy is harmless and keeps this atomic.
-            os.replace(tmp_path, final)
+            # Same content, same name: replacing an existing copy is harmless and keeps this atomic;
+            # the fresh file's modification time is what keeps gc off it until it is recorded.
+            with self._lock(exclusive=False):
+                os.replace(tmp_path, final)
             _fsync_dir(final.parent)
         except BaseException:
             tmp_path.unlink(missing_ok=True)
@@ -135,14 +157,16 @@ class LocalStore(CheckpointStore):
         for relative in relative_paths:
             name = tmp_name(relative)
             path = self.root / TMP / name if name is not None else self.resolve(relative)
-            if min_age_s is not None:
-                try:
-                    if path.stat().st_mtime > time.time() - min_age_s:
-                        logger.info("kept %s: written again since it was listed", relative)
+            # The age check and the delete are one step for `put`: see the module docstring.
+            with self._lock(exclusive=True):
+                if min_age_s is not None:
+                    try:
+                        if path.stat().st_mtime > time.time() - min_age_s:
+                            logger.info("kept %s: written again since it was listed", relative)
+                            continue
+                    except FileNotFoundError:
                         continue
-                except FileNotFoundError:
-                    continue
-            path.unlink(missing_ok=True)
+                path.unlink(missing_ok=True)
             logger.info("removed unreferenced %s", relative)
             removed += 1
         return removed

@@ -279,3 +279,21 @@ def test_the_source_name_is_only_a_label(client: TestClient, db: Session) -> Non
     assert result["source"] == "rejects.jsonl.part"
     (fact,) = registry.list_facts(db, source="rejects.jsonl.part")
     assert fact.question == "Q?"
+
+
+def test_the_audit_entry_of_an_upload_names_no_server_path(client: TestClient, db: Session) -> None:
+    # The attack: a read token listed the audit log and found the server's temporary upload paths.
+    add_model(db)
+    db.commit()
+    response = client.post(
+        "/v1/models/tiny/facts/import",
+        content=_corpus(),
+        headers={**auth("writer"), **NDJSON},
+        params={"source": "corpus.jsonl"},
+    )
+    assert response.json()["rejected"] == 2
+    (entry,) = client.get("/v1/audit", params={"action": "facts.import"}, headers=auth("reader")).json()
+    details = entry["details"]
+    assert (details["source"], details["rejected"]) == ("corpus.jsonl", 2)
+    assert details["rejects_path"] == "returned in the response"
+    assert "qfedit-upload-" not in json.dumps(entry) and "/tmp" not in json.dumps(entry)

@@ -122,6 +122,24 @@ def test_alias_moves_compare_and_set_and_history(client: TestClient, history: li
     assert shown["aliases"] == ["production", "staging"]
 
 
+def test_look_alike_alias_names_are_refused_naming_the_field(client: TestClient, history: list[int]) -> None:
+    """The attack: `Production`, `PRODUCTION` or `production.` created beside `production`
+    (by a write token, which may not move `production` itself)."""
+    for look_alike in ("Production", "PRODUCTION", "production.", "production%0A", "-production"):
+        refused = client.put(
+            f"/v1/models/tiny/aliases/{look_alike}",
+            json={"version": "2", "reason": "confuse"},
+            headers=auth("admin"),
+        )
+        assert refused.status_code == 422, (look_alike, refused.text)
+        assert refused.json()["field"] == "path.name", refused.json()
+    assert client.get("/v1/models/tiny/aliases", headers=auth("reader")).json() == []
+    made = client.put(
+        "/v1/models/tiny/aliases/canary-2", json={"version": "2", "reason": "ok"}, headers=auth("writer")
+    )
+    assert made.status_code == 200, made.text
+
+
 def test_audit_filters(client: TestClient, history: list[int], db: Session) -> None:
     client.put(
         "/v1/models/tiny/aliases/staging", json={"version": "1", "reason": "r"}, headers=auth("writer")

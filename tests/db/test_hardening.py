@@ -162,3 +162,27 @@ def test_whatever_a_name_says_a_resolved_path_is_inside_a_root(name: str) -> Non
     except InvalidInputError:
         return
     assert any(path.is_relative_to(r) for r in roots) and path.is_file()
+
+
+def test_the_embedded_database_is_created_private_under_a_permissive_umask(tmp_path: Path) -> None:
+    # The attack: under the usual umask 022 the embedded database (every fact, the audit log) was
+    # created 0644, readable by every local user.
+    import stat
+
+    from sqlalchemy import text
+
+    from qfedit.db import make_engine
+
+    database = tmp_path / "data" / "qfedit.db"
+    previous = os.umask(0o022)
+    try:
+        engine = make_engine(f"sqlite:///{database}")
+        with engine.begin() as connection:
+            connection.execute(text("CREATE TABLE t (x INTEGER)"))
+            files = sorted(database.parent.iterdir())
+            modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in files}
+        engine.dispose()
+    finally:
+        os.umask(previous)
+    assert "qfedit.db-wal" in modes  # WAL: its side files take the database's mode
+    assert modes == dict.fromkeys(modes, 0o600), modes

@@ -95,3 +95,32 @@ def test_progress_counts_captured_facts(session: Session) -> None:
     shard.status = ShardStatus.DONE
     session.flush()
     assert lifecycle.batch_progress(session, batch) == lifecycle.Progress("capturing", 3, len(shard.fact_ids))
+
+
+def test_only_starts_whose_worker_died_count_as_deaths_and_the_limit_fails_the_task(session: Session) -> None:
+    from qfedit.pipeline import deliveries
+    from qfedit.registry import workers
+
+    model = add_model(session)
+    batch = submit.submit_batch(session, model=model, fact_ids=add_facts(session, model, 2), requested_by="t")
+    workers.heartbeat(session, hostname="b@host", queues=["gpu"], pid=20)
+    session.commit()
+    task = "capture_shard:1"
+
+    def begin(hostname: str, pid: int) -> int | None:
+        return deliveries.begin(session, batch.id, task, hostname=hostname, pid=pid, limit=2)
+
+    assert begin("a@host", 10) is not None  # a dies in it: never ends
+    assert begin("b@host", 20) is not None  # a duplicate that live worker b runs now
+    # a came back under another pid (a restart keeps the name): its first start died with it.
+    assert deliveries.deaths(session, batch.id, task, hostname="a@host", pid=11) == 1
+    assert begin("a@host", 11) is not None  # dies too
+    with pytest.raises(
+        deliveries.WorkerDeathsError, match=r"qfedit\.capture_shard \(shard 1\) of batch \d+ started 2"
+    ):
+        begin("a@host", 12)
+    # Another task of the batch has its own count; one that ends is no death.
+    start = deliveries.begin(session, batch.id, "solve_batch", hostname="a@host", pid=12, limit=1)
+    assert start is not None
+    deliveries.end(session, batch.id, "solve_batch", start)
+    assert deliveries.begin(session, batch.id, "solve_batch", hostname="a@host", pid=13, limit=1) is not None

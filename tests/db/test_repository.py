@@ -9,6 +9,7 @@ from sqlalchemy.orm import Session
 from qfedit import registry
 from qfedit.db import BatchStatus, FactStatus, Version
 from qfedit.delta import Delta
+from qfedit.errors import InvalidInputError
 from qfedit.facts import Fact as FactRecord
 from qfedit.facts import fact_set_digest
 from qfedit.pipeline import lifecycle
@@ -140,6 +141,26 @@ def test_alias_moves_are_compare_and_set_and_kept_in_history(session: Session) -
     assert [e.details["to"] for e in entries] == [1, 2, 1]  # newest first
     with pytest.raises(ValueError, match="needs a reason"):
         registry.set_alias(session, name="production", version=v2, reason="", actor="bob")
+
+
+LOOK_ALIKES = ["Production", "PRODUCTION", "production.", "production\n", " production", "pro duction",
+               "_production", "production@2", "\uff50roduction", "p" * 65, ""]  # fmt: skip
+
+
+def test_look_alike_alias_names_are_refused(session: Session) -> None:
+    """The attack: `Production` (or `PRODUCTION`, `production.`) created beside `production`."""
+    model = add_model(session)
+    version = _version(session, model, add_facts(session, model, 1))
+    registry.set_alias(session, name="production", version=version, reason="release", actor="alice")
+    for look_alike in LOOK_ALIKES:
+        with pytest.raises(InvalidInputError, match=r"^alias name .*lowercase"):
+            registry.set_alias(session, name=look_alike, version=version, reason="confuse", actor="mallory")
+    for fine in ("staging", "canary-2", "eval_b", "p" * 64):
+        registry.set_alias(session, name=fine, version=version, reason="ok", actor="alice")
+    session.commit()
+    assert [a.name for a in registry.list_aliases(session, model=model)] == sorted(
+        ["production", "staging", "canary-2", "eval_b", "p" * 64]
+    )
 
 
 def test_a_lost_race_on_an_alias_raises_instead_of_overwriting(engine: object, session: Session) -> None:

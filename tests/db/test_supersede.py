@@ -49,10 +49,9 @@ def test_a_new_answer_to_the_same_question_supersedes_a_pending_fact(
     facts = _facts(session)
     assert facts["Ann"].status == FactStatus.RETRACTED and facts["Ann"].superseded_by_id == facts["Bob"].id
     assert facts["Bob"].status == FactStatus.PENDING and facts["Bob"].superseded_by_id is None
-    entries = [e for e in registry.list_audit(session) if e.action == "fact.superseded"]
-    assert len(entries) == 1 and entries[0].details["superseded_by"] == {
-        str(facts["Ann"].id): facts["Bob"].id
-    }
+    (entry,) = registry.list_audit(session, action="fact.superseded")
+    assert (entry.object_type, entry.object_id) == ("fact", str(facts["Ann"].id))
+    assert entry.details == {"superseded_by": facts["Bob"].id}
 
     # Importing both files again changes nothing.
     before = [(f.id, f.status, f.superseded_by_id) for f in _facts(session).values()]
@@ -98,6 +97,31 @@ def test_within_one_file_the_later_line_wins(session: Session, tmp_path: Path) -
     assert (summary.imported, summary.superseded) == (2, 1)
     facts = _facts(session)
     assert facts["Ann"].superseded_by_id == facts["Bob"].id
+
+
+def test_a_thousand_supersessions_in_one_import_are_audited_one_row_per_fact(
+    session: Session, tmp_path: Path
+) -> None:
+    # The attack: 100 re-answers in one import were refused on PostgreSQL ("cannot be stored"):
+    # the audit row joined their ids into `object_id`, a VARCHAR(64). SQLite does not check it.
+    model = add_model(session)
+    companies = [f"Company {i}" for i in range(1000)]
+    importing.import_facts(
+        session, _write(tmp_path / "a.jsonl", [_ceo(c, f"Old {c}") for c in companies]), model, actor="t"
+    )
+    summary = importing.import_facts(
+        session, _write(tmp_path / "b.jsonl", [_ceo(c, f"New {c}") for c in companies]), model, actor="t"
+    )
+    assert (summary.imported, summary.superseded, summary.stopped) == (1000, 1000, None)
+    facts = _facts(session)
+    entries = registry.list_audit(session, action="fact.superseded", limit=None)
+    assert sorted((e.object_type, e.object_id, e.details["superseded_by"]) for e in entries) == sorted(
+        ("fact", str(facts[f"Old {c}"].id), facts[f"New {c}"].id) for c in companies
+    )
+    # The log is searched by the superseded fact, as for any other object.
+    old = facts["Old Company 7"]
+    (entry,) = registry.list_audit(session, action="fact.superseded", object_id=str(old.id))
+    assert entry.details == {"superseded_by": facts["New Company 7"].id}
 
 
 def test_stale_answers_match_every_phrasing_of_the_subject_and_nothing_else() -> None:

@@ -1,18 +1,24 @@
 """The embedded default: no broker configured, the CLI runs a batch through the same tasks with a
-broker in the data folder and a worker child, on the SQLite file in the data folder."""
+broker in the data folder and a worker child, on the SQLite file in the data folder; the child
+ends when its parent does, however the parent is stopped."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
+import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import pytest
 
 from qfedit.errors import EXIT_CODES, ErrorCode
 from qfedit.facts import write_jsonl
 
-from .conftest import fact
+from .conftest import _free_port, fact
 
 
 def _qfedit(env: dict[str, str], cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -96,3 +102,62 @@ def test_demo_publishes_a_version_and_prints_answers_and_quality(tmp_path: Path)
     again = _qfedit(env, tmp_path, "demo", "--facts", "3", "--show", "2")
     assert again.returncode == 0, again.stdout + again.stderr
     assert _version_numbers(env, tmp_path) == [0, 1]
+
+
+def _running(pid: int) -> bool:
+    """Whether process `pid` still runs (a zombie waiting for its reaper has ended)."""
+    try:
+        status = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return status.rpartition(")")[2].split()[0] != "Z"
+
+
+def _parent_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
+
+
+def _embedded_worker_pid(data: Path, server: subprocess.Popen[bytes], timeout: float = 120) -> int:
+    """The worker child's pid, once it runs: its heartbeat row in the embedded database."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert server.poll() is None, "qfedit api exited"
+        try:
+            with sqlite3.connect(data / "qfedit.db") as db:
+                row = db.execute("SELECT pid FROM worker_heartbeats").fetchone()
+        except sqlite3.OperationalError:  # not created yet
+            row = None
+        if row is not None:
+            return int(row[0])
+        time.sleep(0.2)
+    raise AssertionError("the embedded worker child never started")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_stopping_the_api_ends_its_embedded_worker_child(tmp_path: Path, signum: int) -> None:
+    # The attack: `qfedit api` stopped with SIGTERM exited and left its worker child running
+    # (parent 1, 0.5 GB): uvicorn re-raises the signal after shutdown, so no `finally` ran.
+    # SIGKILL runs nothing at all in the parent: the kernel has to end the child.
+    server = subprocess.Popen(
+        [sys.executable, "-m", "cli", "api", "--port", str(_free_port()), "--log-level", "warning"],
+        env=_unconfigured_env(),
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    child = None
+    try:
+        child = _embedded_worker_pid(tmp_path / "qfedit-data", server)
+        assert _parent_of(child) == server.pid
+        os.kill(server.pid, signum)
+        server.wait(timeout=60)
+        deadline = time.monotonic() + 30
+        while _running(child) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _running(child), f"the worker child {child} outlived `qfedit api` stopped with {signum!r}"
+    finally:
+        server.kill()
+        server.wait()
+        if child is not None and _running(child):
+            os.kill(child, signal.SIGKILL)

@@ -17,14 +17,14 @@ from .conftest import Cluster, fact
 pytestmark = pytest.mark.backends("postgresql")
 
 
-def _wait_for_log(cluster: Cluster, name: str, needle: str, timeout: float = 90.0) -> None:
+def _wait_for_log(cluster: Cluster, name: str, needle: str, timeout: float = 90.0, times: int = 1) -> None:
     path = cluster.root / f"worker-{name}.log"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if path.exists() and needle in path.read_text(errors="replace"):
+        if path.exists() and path.read_text(errors="replace").count(needle) >= times:
             return
         time.sleep(0.1)
-    raise AssertionError(f"worker {name} never logged {needle!r}:\n{cluster.dump()}")
+    raise AssertionError(f"worker {name} never logged {needle!r} {times} times:\n{cluster.dump()}")
 
 
 def _assert_consistent(cluster: Cluster, batch_id: int, facts: int) -> Version:
@@ -52,6 +52,34 @@ def test_worker_killed_mid_stage_finishes_after_redelivery(cluster: Cluster, sta
     batch = cluster.wait(batch_id, timeout=150)
     assert batch.status.value == "published", batch.error
     _assert_consistent(cluster, batch_id, 4)
+
+
+def test_a_task_that_kills_its_worker_fails_its_batch_after_n_deaths_and_the_queue_goes_on(
+    cluster: Cluster,
+) -> None:
+    # The attack: a task that ends its worker (out of memory mid-capture, os._exit) was delivered
+    # again after every death, forever, and the model's line stayed held.
+    cluster.add_model("tiny", [fact(i) for i in range(4)], shard_size=4)
+    ids = cluster.fact_ids("tiny")
+    limit = {"QFEDIT_MAX_TASK_DELIVERIES": "2"}
+    poison = cluster.submit("tiny", ids[:2])
+    behind = cluster.submit("tiny", ids[2:])  # queued behind it on the model's line
+    for death in (1, 2):  # the worker restarts under its name, as systemd or compose restart it
+        worker = cluster.start_worker("a", chaos="capture:60", extra_env=limit)
+        _wait_for_log(cluster, "a", "chaos: pausing capture", times=death)
+        cluster.kill(worker)
+    cluster.start_worker("a", extra_env=limit)
+    failed = cluster.wait(poison, timeout=150)
+    assert failed.status.value == "failed"
+    assert "qfedit.capture_shard (shard" in (failed.error or ""), failed.error
+    assert "worker died each time" in (failed.error or "") and "QFEDIT_MAX_TASK_DELIVERIES=2" in (
+        failed.error or ""
+    )
+    assert (
+        cluster.root.joinpath("worker-a.log").read_text().count("chaos: pausing capture") == 2
+    )  # not run a third time
+    done = cluster.wait(behind, timeout=150)
+    assert done.status.value == "published", done.error
 
 
 def test_redis_restart_mid_batch(cluster: Cluster) -> None:

@@ -1,5 +1,6 @@
 """Who runs a batch: worker heartbeats, `batch submit` naming the listeners (real Redis and worker
-processes), and `qfedit api` on the embedded default running what is posted to it."""
+processes), `qfedit api` on the embedded default running what is posted to it, and a batch whose
+task waits for cores saying so."""
 
 from __future__ import annotations
 
@@ -11,7 +12,11 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
+
+from api import views
 from qfedit import registry
+from qfedit.cpu import CpuTokens
 from qfedit.facts import write_jsonl
 
 from .conftest import Cluster, fact
@@ -128,3 +133,34 @@ def test_api_on_the_embedded_default_runs_what_is_posted(
         output, _ = server.communicate(timeout=60)
     assert "a worker child runs the posted batches" in output
     assert (tmp_path / "qfedit-data" / "worker.log").is_file()
+
+
+@pytest.mark.backends("postgresql")
+def test_a_batch_waiting_for_cores_says_so_in_its_status(cluster: Cluster) -> None:
+    # The attack: a newcomer's batch waited 5 minutes for cores that another installation's
+    # workers held, and nothing in its status said so.
+    cluster.add_model("tiny", [fact(i) for i in range(2)])
+    tokens = CpuTokens(cluster.root / "data" / "cpu-tokens")  # the deployment's own folder
+    with tokens.hold(tokens.cores):  # another task holds every core
+        cluster.start_worker("a")
+        batch_id = cluster.submit("tiny")
+        deadline = time.monotonic() + 120
+        while True:
+            with cluster.sessions() as session:
+                waiting = views.batch_out(session, registry.get_batch(session, batch_id)).waiting
+            if waiting is not None:
+                break
+            assert time.monotonic() < deadline, f"the batch never said it waits:\n{cluster.dump()}"
+            time.sleep(0.3)
+        assert "for free CPU cores" in waiting and str(tokens.folder) in waiting
+        shown = subprocess.run(
+            [sys.executable, "-m", "cli", "batch", "status", str(batch_id), "--json"],
+            env=cluster.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert json.loads(shown.stdout)["waiting"] == waiting, shown.stderr
+    batch = cluster.wait(batch_id, timeout=150)
+    assert batch.status.value == "published", batch.error
+    assert batch.waiting is None

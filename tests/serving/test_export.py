@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import stat
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from qfedit.architectures import architecture_for
 from qfedit.delta import Delta
 from qfedit.export import EXPORT_INFO, LORA_INFO, ExportError, export_full, export_lora, lora_factors
 from qfedit.modeling import load_model
@@ -102,6 +104,22 @@ def test_export_refuses_a_non_empty_output(
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
 
 
+def test_export_refuses_a_pre_existing_partial_folder_and_leaves_its_files(
+    tiny_model_dirs: dict[str, Path], deltas: dict[str, dict[str, Delta]], tmp_path: Path
+) -> None:
+    """The attack: `<out>.partial` already holds someone's files; the export deleted them all."""
+    partial = tmp_path / "out.partial"
+    partial.mkdir()
+    (partial / "precious.txt").write_text("not the export's")
+    base, delta = tiny_model_dirs["qwen2"], deltas["qwen2"]["a"]
+    with pytest.raises(ExportError, match=re.escape(f"{partial}: already exists")):
+        export_full(base, delta, tmp_path / "out")
+    with pytest.raises(ExportError, match=re.escape(f"{partial}: already exists")):
+        export_lora(base, delta, architecture_for("qwen2"), tmp_path / "out")
+    assert (partial / "precious.txt").read_text() == "not the export's"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.partial"]
+
+
 def _peft(base: Path, adapter: Path) -> torch.nn.Module:
     from peft import PeftModel
 
@@ -162,3 +180,29 @@ def test_lora_factors_refuse_what_a_lora_cannot_carry(deltas: dict[str, dict[str
         lora_factors(Delta({}, "f" * 64), ARCHITECTURES["qwen2"], 4)
     with pytest.raises(ExportError, match=r"model\.norm\.bias"):
         lora_factors(Delta({"model.norm.bias": torch.ones(3)}, "f" * 64), ARCHITECTURES["qwen2"], 4)
+
+
+def test_every_exported_file_gets_the_mode_a_new_file_gets_under_the_umask(
+    tiny_model_dirs: dict[str, Path], deltas: dict[str, dict[str, Delta]], tmp_path: Path
+) -> None:
+    # The attack: the LoRA adapter's weights came out 0600 (safetensors' private temporary file)
+    # where the rest of the export was 0644: a serving user that reads the adapter config could
+    # not read the weights.
+    import os
+
+    base, delta = tiny_model_dirs["qwen2"], deltas["qwen2"]["a"]
+    previous = os.umask(0o022)
+    try:
+        export_lora(base, delta, architecture_for("qwen2"), tmp_path / "lora")
+        export_full(base, delta, tmp_path / "full")
+    finally:
+        os.umask(previous)
+    # What the export writes itself (the full export copies the base's other files as they are).
+    written = [
+        *(tmp_path / "lora").iterdir(),
+        tmp_path / "full" / EXPORT_INFO,
+        tmp_path / "full" / "model.safetensors",
+    ]
+    modes = {f"{p.parent.name}/{p.name}": stat.S_IMODE(p.stat().st_mode) for p in written}
+    assert "lora/adapter_model.safetensors" in modes
+    assert modes == dict.fromkeys(modes, 0o644), modes

@@ -6,8 +6,10 @@ first), and the alias is moved in another session, as `qfedit alias set` would.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -17,7 +19,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 from typer.testing import CliRunner
 
-from api.serve import create_app
+from api.serve import ChatRequest, create_app
 from cli import get_app
 from qfedit import registry as records
 from qfedit.config import ApiToken
@@ -25,7 +27,7 @@ from qfedit.db import session_factory
 from qfedit.delta import Delta, applied
 from qfedit.generate import answer
 from qfedit.modeling import load_model, weights_fingerprint
-from qfedit.serving import AliasFollower, follow_alias
+from qfedit.serving import AliasFollower, FollowerState, follow_alias
 from qfedit.store import LocalStore
 
 QUESTION = "who founded Oxinnovate?"
@@ -130,20 +132,12 @@ def test_serve_follows_an_alias_move_without_restart(
             expected[label] = answer(reference, QUESTION, max_new_tokens=4)
 
     client = TestClient(create_app(_follower(registry, model_dir, poll_s=0)))
-    assert client.get("/healthz").json()["version"] == "tiny@1"
+    assert _generate(client)["version"] == "tiny@1"
     for ref in ("tiny@1", "tiny@2", "tiny@0", "tiny@2"):
         registry.move(ref)
         reply = _generate(client)
         assert reply == {"answer": expected[ref], "version": ref}
-    health = client.get("/healthz").json()
-    assert health == {
-        "status": "ok",
-        "model": "tiny",
-        "alias": "production",
-        "version": "tiny@2",
-        "poll_s": 0,
-        "last_error": None,
-    }
+    assert client.get("/healthz").json() == {"status": "ok", "following": True, "detail": {}}
 
 
 def test_serve_looks_at_the_alias_at_most_every_poll_interval(
@@ -163,12 +157,21 @@ def test_serve_looks_at_the_alias_at_most_every_poll_interval(
 def test_a_corrupt_checkpoint_keeps_the_current_version_and_says_why(
     registry: Registry, tiny_model_dirs: dict[str, Path]
 ) -> None:
-    client = TestClient(create_app(_follower(registry, tiny_model_dirs["qwen2"], poll_s=0)))
+    follower = _follower(registry, tiny_model_dirs["qwen2"], poll_s=0)
+    client = TestClient(create_app(follower))
     path = registry.checkpoint("tiny@2")
     path.write_bytes(path.read_bytes()[:-1] + b"\0")
     registry.move("tiny@2")
     assert _generate(client)["version"] == "tiny@1"
-    assert "sha256" in client.get("/healthz").json()["last_error"]
+    assert follower.state.last_error is not None and "sha256" in follower.state.last_error
+    # The probe, open to anyone, says that following fails and the error's type, not the path.
+    health = client.get("/healthz")
+    assert health.json() == {
+        "status": "degraded",
+        "following": False,
+        "detail": {"alias": "ChecksumMismatch"},
+    }
+    assert str(path.parent) not in health.text
 
 
 @pytest.mark.backends("sqlite")
@@ -361,3 +364,154 @@ def test_a_pinned_version_is_served_whatever_the_alias_does(
     assert _generate(client)["version"] == "tiny@2"
     registry.move("tiny@1")
     assert _generate(client)["version"] == "tiny@2"
+
+
+# -- hardening: what reaches serve without a token, and how refusals look --------------------------
+
+SERVE_TOKEN = "serve-reader-token-0123456789abcdefghij"
+CHAT = "/v1/chat/completions"
+
+
+def _no_model(**options: Any) -> Any:
+    """An app whose routes must never run: every request here is refused before one would."""
+    follower = SimpleNamespace(model_name="tiny", alias="production", state=FollowerState())
+    return create_app(follower, **options)  # type: ignore[arg-type]
+
+
+def _call_asgi(app: Any, path: str, headers: list[tuple[bytes, bytes]]) -> tuple[int, bytes, int]:
+    """POST `path` straight to the ASGI app; returns the status, the body and how often the app
+    asked for the request body (`receive`)."""
+    received = 0
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        nonlocal received
+        received += 1
+        # A stand-in for the 200 MB: 1 MiB, so an app that reads the body fails here, not OOMs.
+        return {"type": "http.request", "body": b"x" * 65536, "more_body": received < 16}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"testserver"), (b"content-type", b"application/json"), *headers],
+        "client": ("127.0.0.1", 1),
+        "server": ("testserver", 80),
+    }
+    asyncio.run(app(scope, receive, send))
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return start["status"], body, received
+
+
+@pytest.mark.parametrize("path", ["/generate", CHAT])
+def test_a_200_mb_body_without_a_token_is_refused_before_any_of_it_is_read(path: str) -> None:
+    # The attack: 200 MB posted without a token grew serve's memory by 0.7 GB, then got its 401.
+    app = _no_model(tokens={"reader": ApiToken(token=SERVE_TOKEN, scope="read")})  # type: ignore[arg-type]
+    huge = [(b"content-length", b"200000000")]
+    for credentials in ([], [(b"authorization", b"Bearer " + b"x" * len(SERVE_TOKEN))]):
+        status, body, received = _call_asgi(app, path, huge + credentials)
+        assert (status, received) == (401, 0), body
+    if path == CHAT:
+        assert json.loads(body)["error"]["code"] == "invalid_api_key"  # OpenAI's shape
+    # With the token, serve's body limit is the API's: refused by its declared size, still unread.
+    authorized = [(b"authorization", f"Bearer {SERVE_TOKEN}".encode())]
+    status, body, received = _call_asgi(app, path, huge + authorized)
+    assert (status, received) == (413, 0), body
+
+
+@pytest.mark.parametrize("path", ["/generate", CHAT])
+def test_a_chunked_body_over_the_limit_is_cut_off(path: str) -> None:
+    client = TestClient(_no_model(max_body_bytes=4096))
+    chunks = (b'{"question": "' + b"x" * 4096 for _ in range(1))
+    response = client.post(path, content=chunks, headers={"content-type": "application/json"})
+    assert response.status_code == 413, response.text
+    assert "4096" in (response.json()["error"]["message"] if path == CHAT else response.json()["detail"])
+
+
+def test_chat_requests_refuse_fields_openai_does_not_have() -> None:
+    from openai.types.chat.completion_create_params import CompletionCreateParamsBase
+
+    # Every field of OpenAI's request (what its clients send) is accepted; sampling ones are ignored.
+    assert set(CompletionCreateParamsBase.__annotations__) <= set(ChatRequest.model_fields)
+    message = {"role": "user", "content": "hi"}
+    ChatRequest.model_validate(
+        {"model": "m", "messages": [message], "temperature": 0.7, "top_p": 0.9, "seed": 1, "user": "u"}
+    )
+    client = TestClient(_no_model())
+    response = client.post(CHAT, json={"model": "tiny@production", "messages": [message], "tempreature": 0})
+    assert response.status_code == 400
+    assert response.json() == {
+        "error": {
+            "message": "tempreature: Extra inputs are not permitted",
+            "type": "invalid_request_error",
+            "param": "tempreature",
+            "code": "extra_forbidden",
+        }
+    }
+
+
+def test_openai_routes_refuse_bad_requests_in_openai_shape() -> None:
+    import openai
+
+    http = TestClient(_no_model())
+    # The attack: a lone surrogate (JSON's `\ud800`) in a message was a plain 500.
+    lone = b'{"model": "tiny@production", "messages": [{"role": "user", "content": "hi \\ud800"}]}'
+    response = http.post(CHAT, content=lone, headers={"content-type": "application/json"})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert (error["type"], error["param"]) == ("invalid_request_error", "messages[0].content")
+    assert "surrogate" in error["message"]
+    broken = http.post(CHAT, content=b"{not json", headers={"content-type": "application/json"})
+    assert broken.status_code == 400 and set(broken.json()["error"]) == {"message", "type", "param", "code"}
+    assert http.get("/v1/nowhere").json()["error"]["code"] == "not_found"
+    # `/generate` keeps FastAPI's shape, refuses the same text, and echoes none of the input.
+    generated = http.post(
+        "/generate", content=b'{"question": "\\ud800"}', headers={"content-type": "application/json"}
+    )
+    assert generated.status_code == 422 and generated.json()["detail"][0]["loc"] == ["body", "question"]
+    assert "input" not in generated.json()["detail"][0]
+    # OpenAI's own client reads the refusal as its BadRequestError, with the parameter named.
+    client = openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=http, max_retries=0)
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(
+            model="tiny@production", messages=[{"role": "user", "content": "hi"}], n=2
+        )
+    assert refused.value.param == "n" and refused.value.type == "invalid_request_error"
+
+
+@pytest.mark.backends("sqlite")
+def test_health_shows_no_database_address_or_store_path(
+    registry: Registry, tiny_model_dirs: dict[str, Path]
+) -> None:
+    from qfedit.db import make_engine
+
+    follower = _follower(registry, tiny_model_dirs["qwen2"], poll_s=0)
+    tokens = {"reader": ApiToken(token=SERVE_TOKEN, scope="read")}
+    client = TestClient(create_app(follower, tokens))
+    assert client.get("/healthz").json() == {"status": "ok", "following": True, "detail": {}}
+    # The attack: with the database gone, /healthz (no token) showed its host, port and name.
+    gone = make_engine(
+        "postgresql+psycopg://qfedit@127.0.0.1:9/secret_db_name", connect_args={"connect_timeout": 2}
+    )
+    follower.sessions = session_factory(gone)
+    assert follower.refresh() is False and follower.state.last_error is not None
+    assert "127.0.0.1" in follower.state.last_error  # what the log gets
+    health = client.get("/healthz")
+    assert health.json() == {
+        "status": "degraded",
+        "following": False,
+        "detail": {"alias": "OperationalError"},
+    }
+    for leak in ("127.0.0.1", ":9", "secret_db_name", str(registry.store.root)):
+        assert leak not in health.text
+    gone.dispose()
