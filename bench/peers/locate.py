@@ -12,8 +12,9 @@ s is not in q). Then, as in both papers:
    `K` (m x n) are the inputs of l's `down_proj` at the subject positions, `R` (d x n) is
    `(z - h_L) / (layers left)`, and the layer's change solves
    - MEMIT: `dW = R K^T (lam C + K K^T)^-1`, `C` the mean `k k^T` over the preservation text;
-   - AlphaEdit: `dW = R K^T P (K K^T P + I)^-1`, applied as `dW P`, where `P` projects onto the
-     null space of `C` (eigenvectors whose eigenvalue is under `null_threshold`): what the
+   - AlphaEdit: `dW = R K^T P (K K^T P + l2 c I)^-1` (`c` the mean diagonal of `C`), applied as `dW P`, where `P` projects onto the
+     null space of `C` (eigenvectors whose eigenvalue is under `null_threshold` times the
+     largest): what the
      preservation keys span is left unchanged.
 
 Simplifications, said in the README's table: no random prefixes before the prompt (MEMIT averages
@@ -50,6 +51,8 @@ class PeerConfig:
     clamp: float = 4.0
     weight_decay: float = 0.5
     null_threshold: float = 1e-2
+    l2: float = 1.0
+    """AlphaEdit's regulariser, times the mean diagonal of `C`."""
 
 
 @dataclass(frozen=True)
@@ -147,8 +150,10 @@ def _read(loaded: LoadedModel, item: Located, layer: int, top: int) -> tuple[tor
 
 
 def _null_space(covariance: torch.Tensor, threshold: float) -> torch.Tensor:
+    """The projection onto the eigenvectors of `C` whose eigenvalue is under `threshold` times the
+    largest: relative, where the paper's 1e-2 is absolute (for its models' key scale)."""
     values, vectors = torch.linalg.eigh(covariance)
-    kept = vectors[:, values < threshold]
+    kept = vectors[:, values < threshold * values.max()]
     return kept @ kept.T
 
 
@@ -161,7 +166,9 @@ def layer_change(
         system = config.lam * covariance + keys @ keys.T  # symmetric positive definite
         return torch.linalg.solve(system, keys @ residuals.T).T
     projection = _null_space(covariance, config.null_threshold)
-    system = keys @ keys.T @ projection + torch.eye(m, dtype=keys.dtype)
+    # The paper's `+ I`, in the keys' units: `I` alone outweighs `K K^T` when keys are small.
+    scale = float(torch.diagonal(covariance).mean())
+    system = keys @ keys.T @ projection + config.l2 * scale * torch.eye(m, dtype=keys.dtype)
     change = torch.linalg.solve(system.T, (residuals @ keys.T @ projection).T).T
     return change @ projection
 

@@ -32,7 +32,7 @@ UNSET = _Unset.TOKEN
 
 def check_name(kind: str, name: str) -> str:
     # `@` separates model and version in references (`qwen@3`), so names cannot hold it.
-    if not _NAME.match(name):
+    if not _NAME.fullmatch(name):  # not `match`: `$` also matches before a final newline
         raise InvalidInputError(
             f"{kind} name {name!r}: use 1-100 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit"

@@ -226,3 +226,9 @@ def test_fact_status_and_audit_filters(session: Session) -> None:
     assert registry.count_facts(session, model=model) == {"applied": 2, "pending": 1}
     assert [e.action for e in registry.list_audit(session, actor="w")] == ["fact.status", "fact.status"]
     assert [e.action for e in registry.list_audit(session, object_type="model")] == ["model.add"]
+
+
+def test_a_model_name_with_a_trailing_newline_is_refused(session: Session) -> None:
+    # `re.match` with `$` accepted "alpha\n", a second model that lists as "alpha".
+    with pytest.raises(InvalidInputError, match="model name"):
+        add_model(session, "alpha\n")
