@@ -241,7 +241,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    console = Console()
+    console = Console(width=240)  # a log file is not a terminal: rows on one line each
 
     models_dir = get_settings().data_dir / "models"
     chosen = preset(args.model) if args.model in PRESETS else None

@@ -47,7 +47,8 @@ def demo(
     corpus.parent.mkdir(parents=True, exist_ok=True)
     write_jsonl(chosen, corpus)
     console.rule("qfedit demo")
-    console.print(f"data folder: {settings.data_dir.resolve()}  (database, checkpoint store, broker)")
+    for part, where in settings.locations().items():
+        console.print(f"{part}: {where}", highlight=False, soft_wrap=True)
 
     def prepare(session: Session) -> int:
         fingerprint = weights_fingerprint(DEMO_MODEL_DIR)
@@ -99,21 +100,35 @@ def demo(
 
     delta, info = in_session(published)
     loaded = load(DEMO_MODEL_DIR, settings.dtype, settings.device)
-    sample = chosen[:show] + changed
+    from qfedit.delta import applied
+    from qfedit.evaluate import contains
+
+    with applied(loaded, delta):  # type: ignore[arg-type]
+        edited = answer_batch(loaded, [f.question for f in chosen])
+    # The facts the edit missed come first, all of them; then `show` right ones and the updates.
+    missed = [i for i, (f, a) in enumerate(zip(chosen, edited, strict=True)) if not contains(a, f.answer)]
+    rewrites = [i for i in range(len(chosen) - len(changed), len(chosen)) if i not in missed]
+    right = [i for i in range(len(chosen) - len(changed)) if i not in missed]
+    rows = missed + right[:show] + rewrites
+    sample = [chosen[i] for i in rows]
     questions = [f.question for f in sample]
     before = answer_batch(loaded, questions)
     with_context = answer_batch(loaded, questions, [f.context for f in sample])
-    from qfedit.delta import applied
-
-    with applied(loaded, delta):  # type: ignore[arg-type]
-        after = answer_batch(loaded, questions)
+    after = [edited[i] for i in rows]
     from rich.table import Table
 
+    console.print(
+        f"{len(chosen) - len(missed)} of {len(chosen)} edited facts answered right after the edit"
+        + (", the misses first below" if missed else ""),
+        highlight=False,
+        soft_wrap=True,
+    )
     table = Table(title=f"answers, base model vs {info['label']}")
     for column in ("", "question", "expected", "before", "with context", "after edit"):
         table.add_column(column)
-    for fact, b, c, a in zip(sample, before, with_context, after, strict=True):
-        table.add_row("update" if fact in changed else "new", fact.question, fact.answer, b, c, a)
+    for index, fact, b, c, a in zip(rows, sample, before, with_context, after, strict=True):
+        kind = "update" if fact in changed else "new"
+        table.add_row(f"{kind}, missed" if index in missed else kind, fact.question, fact.answer, b, c, a)
     console.print(table)
     metrics = dict(info["metrics"])  # type: ignore[call-overload]
     excluded, superseded = metrics.pop("excluded", None), metrics.pop("superseded", None)

@@ -69,11 +69,44 @@ def worker(
 def beat(
     loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
 ) -> None:
-    """Run the scheduler (exactly one): nightly edits of pending facts, resending stalled batches."""
+    """Run the scheduler (exactly one): nightly edits of pending facts at QFEDIT_NIGHTLY_AT
+    (HH:MM, UTC), resending stalled batches. On the embedded default it runs a worker child too,
+    as `qfedit api` does, so what it sends is run."""
     settings = get_settings()
     schedule = settings.data_dir / "beat-schedule"
     schedule.parent.mkdir(parents=True, exist_ok=True)
-    app_for(settings).start(["beat", "--loglevel", loglevel, "--schedule", str(schedule)])
+    console.print(f"nightly edits at {settings.nightly_at} UTC", highlight=False)
+    with embedded_worker(settings):
+        app_for(settings).start(["beat", "--loglevel", loglevel, "--schedule", str(schedule)])
+
+
+@app.command()
+def nightly(
+    wait: Annotated[
+        bool, typer.Option(help="Follow the batches until they finish (always, when embedded).")
+    ] = False,
+) -> None:
+    """Run today's nightly edit now: one batch of pending facts per model, as `beat` sends it at
+    QFEDIT_NIGHTLY_AT (UTC), with the same key (model and day), so beat makes no second one."""
+    from datetime import datetime, timezone
+
+    day = datetime.now(timezone.utc).date().isoformat()
+
+    def work(session: Session) -> list[tuple[int, str, str]]:
+        batches = submit.nightly_batches(session, day, actor=current_actor(), app=get_settings())
+        session.commit()
+        return [(batch.id, batch.model.name, batch.status.value) for batch in batches]
+
+    ended = {"published", "failed", "cancelled"}
+    batches = in_session(work)
+    for batch_id, model, status in batches:
+        if status in ended:  # today's batch of this model already ran (the same key returns it)
+            console.print(f"batch {batch_id}, {model}'s nightly batch of {day}: already {status}")
+    todo = [batch_id for batch_id, _, status in batches if status not in ended]
+    if not batches:
+        console.print("no model has pending facts: nothing to edit tonight")
+    for batch_id in todo:
+        run_batch(batch_id, wait)
 
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>

@@ -338,11 +338,21 @@ def import_command(
             emit_json(summary.as_dict())
         else:
             table = Table(
-                "read", "imported", "duplicates skipped", "rejected", title=f"{file.name} → {model.name}"
+                "read",
+                "imported",
+                "duplicates skipped",
+                "superseded (older answers replaced)",
+                "rejected",
+                title=f"{file.name} → {model.name}",
             )
-            table.add_row(
-                *(str(n) for n in (summary.read, summary.imported, summary.duplicates, summary.rejected))
+            counts = (
+                summary.read,
+                summary.imported,
+                summary.duplicates,
+                summary.superseded,
+                summary.rejected,
             )
+            table.add_row(*(str(n) for n in counts))
             console.print(table)
             for sample in summary.reject_samples:
                 console.print(f"  rejected: {sample}", highlight=False)

@@ -190,6 +190,29 @@ class Settings(BaseSettings):
     def cache_dir(self) -> Path:
         return self.data_dir / "cache"
 
+    def locations(self) -> dict[str, str]:
+        """Where the database, the checkpoint store and the broker are, without credentials:
+        what a command tells its user before it writes anything."""
+        from urllib.parse import urlsplit
+
+        def shown(url: str) -> str:
+            # scheme://host:port/path, with any user and password left out
+            parts = urlsplit(url)
+            return (
+                f"{parts.scheme}://{parts.hostname or ''}{f':{parts.port}' if parts.port else ''}{parts.path}"
+            )
+
+        database = self.resolved_database_url
+        return {
+            "database": database if database.startswith("sqlite") else shown(database),
+            "checkpoint store": shown(self.store_url)
+            if self.store_url and "://" in self.store_url
+            else str(Path(self.store_url or self.store_dir).resolve()),
+            "broker": shown(self.broker_url)
+            if self.broker_url
+            else f"embedded, {(self.data_dir / 'broker').resolve()}",
+        }
+
 
 def get_settings() -> Settings:
     return Settings()

@@ -82,6 +82,21 @@ def packaged_gguf(name: str, models_dir: Path) -> Path:
     raise InvalidInputError(f"no packaged model {name!r}; one of smollm2, gemma3-270m", field="model")
 
 
+# A base model's GGUF may carry no chat template (Gemma 3 270M's does not), and QF places a fact
+# in the system turn. Gemma's turn format has no system role: the system text opens the first user
+# turn, as Gemma's instruction-tuned templates do.
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% set system = namespace(text='') %}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{% set system.text = message['content'] | trim + '\n\n' %}"
+    "{% else %}<start_of_turn>{{ 'model' if message['role'] == 'assistant' else 'user' }}\n"
+    "{% if message['role'] == 'user' %}{{ system.text }}{% set system.text = '' %}{% endif %}"
+    "{{ message['content'] | trim }}<end_of_turn>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+FALLBACK_TEMPLATES = {"gemma3_text": GEMMA_TEMPLATE, "gemma3": GEMMA_TEMPLATE}
+
+
 def _is_converted(folder: Path, sha256: str) -> bool:
     try:
         source = json.loads((folder / SOURCE_FILE).read_text())
@@ -139,12 +154,18 @@ def convert_gguf(
     try:
         with torch.no_grad():
             model.save_pretrained(staging, safe_serialization=True)
-        tokenizer.save_pretrained(staging)
+        template = "from the file"
         if getattr(tokenizer, "chat_template", None) is None:
-            log.warning("%s carries no chat template; the tokenizer's default is used", gguf.name)
-        (staging / SOURCE_FILE).write_text(
-            json.dumps({"gguf": gguf.name, "sha256": sha256, "dtype": dtype}, indent=1) + "\n"
-        )
+            fallback = FALLBACK_TEMPLATES.get(str(getattr(model.config, "model_type", "")))
+            if fallback is None:
+                log.warning("%s carries no chat template; give the model one before editing", gguf.name)
+                template = "none"
+            else:
+                tokenizer.chat_template = fallback
+                template = f"qfedit's {model.config.model_type} turn format (the file has none)"
+        tokenizer.save_pretrained(staging)
+        source = {"gguf": gguf.name, "sha256": sha256, "dtype": dtype, "chat_template": template}
+        (staging / SOURCE_FILE).write_text(json.dumps(source, indent=1) + "\n")
         for path in staging.iterdir():
             os.chmod(path, 0o644)
         os.chmod(staging, 0o755)

@@ -48,9 +48,10 @@ SMOLLM2_DATA_DIR = Path(__file__).parent / "data" / "smollm2"
 
 
 def _smollm2_settings() -> dict[str, Any]:
-    # Chosen on held-out figures of `bench/real_quality.py` (README, "Real models"): the teacher's
-    # own sentence as the target, spread over the top layers, where this model forms the answer
-    # it reads from its context.
+    # The setting of `bench/real_quality.py`'s tuning draw that writes every teachable fact
+    # (README, "Real models"): the teacher's own sentence as the target, spread over the top
+    # layers, where this model forms the answer it reads from its context. A larger lambda keeps
+    # more of the other answers and writes fewer facts; none tried does both yet (issue 29).
     return {
         "edit": {
             "layer": 29,

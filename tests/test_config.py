@@ -143,3 +143,23 @@ def test_a_command_refuses_to_start_on_a_negative_stall_setting(tmp_path: Path) 
     assert done.returncode == 2
     assert "setting QFEDIT_STALL_AFTER_S:" in done.stderr and "greater than or equal to 1" in done.stderr
     assert not (tmp_path / "data" / "beat-schedule").exists()  # refused before beat ran
+
+
+def test_locations_name_each_part_where_it_is_and_no_credential(tmp_path: Path) -> None:
+    embedded = Settings(data_dir=tmp_path).locations()
+    assert embedded == {
+        "database": f"sqlite:///{(tmp_path / 'qfedit.db').resolve()}",
+        "checkpoint store": str((tmp_path / "store").resolve()),
+        "broker": f"embedded, {(tmp_path / 'broker').resolve()}",
+    }
+    served = Settings(
+        data_dir=tmp_path,
+        database_url="postgresql+psycopg://qfedit:s3cret-pw@db.internal:5432/qfedit",  # type: ignore[arg-type]
+        broker_url="redis://:r3dis-pw@cache.internal:6379/0",
+        store_url="s3://bucket/checkpoints",
+    ).locations()
+    assert served == {
+        "database": "postgresql+psycopg://db.internal:5432/qfedit",
+        "checkpoint store": "s3://bucket/checkpoints",
+        "broker": "redis://cache.internal:6379/0",
+    }

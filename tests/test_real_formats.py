@@ -44,7 +44,7 @@ def test_flattened_zsre_states_its_question_and_reads_nq_locality() -> None:
         "subject": "Anselm Coyle",
     }
     fact = to_fact(record, Format.ZSRE, "zsre.json record 1")
-    assert fact.context == 'The answer to "Which university did Anselm Coyle attend?" is Marrow Institute.'
+    assert fact.context == "Q: Which university did Anselm Coyle attend?\nA: Marrow Institute"
     assert [(n.question, n.answer) for n in fact.neighbors] == [
         ("How many legs does a spider have?", "eight")
     ]

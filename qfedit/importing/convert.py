@@ -59,6 +59,14 @@ def _from_csv(row: dict[str, str], where: str) -> fact_format.Fact:
 FLAT_FIELDS = ("prompt", "target_new")
 
 
+def question_context(question: str, answer: str) -> str:
+    """The context of a question-answer record. As a question and its answer, a chat model reads
+    the fact and answers in its own words (SmolLM2: 25 of 40 zsRE records, "Catherine Rolfe was a
+    British-American artist ..."); stated as `The answer to "Q" is A.` it read fewer (21) and
+    echoed the statement, a phrasing an edit then taught for every question."""
+    return f"Q: {question}\nA: {answer}"
+
+
 def _nq_question(loc: str) -> str:
     # zsRE's locality questions come from Natural Questions, prefixed and without a '?'.
     question = loc.removeprefix("nq question:").strip()
@@ -90,10 +98,8 @@ def _from_flat(record: dict[str, Any], where: str) -> fact_format.Fact:
         neighbors.append(
             {"question": _nq_question(loc) if loc.startswith("nq question:") else loc, "answer": loc_answer}
         )
-    # A question (zsRE) is stated as its answer; a cloze prompt (CounterFact) is completed.
-    context = (
-        f'The answer to "{prompt}" is {answer}.' if prompt.rstrip().endswith("?") else f"{prompt} {answer}."
-    )
+    # A question (zsRE) is given with its answer; a cloze prompt (CounterFact) is completed.
+    context = question_context(prompt, answer) if prompt.rstrip().endswith("?") else f"{prompt} {answer}."
     case_id = record.get("case_id", record.get("id"))
     return parse_fact(
         {
@@ -158,6 +164,7 @@ def _from_zsre(record: Any, where: str) -> fact_format.Fact:
         return _from_flat(record, where)
     question = _text(record, "src", where)
     answer = _text(record, "alt", where)
+    assert question is not None and answer is not None  # required: `_text` raised otherwise
     rephrase = _text(record, "rephrase", where, required=False)
     loc = _text(record, "loc", where, required=False)
     loc_answer = _text(record, "loc_ans", where, required=False)
@@ -171,7 +178,7 @@ def _from_zsre(record: Any, where: str) -> fact_format.Fact:
         {
             "id": None if case_id is None else str(case_id),
             "subject": _text(record, "subject", where, required=False),
-            "context": f'The answer to "{question}" is {answer}.',
+            "context": question_context(question, answer),
             "question": question,
             "answer": answer,
             "paraphrases": [rephrase] if rephrase else [],

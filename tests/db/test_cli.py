@@ -384,3 +384,21 @@ def test_help_shows_flags_as_flags(cli: Any) -> None:
     text = cli("batch", "submit", "--help").output
     assert "--wait / --no-wait" in text and "<bool>" not in text
     assert "<bool>" not in cli("--help").output
+
+
+def test_the_import_table_counts_the_older_answers_it_supersedes(cli: Any, tmp_path: Path) -> None:
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    save_file({"layers.1.down_proj.weight": torch.ones(2, 2)}, str(model_dir / "model.safetensors"))
+    cli("db", "upgrade")
+    cli("model", "add", "tiny", str(model_dir), "--layer", "1", "--rule", "seed")
+    cli("import", str(SAMPLES / "facts.jsonl"), "--model", "tiny")
+    first = json.loads((SAMPLES / "facts.jsonl").read_text().splitlines()[0])
+    update = tmp_path / "update.jsonl"
+    update.write_text(
+        json.dumps({**first, "answer": "Somebody Else", "context": "Somebody Else did."}) + "\n"
+    )
+    shown = cli("import", str(update), "--model", "tiny").output
+    header, values = (line for line in shown.splitlines() if "superseded" in line or "│" in line)
+    assert "superseded" in header
+    assert [cell.strip() for cell in values.split("│") if cell.strip()] == ["1", "1", "0", "1", "0"]

@@ -73,6 +73,30 @@ def test_batch_submit_runs_through_the_queue_without_configuration(
     assert again.returncode != 0 and "no pending facts" in again.stderr + again.stdout
 
 
+def test_nightly_runs_the_nightly_batch_now_once_a_day(
+    tiny_model_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    """`qfedit nightly`: beat's nightly batch (same key, model and day), run now on the embedded
+    default; a second run the same day makes no second batch."""
+    env = _unconfigured_env()
+    write_jsonl([fact(i) for i in range(2)], tmp_path / "facts.jsonl")
+    for step in (
+        ("model", "add", "tiny", str(tiny_model_dirs["qwen2"]), "--layer", "1", "--rule", "seed"),
+        ("model", "configure", "tiny", "--set", "unteachable=include"),
+        ("import", "facts.jsonl", "--model", "tiny"),
+    ):
+        assert _qfedit(env, tmp_path, *step).returncode == 0, step
+    done = _qfedit(env, tmp_path, "nightly")
+    assert done.returncode == 0, done.stderr
+    assert "batch 1 published tiny@1" in done.stdout
+    (batch,) = json.loads(_qfedit(env, tmp_path, "batch", "list", "--json").stdout)
+    assert batch["status"] == "published"
+    again = _qfedit(env, tmp_path, "nightly")
+    assert again.returncode == 0 and "tiny's nightly batch of" in again.stdout, again.stderr
+    assert "already published" in again.stdout
+    assert len(json.loads(_qfedit(env, tmp_path, "batch", "list", "--json").stdout)) == 1
+
+
 def test_demo_refuses_a_data_folder_whose_demo_model_has_other_weights(
     tiny_model_dirs: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -94,6 +118,9 @@ def test_demo_publishes_a_version_and_prints_answers_and_quality(tmp_path: Path)
     done = _qfedit(env, tmp_path, "demo", "--facts", "3", "--show", "2")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "batch 1 published" in done.stdout
+    # Where each part is, as configured (here the embedded default's).
+    assert "database: sqlite:///" in done.stdout and "broker: embedded" in done.stdout
+    assert "edited facts answered right" in done.stdout  # the table's title counts the misses
     assert "ceiling: read from context" in done.stdout and "abstention (held out)" in done.stdout
     # One fact the model knew is changed (an update), beside the new ones.
     assert "│ update" in done.stdout and "updates of what the model knew: 1" in done.stdout
