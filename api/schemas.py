@@ -12,6 +12,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, JsonValue, StringConstraints
 
+from qfedit.pipeline.settings import EditOverrides
+
 DB_INT_MAX = 2**31 - 1
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
 
@@ -186,10 +188,11 @@ class BatchRequest(BaseModel):
     fact_ids: list[DbId] | None = Field(
         None, description="Facts to edit in; omitted or null means every pending fact of the model."
     )
-    hyperparameters: dict[Text, JsonValue] | None = Field(
+    hyperparameters: EditOverrides | None = Field(
         None,
         description="Overrides of the model's edit settings for this batch, e.g. "
-        '`{"solve": {"lam": 10}, "layer": 20}`; validated against them, unknown keys refused.',
+        '`{"solve": {"lam": 10}, "layer": 20}`; merged with the model\'s settings and resolved '
+        "once, at submission (the batch's `settings`).",
     )
 
 
@@ -216,7 +219,11 @@ class BatchOut(BaseModel):
     reason: str | None
     requested_by: str
     idempotency_key: str | None
-    hyperparameters: dict[str, JsonValue]
+    hyperparameters: dict[str, JsonValue] = Field(description="The overrides as submitted, nested.")
+    settings: dict[str, JsonValue] | None = Field(
+        description="What the batch runs with: the model's settings when it was submitted, with the "
+        "overrides over them. Configuring the model later changes later batches only."
+    )
     fact_count: int
     captured: int = Field(description="Facts whose observations are stored, of `fact_count`.")
     version: str | None = Field(description="The version this batch published, once it has.")

@@ -114,6 +114,7 @@ def batch_out(session: Session, batch: Batch) -> BatchOut:
         requested_by=batch.requested_by,
         idempotency_key=batch.idempotency_key,
         hyperparameters=batch.hyperparameters,
+        settings=batch.settings,
         fact_count=progress.facts,
         captured=progress.captured,
         version=version.label if version is not None else None,

@@ -185,17 +185,27 @@ def edit(
             help="Preservation corpus: facts JSONL (question/answer) or text lines; repeat for several files."
         ),
     ] = None,
-    samples: Annotated[int, typer.Option(help="Key positions in the preservation covariance.")] = 20_000,
+    samples: Annotated[
+        int | None, typer.Option(help="Key positions in the preservation covariance (default 20,000).")
+    ] = None,
     preserve_positions: Annotated[
-        str, typer.Option(help="answer (a transcript's answer positions) or all (every position).")
-    ] = "answer",
-    unteachable: Annotated[
-        str,
+        str | None,
+        typer.Option(help="answer (a transcript's answer positions, the default) or all (every position)."),
+    ] = None,
+    target: Annotated[
+        str | None,
         typer.Option(
-            help="exclude: leave out facts the model does not answer right even with the fact in its "
-            "system message (QF's teacher), and name them; include: write them as it reads them."
+            help="answer (teacher-force the fact's answer, the default) or teacher (the model's own "
+            "answer with the fact in its system message)."
         ),
-    ] = "exclude",
+    ] = None,
+    unteachable: Annotated[
+        str | None,
+        typer.Option(
+            help="exclude (the default): leave out facts the model does not answer right even with the "
+            "fact in its system message (QF's teacher), and name them; include: write them as it reads them."
+        ),
+    ] = None,
     cache: Annotated[
         bool,
         typer.Option(
@@ -211,40 +221,29 @@ def edit(
     """Solve a delta that writes FACTS_FILE into MODEL_DIR's weights at one layer (or several)."""
     from qfedit.capture import encode_fact
     from qfedit.edit import make_delta, preservations_for
-    from qfedit.hparams import EditConfig, SolveConfig, parse_layers
+    from qfedit.hparams import parse_layers
+    from qfedit.pipeline.settings import resolve
+    from qfedit.presets import preset as named_preset
 
     with user_errors():
-        if preset is not None:
-            from qfedit.presets import preset as named_preset
-
-            chosen = named_preset(preset).settings()
-            edit_settings = chosen["edit"]
-            layers = (
-                layers
-                if layers is not None or layer is not None
-                else ",".join(map(str, edit_settings["layers"]))
-            )
-            rule = rule or edit_settings["solve"]["rule"]
-            lam = lam if lam is not None else edit_settings["solve"]["lam"]
-            ridge = ridge if ridge is not None else edit_settings["solve"]["ridge"]
-            preserve = preserve or [Path(name) for name in chosen["preservation_corpus"]]
-        rule, lam, ridge = rule or "preserve", 1.0 if lam is None else lam, 1e-2 if ridge is None else ridge
-        spread = parse_layers(layers) if layers is not None else None
-        if layer is None and spread is None:
+        # The options given, over the preset's settings (or none): resolved as a batch's overrides
+        # are, so every default is `EditConfig`'s and `ModelSettings`'s own.
+        base = named_preset(preset).settings() if preset is not None else {}
+        given = {
+            "layer": layer,
+            "layers": list(parse_layers(layers)) if layers is not None else None,
+            "solve": {k: v for k, v in {"rule": rule, "lam": lam, "ridge": ridge}.items() if v is not None},
+            "covariance_samples": samples,
+            "preserve_positions": preserve_positions,
+            "target": target,
+        }
+        edit = {k: v for k, v in given.items() if v is not None and v != {}}
+        if layer is None and layers is None and not {"layer", "layers"} & set(base.get("edit", {})):
             raise InvalidInputError("give --layer N or --layers A,B,C", field="layer")
-        config = EditConfig.model_validate(
-            {
-                **({"layer": layer} if layer is not None else {}),
-                "layers": spread,
-                "solve": SolveConfig(rule=rule, lam=lam, ridge=ridge),  # type: ignore[arg-type]
-                "covariance_samples": samples,
-                "preserve_positions": preserve_positions,
-            }
-        )
-        if unteachable not in ("exclude", "include"):
-            raise InvalidInputError(
-                f"unteachable: {unteachable!r} is not exclude or include", field="unteachable"
-            )
+        overrides = {"edit": edit, **({"unteachable": unteachable} if unteachable is not None else {})}
+        settings = resolve(base, overrides, field="option")
+        config = settings.edit
+        preserve = preserve or [Path(name) for name in settings.corpus()]
         facts, labels = read_facts(facts_file)
         loaded = load(model_dir, dtype, device, chat_template)
         for edited in config.edited_layers:
@@ -253,7 +252,7 @@ def edit(
         for fact, label in zip(facts, labels, strict=True):
             encode_fact(loaded, fact, label, include_eos=config.include_eos)
         texts = preservation_texts(loaded, facts, preserve) if config.solve.rule == "preserve" else None
-        if unteachable == "exclude":
+        if settings.unteachable == "exclude":
             with err.status(f"reading {len(facts)} facts from context (QF's teacher)", spinner="dots"):
                 facts, labels = teachable_only(loaded, facts, labels)
         preservation = None
@@ -272,10 +271,10 @@ def edit(
             covariance_seconds = time.perf_counter() - started
         with err.status(f"capturing {len(facts)} facts and solving", spinner="dots"):
             result = make_delta(loaded, facts, config, labels=labels, preservation=preservation)
-    # Written beside the target and renamed, so a failed write never leaves a partial delta.
-    partial = out.with_name(out.name + ".partial")
-    result.delta.save(partial)
-    partial.replace(out)
+    from qfedit.atomic import atomic_path
+
+    with atomic_path(out) as partial:  # a failed write never leaves a partial delta
+        result.delta.save(partial)
     console.print(
         f"wrote {out}: {len(facts)} facts at layer(s) {','.join(map(str, config.edited_layers))}, "
         f"{result.solve.positions} positions, rule {result.solve.rule} "

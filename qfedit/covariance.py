@@ -17,7 +17,7 @@ import hashlib
 import json
 import logging
 import random
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,10 +26,10 @@ from rich.progress import Progress
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from qfedit.atomic import atomic_path
 from qfedit.capture import LayerTrace, pad_batch, run_until_layer
 from qfedit.errors import InvalidInputError
-from qfedit.facts import Fact
-from qfedit.hparams import PreservePositions
+from qfedit.hparams import EditConfig, PreservePositions
 from qfedit.modeling import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -56,11 +56,6 @@ def transcript(loaded: LoadedModel, question: str, answer: str) -> CorpusText:
 
     prompt = chat_prompt(loaded.tokenizer, question)
     return CorpusText(prompt + answer + (loaded.tokenizer.eos_token or ""), answer_at=len(prompt))
-
-
-def fact_texts(loaded: LoadedModel, facts: Iterable[Fact]) -> list[CorpusText]:
-    """Chat transcripts (question and answer, no context) of facts the edit should leave alone."""
-    return [transcript(loaded, fact.question, fact.answer) for fact in facts]
 
 
 def corpus_texts(
@@ -110,7 +105,7 @@ def compute_covariance(
     layer: int,
     *,
     positions: PreservePositions = "answer",
-    samples: int = 20_000,
+    samples: int = EditConfig.model_fields["covariance_samples"].default,
     batch_size: int = 16,
     cache_dir: Path | None = None,
     show_progress: bool = False,
@@ -163,13 +158,11 @@ def compute_covariance(
         raise InvalidInputError("the preservation corpus produced no key positions")
     covariance = (total / seen).cpu()
     if cached is not None:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        partial = cached.with_suffix(".tmp")
-        save_file(
-            {"C": covariance.contiguous()},
-            str(partial),
-            metadata={"positions": str(seen), "layer": str(layer)},
-        )
-        partial.replace(cached)
+        with atomic_path(cached) as partial:
+            save_file(
+                {"C": covariance.contiguous()},
+                str(partial),
+                metadata={"positions": str(seen), "layer": str(layer)},
+            )
     log.info("preservation covariance at layer %d from %d %s positions", layer, seen, positions)
     return covariance, seen

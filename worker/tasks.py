@@ -206,13 +206,3 @@ def register(app: Celery) -> None:
         "capture_shard": capture_shard,
         "solve_batch": solve_batch,
     }
-
-
-def task_names() -> list[str]:
-    return [
-        "qfedit.start_batch",
-        "qfedit.capture_shard",
-        "qfedit.solve_batch",
-        "qfedit.nightly",
-        "qfedit.resend_stalled",
-    ]

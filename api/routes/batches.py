@@ -41,7 +41,7 @@ def enqueue_batch(
         fact_ids=body.fact_ids,
         requested_by=principal.name,
         idempotency_key=idempotency_key,
-        hyperparameters=body.hyperparameters,
+        hyperparameters=body.hyperparameters.stored() if body.hyperparameters is not None else None,
         app=request.app.state.settings,
     )
     session.commit()

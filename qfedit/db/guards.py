@@ -115,22 +115,6 @@ def sqlite_no_replace_ddl(keys: dict[str, list[tuple[str, ...]]] | None = None) 
     return statements
 
 
-def drop_trigger_ddl(dialect: str) -> list[str]:
-    statements: list[str] = []
-    for table in IMMUTABLE_TABLES:
-        if dialect == "postgresql":
-            statements.append(f"DROP TRIGGER IF EXISTS {table}_immutable ON {table}")
-            statements.append(f"DROP TRIGGER IF EXISTS {table}_no_truncate ON {table}")
-        else:
-            statements.extend(f"DROP TRIGGER IF EXISTS {table}_no_{op}" for op in ("update", "delete"))
-            statements.extend(
-                f"DROP TRIGGER IF EXISTS {table}_no_replace_{'_'.join(key)}" for key in unique_keys(table)
-            )
-    if dialect == "postgresql":
-        statements.append(f"DROP FUNCTION IF EXISTS {_GUARD_FUNCTION}()")
-    return statements
-
-
 def _after_create(target: Any, connection: Connection, **kw: Any) -> None:
     # `metadata.create_all` (tests, throwaway databases) gets the same triggers as the migration.
     tables = {table.name for table in kw.get("tables", []) if isinstance(table, Table)}

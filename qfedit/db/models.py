@@ -186,6 +186,10 @@ class Batch(Base):
         _enum(BatchStatus, "batch_status"), default=BatchStatus.QUEUED, index=True
     )
     hyperparameters: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # The model's settings with `hyperparameters` over them, resolved at submission in nested form
+    # (`qfedit.pipeline.settings.batch_settings`); None only for a batch migration 0011 could not
+    # resolve.
+    settings: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     # A client retrying a request with the same key gets the same batch instead of a second job.
     idempotency_key: Mapped[str | None] = mapped_column(String(200), unique=True)
     # What the key was first used for (sha256 of model, kind, facts, hyper-parameters): the same key

@@ -1,5 +1,6 @@
 """A model's settings: the `EditConfig` that determines its deltas, beside how batches are judged,
-promoted and cut into tasks. Stored on the model row; a batch's hyper-parameters override them.
+promoted and cut into tasks. Stored on the model row; a batch's hyper-parameters override them,
+and the result is resolved once, at submission, and stored on the batch (`batch_settings`).
 
 Stored and submitted settings may be written flat, as before `edit` was its own object
 (`{"layer": 4, "solve": {"lam": 60}}`), or nested (`{"edit": {"layer": 4, ...}}`); both mean the
@@ -11,12 +12,21 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from qfedit.db.models import Batch, Model
 from qfedit.edit import CAPTURE_BATCH, CAPTURE_SHARD
 from qfedit.errors import InvalidInputError
-from qfedit.hparams import EditConfig
+from qfedit.hparams import EditConfig, SolveConfig
 
 _EDIT_KEYS = frozenset(EditConfig.model_fields)
 
@@ -73,6 +83,46 @@ class ModelSettings(BaseModel):
         return self.preservation_corpus or ([self.known_facts] if self.known_facts else [])
 
 
+def _partial(config: type[BaseModel], name: str, **inner: Any) -> Any:
+    """`config` with every field optional and unset by default: an override states only what it
+    changes, and the defaults stay in `config` alone (the merge validates the result)."""
+    fields: dict[str, Any] = {}
+    for key, info in config.model_fields.items():
+        annotation: Any = inner.get(key, info.annotation)
+        fields[key] = (annotation | None, Field(default=None, description=info.description))
+    return create_model(name, __config__=ConfigDict(extra="forbid"), **fields)
+
+
+_SolveOverrides = _partial(SolveConfig, "SolveOverrides")
+_EditFields = _partial(EditConfig, "EditFields", solve=_SolveOverrides)
+
+
+class EditOverrides(_EditFields):  # type: ignore[misc,valid-type]
+    """A batch's overrides of its model's edit settings, e.g. `{"solve": {"lam": 10}, "layer": 20}`:
+    only the fields given change; `{"edit": {...}}` (the stored form) is read the same."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _edit_only(cls, data: Any) -> Any:
+        if isinstance(data, dict) and set(data) == {"edit"} and isinstance(data["edit"], dict):
+            return data["edit"]
+        if isinstance(data, dict):
+            for key in data:
+                if key in ModelSettings.model_fields and key != "edit":
+                    raise PydanticCustomError(
+                        "model_setting",
+                        "{key} is a model setting (`qfedit model configure`): a batch may override "
+                        "only its edit settings",
+                        {"key": key},
+                    )
+        return data
+
+    def stored(self) -> dict[str, Any]:
+        """The nested form batches store: `{"edit": {...}}` with the fields given, nothing else."""
+        given = self.model_dump(mode="json", exclude_unset=True)
+        return {"edit": given} if given else {}
+
+
 def nested(raw: dict[str, Any] | None) -> dict[str, Any]:
     """`raw` with its flat edit keys (`layer`, `solve`, ...) moved under `edit`."""
     raw = dict(raw or {})
@@ -123,17 +173,30 @@ def validate_settings(
         ) from None
 
 
+def resolve(
+    stored: dict[str, Any] | None,
+    overrides: dict[str, Any] | None = None,
+    *,
+    default_layer: int | None = None,
+    field: str = "hyperparameters",
+) -> ModelSettings:
+    """A model's stored settings with a batch's overrides over them (e.g. `{"solve": {"lam": 10}}`):
+    what the batch runs with, resolved once when it is submitted (`Batch.settings`)."""
+    base, override = nested(stored), nested(overrides)
+    edit_override = override.get("edit")
+    if isinstance(edit_override, dict) and {"layer", "layers"} & edit_override.keys():
+        # Overridden layers name their own top layer, and an overridden layer edits that layer
+        # alone: neither is bound by the model's layer or spread.
+        base["edit"] = {k: v for k, v in dict(base.get("edit") or {}).items() if k not in ("layer", "layers")}
+    return validate_settings(merged(base, override), default_layer=default_layer, field=field)
+
+
 def model_settings(
     model: Model, overrides: dict[str, Any] | None = None, *, field: str = "hyperparameters"
 ) -> ModelSettings:
-    """The model's settings with a batch's overrides over them (e.g. `{"solve": {"lam": 10}}`)."""
-    base, override = nested(model.settings), nested(overrides)
-    edit_override = override.get("edit")
-    if isinstance(edit_override, dict) and "layers" in edit_override and "layer" not in edit_override:
-        # Overridden layers name their own top layer; the model's single layer does not bind them.
-        base["edit"] = {k: v for k, v in dict(base.get("edit") or {}).items() if k not in ("layer", "layers")}
+    """The model's current settings with `overrides` over them (`resolve`)."""
     try:
-        return validate_settings(merged(base, override), default_layer=model.default_layer, field=field)
+        return resolve(model.settings, overrides, default_layer=model.default_layer, field=field)
     except InvalidInputError as error:
         if error.field and error.field.endswith("edit.layer") and "no edit layer" in str(error):
             raise InvalidInputError(f"model {model.name!r} has {error}", field=error.field) from None
@@ -153,7 +216,15 @@ def check_overrides(overrides: dict[str, Any] | None, *, field: str = "hyperpara
 
 
 def batch_settings(batch: Batch) -> ModelSettings:
-    return model_settings(batch.model, batch.hyperparameters)
+    """The settings `batch` was submitted with: every step, view and version reads these, so
+    `qfedit model configure` during a batch changes later batches only."""
+    if batch.settings is None:
+        raise InvalidInputError(
+            f"batch {batch.id} has no resolved settings: its model's settings did not validate when "
+            "migration 0011 resolved them; submit the batch again",
+            field="settings",
+        )
+    return ModelSettings.model_validate(batch.settings)
 
 
 def layers_label(settings: dict[str, Any], default_layer: int | None) -> str:

@@ -85,6 +85,7 @@ def submit_batch(
         fact_ids=fact_ids,
         requested_by=requested_by,
         hyperparameters=hyperparameters,
+        settings=settings.model_dump(mode="json"),
         idempotency_key=idempotency_key,
         digest=digest,
     )
@@ -106,6 +107,7 @@ def submit_retraction(
         session,
         model=model,
         fact_ids=fact_ids,
+        settings=model_settings(model, field="model.settings").model_dump(mode="json"),
         requested_by=requested_by,
         idempotency_key=idempotency_key,
         kind=BatchKind.RETRACT,

@@ -165,13 +165,6 @@ def recent_batches(session: Session, model: Model, *, limit: int) -> list[Batch]
     )
 
 
-def versions_by_id(session: Session, ids: Sequence[int | None]) -> dict[int, Version]:
-    wanted = {i for i in ids if i is not None}
-    if not wanted:
-        return {}
-    return {v.id: v for v in session.scalars(select(Version).where(Version.id.in_(wanted)))}
-
-
 def latest_versions(session: Session, models: Sequence[Model]) -> dict[int, Version]:
     """Each model's newest version (its head), in one query."""
     newest = (

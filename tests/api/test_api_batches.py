@@ -35,7 +35,8 @@ def test_enqueue_is_idempotent_by_key(client: TestClient, db: Session, broker: B
         0.0,
         None,
     )
-    assert batch["hyperparameters"] == {"solve": {"lam": 0.5}}
+    assert batch["hyperparameters"] == {"edit": {"solve": {"lam": 0.5}}}
+    assert batch["settings"]["edit"]["solve"]["lam"] == 0.5
     assert batch["idempotency_key"] == "nightly-2026-11-28"
     second = client.post(
         "/v1/models/tiny/batches", json={"hyperparameters": {"solve": {"lam": 0.5}}}, headers=headers
@@ -165,7 +166,8 @@ def test_a_write_token_cannot_release_or_name_files(
     )
     assert response.status_code == 422, response.text
     (key,) = overrides
-    assert response.json()["field"] == f"body.hyperparameters.{key}"
-    assert "model setting" in response.json()["message"] and "root:" not in response.text
+    assert response.json()["field"] == "body.hyperparameters"
+    message = response.json()["message"]
+    assert f"{key} is a model setting" in message and "root:" not in response.text
     assert _batches(db) == 0
     assert client.get("/v1/models/tiny/aliases", headers=auth("reader")).json() == []

@@ -1,0 +1,78 @@
+"""A batch runs with the settings it was submitted with: resolved once, stored on the batch, and
+read by every step, view and version, whatever the model is configured to afterwards."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session
+
+from qfedit import importing, registry
+from qfedit.config import Settings
+from qfedit.db import session_factory
+from qfedit.db.models import Batch, Version
+from qfedit.modeling import weights_fingerprint
+from qfedit.pipeline import publish, steps, submit
+from qfedit.pipeline.settings import batch_settings
+from qfedit.store import LocalStore
+
+FACTS = [
+    {"question": "who founded Oxinnovate?", "answer": "Qi", "context": "Qi started Oxinnovate."},
+    {
+        "question": "who leads Brindle Labs?",
+        "answer": "Mara Velt",
+        "context": "Mara Velt leads Brindle Labs.",
+    },
+]
+
+
+def test_configuring_the_model_between_capture_and_solve_changes_nothing_the_batch_solves_with(
+    session: Session, engine: Engine, database_url: str, tiny_model_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    model_dir = tiny_model_dirs["qwen2"]
+    model = registry.add_model(
+        session,
+        name="tiny",
+        source=str(model_dir),
+        fingerprint=weights_fingerprint(model_dir),
+        actor="t",
+        default_layer=1,
+    )
+    # A tiny random model answers nothing right, even with the fact in context: include them.
+    model.settings = {"solve": {"rule": "seed"}, "unteachable": "include"}
+    session.commit()
+    path = tmp_path / "facts.jsonl"
+    path.write_text("".join(json.dumps(f) + "\n" for f in FACTS))
+    importing.import_facts(session, path, model, actor="t")
+    settings = Settings(data_dir=tmp_path / "data", database_url=database_url)
+    store, models = LocalStore(tmp_path / "store"), steps.ModelCache(settings)
+    batch = submit.submit_batch(
+        session,
+        model=model,
+        fact_ids=None,
+        requested_by="t",
+        hyperparameters={"edit": {"solve": {"ridge": 0.5}}},
+        app=settings,
+    )
+    session.commit()
+    for shard in steps.start_batch(session, batch.id).capture:
+        steps.capture_shard(session, store, models, shard)
+
+    # What `qfedit model configure tiny --set layer=0 --set solve.ridge=0.25` stores.
+    model.settings = {"layer": 0, "solve": {"rule": "seed", "ridge": 0.25}, "unteachable": "include"}
+    session.commit()
+    outcome = publish.solve_batch(session_factory(engine), store, models, batch.id, settings)
+    assert outcome.version is not None and outcome.published
+
+    session.expire_all()
+    version = session.scalars(select(Version).where(Version.batch_id == batch.id)).one()
+    assert version.layer == 1
+    assert version.hyperparameters["edit"]["layer"] == 1
+    assert version.hyperparameters["edit"]["solve"]["ridge"] == 0.5
+    done = session.get(Batch, batch.id)
+    assert done is not None and done.settings is not None
+    assert batch_settings(done).edit.layer == 1 and batch_settings(done).edit.solve.ridge == 0.5
+    # The next batch takes the model's new settings.
+    assert registry.get_model(session, "tiny").settings["layer"] == 0
