@@ -216,6 +216,12 @@ class BatchOut(BaseModel):
         default=None,
         description="What a task of the batch is waiting for, while it waits (CPU cores that other tasks hold).",
     )
+    activity: str | None = Field(
+        default=None,
+        description='What its task is doing within the status, while active ("solving layer 24 (5 of 10)", '
+        '"evaluating: ...").',
+    )
+    elapsed_s: float = Field(description="Seconds since it was submitted, to its end or to now.")
     reason: str | None
     requested_by: str
     idempotency_key: str | None

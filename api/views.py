@@ -30,8 +30,7 @@ from api.schemas import (
 from qfedit import registry
 from qfedit.db.models import Alias, AliasMove, AuditEntry, Batch, BatchKind, FactRow, Model, Version
 from qfedit.errors import QFEditError
-from qfedit.pipeline import captures
-from qfedit.pipeline.lifecycle import batch_progress
+from qfedit.pipeline import captures, lifecycle
 from qfedit.pipeline.settings import batch_settings
 
 
@@ -100,7 +99,7 @@ def fact_detail(session: Session, fact: FactRow) -> FactDetail:
 
 def batch_out(session: Session, batch: Batch) -> BatchOut:
     version = registry.version_of_batch(session, batch)
-    progress = batch_progress(session, batch)
+    progress = lifecycle.batch_progress(session, batch)
     return BatchOut(
         id=batch.id,
         model=batch.model.name,
@@ -110,6 +109,8 @@ def batch_out(session: Session, batch: Batch) -> BatchOut:
         attempts=batch.attempts,
         error=batch.error,
         waiting=batch.waiting,
+        activity=batch.activity,
+        elapsed_s=round(lifecycle.elapsed_s(batch), 1),
         reason=batch.reason,
         requested_by=batch.requested_by,
         idempotency_key=batch.idempotency_key,

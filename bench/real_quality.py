@@ -228,6 +228,13 @@ def main() -> None:
     parser.add_argument(
         "--positions", nargs="*", choices=["answer", "all"], default=None, help="preserved positions"
     )
+    parser.add_argument(
+        "--target-words",
+        nargs="*",
+        choices=["all", "divergent"],
+        default=None,
+        help="the teacher's words targeted",
+    )
     parser.add_argument("--all-facts", action="store_true", help="edit unteachable facts too")
     parser.add_argument("--peers", nargs="*", choices=["memit", "alphaedit"], default=[])
     parser.add_argument("--peer-layers", default="4-8", help="MEMIT's and AlphaEdit's layer range")
@@ -295,9 +302,10 @@ def main() -> None:
     for layers_text in layer_options:
         layers = parse_layers(layers_text)
         for target in args.target or [edit_defaults.get("target", "answer")]:
-            for lam, positions in itertools.product(
+            for lam, positions, words in itertools.product(
                 args.lam or [solve_defaults.get("lam", 1.0)],
                 args.positions or [edit_defaults.get("preserve_positions", "answer")],
+                args.target_words or [edit_defaults.get("target_words", "all")],
             ):
                 rule = args.rule or solve_defaults.get("rule", "preserve")
                 config = EditConfig.model_validate(
@@ -307,6 +315,7 @@ def main() -> None:
                         "solve": SolveConfig(rule=rule, lam=lam, ridge=solve_defaults.get("ridge", 1e-2)),
                         "target": target,
                         "preserve_positions": positions,
+                        "target_words": words,
                     }
                 )
                 started = time.perf_counter()
@@ -319,7 +328,7 @@ def main() -> None:
                 started = time.perf_counter()
                 result = make_delta(loaded, edited, config, preservation=preservation)
                 seconds = time.perf_counter() - started
-                label = f"qfedit {rule} {layers_text} λ {lam:g} {target} {positions}"
+                label = f"qfedit {rule} {layers_text} λ {lam:g} {target} ({words}) {positions}"
                 rows.append(judge(loaded, facts, teachable, result.delta, kept, label, seconds, rival))
                 console.print(f"{label}: edit {seconds:.1f}s (covariance {covariance:.1f}s)", highlight=False)
     if args.peers:

@@ -19,7 +19,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, TextColumn
 from sqlalchemy.orm import Session
 
 from api import views
@@ -178,6 +178,21 @@ def embedded_worker(settings: Settings) -> Iterator[subprocess.Popen[bytes] | No
             log.close()
 
 
+def clock(seconds: float) -> str:
+    whole = int(seconds)
+    return f"{whole // 3600}:{whole // 60 % 60:02d}:{whole % 60:02d}"
+
+
+def describe(batch: Batch, state: lifecycle.Progress) -> str:
+    """`capturing, 3/21 facts captured`, then what the task is doing or waiting for."""
+    described = f"{state.stage}, {state.captured}/{state.facts} facts captured"
+    if batch.activity and batch.status not in lifecycle.FINAL:
+        described += f"; {batch.activity}"
+    if batch.waiting:
+        described += f"; {batch.waiting}"
+    return described
+
+
 def watch_batch(
     batch_id: int, *, timeout: float | None = None, child: subprocess.Popen[bytes] | None = None
 ) -> Batch:
@@ -187,19 +202,27 @@ def watch_batch(
 
     sessions = session_factory(engine_from_settings(settings))
     started = time.monotonic()
-    columns = (TextColumn("batch {task.fields[batch]}: {task.description}"), BarColumn(), TimeElapsedColumn())
+    # The time is the batch's own, from the database (submitted to finished, or to now), not this
+    # command's: a watch started late, or of a retried batch, still shows how long it has taken.
+    columns = (
+        TextColumn("batch {task.fields[batch]}: {task.description}"),
+        BarColumn(),
+        TextColumn("{task.fields[elapsed]}"),
+    )
     # On stderr: progress is not output, and `--json` keeps stdout to one JSON document.
     with Progress(*columns, console=errors, transient=False) as progress:
-        task = progress.add_task("queued", total=1.0, batch=batch_id)
+        task = progress.add_task("queued", total=1.0, batch=batch_id, elapsed="")
         while True:
             with sessions() as session:
                 batch = registry.get_batch(session, batch_id)
                 state = lifecycle.batch_progress(session, batch)
                 session.expunge_all()
-            described = f"{state.stage}, {state.captured}/{state.facts} facts captured"
-            if batch.waiting:
-                described += f"; {batch.waiting}"
-            progress.update(task, description=described, completed=batch.progress)
+            progress.update(
+                task,
+                description=describe(batch, state),
+                completed=batch.progress,
+                elapsed=clock(lifecycle.elapsed_s(batch)),
+            )
             if batch.status in lifecycle.FINAL:
                 return batch
             if child is not None and child.poll() is not None:
@@ -351,6 +374,7 @@ def batch_status(batch_id: int, as_json: JsonOption = False) -> None:
             return
         for key, value in info.items():
             console.print(f"{key:>16}: {value}", highlight=False)
+        console.print(f"{'elapsed':>16}: {clock(info['elapsed_s'])}", highlight=False)
 
     in_session(work)
 

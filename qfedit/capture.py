@@ -112,21 +112,25 @@ def chat_prompt(tokenizer: object, question: str, context: str | None = None) ->
     return _chat_prefix(tokenizer, messages)
 
 
-def _token_weights(
-    tokenizer: object, answer: str, significance: Sequence[float], where: str
-) -> tuple[list[int], list[float]]:
+def token_words(tokenizer: object, answer: str) -> tuple[list[int], list[int]]:
+    """The answer's token ids, and for each token the index of its word (`Fact.answer_words`)."""
     encoding = tokenizer(answer, add_special_tokens=False, return_offsets_mapping=True)  # type: ignore[operator]
-    ids: list[int] = list(encoding["input_ids"])
-    if not ids:
-        raise FactError(where, "answer", "tokenises to no tokens")
     spans = [match.span() for match in re.finditer(r"\S+", answer)]
-    weights: list[float] = []
+    words = []
     for start, _ in encoding["offset_mapping"]:
         # A token belongs to the first word that ends after it starts: the word it overlaps, or
         # for a whitespace-only token the word that follows it.
-        word = next((i for i, (_, word_end) in enumerate(spans) if start < word_end), len(spans) - 1)
-        weights.append(significance[word])
-    return ids, weights
+        words.append(next((i for i, (_, word_end) in enumerate(spans) if start < word_end), len(spans) - 1))
+    return list(encoding["input_ids"]), words
+
+
+def _token_weights(
+    tokenizer: object, answer: str, significance: Sequence[float], where: str
+) -> tuple[list[int], list[float]]:
+    ids, words = token_words(tokenizer, answer)
+    if not ids:
+        raise FactError(where, "answer", "tokenises to no tokens")
+    return ids, [significance[word] for word in words]
 
 
 def encode_fact(

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,7 +80,7 @@ def capture_observations(
         shard = facts[start : start + shard_size]
         captured = capture(
             loaded,
-            teacher_targets(loaded, shard) if config.target == "teacher" else shard,
+            teacher_targets(loaded, shard, config.target_words) if config.target == "teacher" else shard,
             config.layer,
             labels=names[start : start + shard_size],
             options=options,
@@ -146,12 +146,17 @@ def preservations_for(
     texts: Sequence[CorpusText],
     cache_dir: Path | None = None,
     show_progress: bool = False,
+    activity: Callable[[str], None] | None = None,
 ) -> dict[int, Preservation]:
-    """The preservation covariance of `texts` at each layer the edit changes."""
-    return {
-        layer: preservation_for(loaded, config.at_layer(layer), texts, cache_dir, show_progress)
-        for layer in config.edited_layers
-    }
+    """The preservation covariance of `texts` at each layer the edit changes; `activity` hears
+    each layer begin."""
+    found = {}
+    layers = config.edited_layers
+    for done, layer in enumerate(layers):
+        if activity is not None:
+            activity(f"preservation covariance at layer {layer} ({done + 1} of {len(layers)})")
+        found[layer] = preservation_for(loaded, config.at_layer(layer), texts, cache_dir, show_progress)
+    return found
 
 
 def solve_delta(
@@ -265,8 +270,10 @@ def spread_delta(
     fact_set_digest: str,
     shard_size: int = CAPTURE_SHARD,
     batch_size: int = CAPTURE_BATCH,
+    activity: Callable[[str], None] | None = None,
 ) -> EditResult:
-    """An edit spread over `config.edited_layers`, lowest first (MEMIT's schedule, QF's target).
+    """An edit spread over `config.edited_layers`, lowest first (MEMIT's schedule, QF's target);
+    `activity` hears each stage begin.
 
     The target is the top layer's output with the context, captured once on the base model. Each
     layer in turn, with the lower layers' edits applied, recaptures its own keys and the top
@@ -293,7 +300,7 @@ def spread_delta(
         facts = [
             taught
             for start in range(0, len(facts), shard_size)
-            for taught in teacher_targets(loaded, facts[start : start + shard_size])
+            for taught in teacher_targets(loaded, facts[start : start + shard_size], config.target_words)
         ]
     # Shards never cross a statistics run, so each run is reduced as soon as its shards are in and
     # memory holds one run's observations, not the fact set's (`_spread_layer`).
@@ -313,6 +320,8 @@ def spread_delta(
         # The targets (positions x d) grow with the fact set: they wait on disk, a shard a file.
         started = time.perf_counter()
         targets: list[list[Path]] = []
+        if activity is not None:
+            activity(f"capturing the target at layer {top}, {len(facts)} facts with their context")
         for r, run in enumerate(shards):
             targets.append([])
             for s, cut in enumerate(run):
@@ -322,6 +331,8 @@ def spread_delta(
                 targets[-1].append(path)
         capture_seconds, solve_seconds = time.perf_counter() - started, 0.0
         for done, layer in enumerate(layers):
+            if activity is not None:
+                activity(f"solving layer {layer} ({done + 1} of {len(layers)})")
             started = time.perf_counter()
             lower = Delta(dict(tensors), loaded.fingerprint) if tensors else None
             with applied(loaded, lower):

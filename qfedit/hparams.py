@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # Which key positions of a transcript go into the preservation covariance (see qfedit.covariance).
 Target = Literal["answer", "teacher"]
+TargetWords = Literal["all", "divergent"]
 PreservePositions = Literal["answer", "all"]
 
 Rule = Literal["seed", "preserve"]
@@ -60,6 +61,11 @@ class EditConfig(BaseModel):
         default="answer",
         description="what is teacher-forced: the fact's answer, or the teacher's own answer with the "
         "fact in context, cut after the sentence that states it (qfedit.teachable.teacher_answer)",
+    )
+    target_words: TargetWords = Field(
+        default="all",
+        description="with the teacher's target: every word of it, or only the words the model without "
+        "the fact does not already predict (divergent; qfedit.teachable.divergent_words)",
     )
 
     @model_validator(mode="before")

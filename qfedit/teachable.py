@@ -11,9 +11,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
+
+from qfedit.capture import chat_prompt, pad_batch, token_words
 from qfedit.evaluate import contains
 from qfedit.facts import Fact
 from qfedit.generate import answer_batch
+from qfedit.hparams import TargetWords
 from qfedit.modeling import LoadedModel
 
 
@@ -60,9 +64,49 @@ def teacher_answer(context_answer: str, answer: str) -> str | None:
     return context_answer[: _sentence_end(context_answer, found + len(answer.strip()))].strip()
 
 
-def teacher_targets(loaded: LoadedModel, facts: Sequence[Fact]) -> list[Fact]:
+def divergent_words(
+    loaded: LoadedModel, facts: Sequence[Fact], batch_size: int = 16
+) -> list[tuple[float, ...]]:
+    """Per fact, 1.0 for each answer word the model without the context does not already predict
+    (greedy, teacher-forced on the answer), 0.0 for the rest.
+
+    The teacher's sentence restates the question ("MG 13 was established in 1915."): the model
+    without the fact predicts most of those words itself, and their positions have keys much like
+    every other answer's. Targeting them asks the solve to move what is already right, where a
+    change reaches every other question; the words it gets wrong are the fact. A fact whose words
+    it all predicts keeps every word."""
+    tokenizer = loaded.tokenizer
+    rows = []
+    for fact in facts:
+        prompt = tokenizer(chat_prompt(tokenizer, fact.question), add_special_tokens=False)["input_ids"]
+        answer, words = token_words(tokenizer, fact.answer)
+        rows.append((list(prompt) + answer, len(answer), words, len(fact.answer_words)))
+    found: list[tuple[float, ...]] = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        batch, mask, positions, _ = pad_batch(
+            [r[0] for r in chunk], tokenizer.pad_token_id, "right", loaded.device
+        )
+        with torch.inference_mode():
+            logits = loaded.model(
+                input_ids=batch, attention_mask=mask, position_ids=positions, use_cache=False
+            ).logits
+        for row, (sequence, count, words, n_words) in enumerate(chunk):
+            end = len(sequence)
+            predicted = logits[row, end - count - 1 : end - 1].argmax(dim=-1).tolist()
+            wrong = [0.0] * n_words
+            for token, guess, word in zip(sequence[end - count :], predicted, words, strict=True):
+                if token != guess:
+                    wrong[word] = 1.0
+            found.append(tuple(wrong) if any(wrong) else (1.0,) * n_words)
+    return found
+
+
+def teacher_targets(loaded: LoadedModel, facts: Sequence[Fact], words: TargetWords = "all") -> list[Fact]:
     """`facts` with each answer replaced by the teacher's own (`teacher_answer`); a fact the
-    teacher gets wrong keeps its answer (it is unteachable, and left out unless asked for)."""
+    teacher gets wrong keeps its answer (it is unteachable, and left out unless asked for).
+    `words="divergent"` targets only the teacher's words the model does not already say
+    (`divergent_words`)."""
     readings = read_with_context(loaded, facts)
     taught = []
     for fact, reading in zip(facts, readings, strict=True):
@@ -70,4 +114,9 @@ def teacher_targets(loaded: LoadedModel, facts: Sequence[Fact]) -> list[Fact]:
         taught.append(
             fact if said is None else fact.model_copy(update={"answer": said, "significance": None})
         )
+    if words == "divergent":
+        taught = [
+            fact.model_copy(update={"significance": significance})
+            for fact, significance in zip(taught, divergent_words(loaded, taught), strict=True)
+        ]
     return taught

@@ -199,6 +199,9 @@ class Batch(Base):
     attempts: Mapped[int] = mapped_column(default=0)
     error: Mapped[str | None] = mapped_column(Text)
     progress: Mapped[float] = mapped_column(Float, default=0.0)
+    # What the batch's task is doing now, within its status ("solving layer 24 (5 of 10)",
+    # "evaluating: paraphrases"); cleared when the status changes.
+    activity: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     started_at: Mapped[datetime | None] = mapped_column()

@@ -62,6 +62,7 @@ def transition_batch(
     previous = batch.status
     batch.status = status
     batch.waiting = None  # a wait belongs to the stage it was in (or to a worker that died in it)
+    batch.activity = None
     now = utcnow()
     if status == BatchStatus.CAPTURING:
         batch.attempts += 1
@@ -102,6 +103,24 @@ def set_waiting(session: Session, batch_id: int, waiting: str | None) -> None:
         update(Batch)
         .where(Batch.id == batch_id, Batch.status.in_(ACTIVE))
         .values(waiting=waiting, updated_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+
+
+def elapsed_s(batch: Batch) -> float:
+    """Seconds from the batch's submission to its end, or to now while it runs: the database's
+    clock, so every reader (a later `watch`, the API) sees the same figure."""
+    end = batch.finished_at or utcnow()
+    return max(0.0, (end - batch.created_at).total_seconds())
+
+
+def set_activity(session: Session, batch_id: int, activity: str | None) -> None:
+    """Say what an active batch's task is doing within its status; also its last change (a batch
+    that reports work is not a lost message for beat to send again)."""
+    session.execute(
+        update(Batch)
+        .where(Batch.id == batch_id, Batch.status.in_(ACTIVE))
+        .values(activity=activity, updated_at=utcnow())
         .execution_options(synchronize_session=False)
     )
 

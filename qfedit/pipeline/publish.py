@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from qfedit.capture import check_fits
@@ -89,6 +90,16 @@ def solve_batch(
     """Solve, store, evaluate and publish a batch whose shards are all captured.
 
     `before_commit` runs after the delta is stored and before the version is recorded."""
+
+    def say(activity: str) -> None:
+        # In a transaction of its own: the solve's session holds no row lock meanwhile.
+        try:
+            with session_maker() as own:
+                lifecycle.set_activity(own, batch_id, activity)
+                own.commit()
+        except SQLAlchemyError as error:  # a note is not worth the batch
+            log.warning("batch %d: activity %r not recorded: %s", batch_id, activity, error)
+
     with session_maker() as session:
         batch = get_batch(session, batch_id)
         existing = session.scalar(select(Version).where(Version.batch_id == batch_id))
@@ -138,8 +149,9 @@ def solve_batch(
             nonlocal left_out
             if config.edit.solve.rule != "preserve":
                 return None
+            say("reading the preservation corpus")
             texts, left_out = preservation_texts(loaded, config, settings, stale)
-            return preservations_for(loaded, config.edit, texts, settings.cache_dir)
+            return preservations_for(loaded, config.edit, texts, settings.cache_dir, activity=say)
 
         delta_object: StoredObject | None = None
         stats_object: StoredObject | None = None
@@ -162,6 +174,7 @@ def solve_batch(
                 fact_set_digest=digest,
                 shard_size=config.shard_size,
                 batch_size=config.capture_batch_size,
+                activity=say,
             )
             delta, relative = edit.delta, edit.solve.relative_norm
             delta_object = store.put_bytes(delta.to_bytes())
@@ -178,6 +191,7 @@ def solve_batch(
             session.rollback()
             found = preservations()
             preservation = found[layer] if found is not None else None
+            say(f"solving layer {layer} ({len(fact_ids)} facts, {statistics.positions} positions)")
             delta, result = solve_delta(
                 loaded,
                 config.edit,
@@ -206,6 +220,7 @@ def solve_batch(
             delta,
             stale,
             fingerprint=model.fingerprint,
+            activity=say,
         )
         if stale:
             metrics["superseded"] = {
@@ -364,6 +379,7 @@ def _evaluate(
     stale: StaleAnswers | None = None,
     *,
     fingerprint: str,
+    activity: Callable[[str], None] | None = None,
 ) -> tuple[dict[str, Any], int]:
     """Metrics of the version: its whole fact set (or a seeded sample of it), never the batch's new
     facts alone, so a retraction is measured on what remains; and how many known facts were left
@@ -395,6 +411,7 @@ def _evaluate(
         abstention=config.abstention,
         recorded_base_answers=[c.base_answer if (c := recorded.get(r.id)) else None for r in rows],
         recorded_context_answers=[c.context_answer if (c := recorded.get(r.id)) else None for r in rows],
+        progress=(lambda stage: activity(f"evaluating: {stage}")) if activity is not None else None,
     )
     payload = report.to_json()
     payload.pop("details", None)

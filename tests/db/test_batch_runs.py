@@ -1,18 +1,22 @@
-"""A batch runs with the settings it was submitted with: resolved once, stored on the batch, and
-read by every step, view and version, whatever the model is configured to afterwards."""
+"""A batch runs with the settings it was submitted with (resolved once, stored on the batch, read
+by every step, view and version, whatever the model is configured to afterwards), and says what
+it is doing and how long it has taken from the database."""
 
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 from pathlib import Path
 
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
+from api import views
+from cli.queue import clock
 from qfedit import importing, registry
 from qfedit.config import Settings
 from qfedit.db import session_factory
-from qfedit.db.models import Batch, Version
+from qfedit.db.models import Batch, Model, Version
 from qfedit.modeling import weights_fingerprint
 from qfedit.pipeline import publish, steps, submit
 from qfedit.pipeline.settings import batch_settings
@@ -28,10 +32,7 @@ FACTS = [
 ]
 
 
-def test_configuring_the_model_between_capture_and_solve_changes_nothing_the_batch_solves_with(
-    session: Session, engine: Engine, database_url: str, tiny_model_dirs: dict[str, Path], tmp_path: Path
-) -> None:
-    model_dir = tiny_model_dirs["qwen2"]
+def _tiny(session: Session, model_dir: Path, tmp_path: Path, **settings: object) -> Model:
     model = registry.add_model(
         session,
         name="tiny",
@@ -41,11 +42,18 @@ def test_configuring_the_model_between_capture_and_solve_changes_nothing_the_bat
         default_layer=1,
     )
     # A tiny random model answers nothing right, even with the fact in context: include them.
-    model.settings = {"solve": {"rule": "seed"}, "unteachable": "include"}
+    model.settings = {"solve": {"rule": "seed"}, "unteachable": "include", **settings}
     session.commit()
     path = tmp_path / "facts.jsonl"
     path.write_text("".join(json.dumps(f) + "\n" for f in FACTS))
     importing.import_facts(session, path, model, actor="t")
+    return model
+
+
+def test_configuring_the_model_between_capture_and_solve_changes_nothing_the_batch_solves_with(
+    session: Session, engine: Engine, database_url: str, tiny_model_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    model = _tiny(session, tiny_model_dirs["qwen2"], tmp_path)
     settings = Settings(data_dir=tmp_path / "data", database_url=database_url)
     store, models = LocalStore(tmp_path / "store"), steps.ModelCache(settings)
     batch = submit.submit_batch(
@@ -76,3 +84,39 @@ def test_configuring_the_model_between_capture_and_solve_changes_nothing_the_bat
     assert batch_settings(done).edit.layer == 1 and batch_settings(done).edit.solve.ridge == 0.5
     # The next batch takes the model's new settings.
     assert registry.get_model(session, "tiny").settings["layer"] == 0
+
+
+def test_a_running_batch_says_what_it_is_doing_and_its_time_is_the_databases(
+    session: Session, engine: Engine, database_url: str, tiny_model_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    model = _tiny(session, tiny_model_dirs["qwen2"], tmp_path, layers=[0, 1])
+    settings = Settings(data_dir=tmp_path / "data", database_url=database_url)
+    store, models = LocalStore(tmp_path / "store"), steps.ModelCache(settings)
+    batch = submit.submit_batch(session, model=model, fact_ids=None, requested_by="t", app=settings)
+    session.commit()
+    for shard in steps.start_batch(session, batch.id).capture:
+        steps.capture_shard(session, store, models, shard)
+    sessions = session_factory(engine)
+    seen: list[str | None] = []
+
+    def look() -> None:  # after the evaluation, before the version is recorded
+        with sessions() as other:
+            running = other.get(Batch, batch.id)
+            assert running is not None
+            seen.append(running.activity)
+            seen.append(views.batch_out(other, running).activity)
+
+    outcome = publish.solve_batch(sessions, store, models, batch.id, settings, before_commit=look)
+    assert outcome.published
+    assert seen[0] is not None and seen[0].startswith("evaluating: ") and seen[1] == seen[0]
+
+    session.expire_all()
+    done = session.get(Batch, batch.id)
+    assert done is not None and done.finished_at is not None
+    assert done.activity is None  # it belonged to the status it was in
+    # A batch submitted 4 min 31 s before it finished took 4 min 31 s, whoever watches it.
+    done.created_at = done.finished_at - timedelta(minutes=4, seconds=31)
+    session.commit()
+    shown = views.batch_out(session, done)
+    assert shown.elapsed_s == 271.0
+    assert clock(shown.elapsed_s) == "0:04:31"
