@@ -16,8 +16,8 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from api.errors import ApiError
-from api.schemas import NAME_PATTERN
 from qfedit import registry
+from qfedit.app.schemas import NAME_PATTERN
 from qfedit.config import Settings
 from qfedit.db.models import Model
 from qfedit.store import CheckpointStore, store_from_settings

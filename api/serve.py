@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api.limits import BodyLimit
-from api.schemas import Text
+from qfedit.app.schemas import Text
 from qfedit.capture import chat_prompt
 from qfedit.config import ApiToken
 from qfedit.serving import AliasFollower, PromptTooLongError

@@ -17,6 +17,8 @@ from cli.common import errors, user_errors
 from qfedit.errors import InvalidInputError
 
 if TYPE_CHECKING:
+    from rich.progress import TaskID
+
     from qfedit.covariance import CorpusText
     from qfedit.delta import Delta
     from qfedit.evaluate import EvalReport
@@ -258,16 +260,22 @@ def edit(
         preservation = None
         covariance_seconds = 0.0
         if texts is not None:
+            from rich.progress import Progress
+
             from qfedit.config import get_settings
 
             started = time.perf_counter()
-            preservation = preservations_for(
-                loaded,
-                config,
-                texts,
-                get_settings().cache_dir if cache else None,
-                show_progress=err.is_terminal,
-            )
+            with Progress(console=err, disable=not err.is_terminal, transient=True) as bar:
+                tasks: dict[int, TaskID] = {}
+
+                def grow(layer: int, seen: int, wanted: int) -> None:
+                    if layer not in tasks:
+                        tasks[layer] = bar.add_task(f"covariance at layer {layer}", total=wanted)
+                    bar.update(tasks[layer], completed=seen)
+
+                preservation = preservations_for(
+                    loaded, config, texts, get_settings().cache_dir if cache else None, progress=grow
+                )
             covariance_seconds = time.perf_counter() - started
         with err.status(f"capturing {len(facts)} facts and solving", spinner="dots"):
             result = make_delta(loaded, facts, config, labels=labels, preservation=preservation)

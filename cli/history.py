@@ -11,8 +11,6 @@ from rich import box
 from rich.table import Table
 from sqlalchemy.orm import Session
 
-from api import views
-from api.schemas import VersionDetail
 from cli.app import alias_app, app
 from cli.common import (
     JsonOption,
@@ -27,6 +25,8 @@ from cli.common import (
     when,
 )
 from qfedit import registry
+from qfedit.app import views
+from qfedit.app.schemas import VersionDetail
 from qfedit.config import get_settings
 from qfedit.store import store_from_settings
 

@@ -22,7 +22,6 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn
 from sqlalchemy.orm import Session
 
-from api import views
 from cli.app import app, batch_app
 from cli.common import (
     JsonOption,
@@ -35,6 +34,7 @@ from cli.common import (
     user_errors,
 )
 from qfedit import registry
+from qfedit.app import views
 from qfedit.config import Settings, get_settings
 from qfedit.db.models import Batch
 from qfedit.pipeline import lifecycle, submit

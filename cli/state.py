@@ -12,7 +12,6 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 from rich.table import Table
 from sqlalchemy.orm import Session
 
-from api import views
 from cli.app import app, db_app, model_app
 from cli.common import (
     JsonOption,
@@ -29,6 +28,7 @@ from cli.common import (
     when,
 )
 from qfedit import presets, registry
+from qfedit.app import views
 from qfedit.config import get_settings
 from qfedit.db import migrate
 from qfedit.db.models import FactStatus

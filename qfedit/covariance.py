@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from rich.progress import Progress
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -108,9 +107,10 @@ def compute_covariance(
     samples: int = EditConfig.model_fields["covariance_samples"].default,
     batch_size: int = 16,
     cache_dir: Path | None = None,
-    show_progress: bool = False,
+    progress: Callable[[int, int], None] | None = None,
 ) -> tuple[torch.Tensor, int]:
-    """`(C, positions)`: the mean `k k^T` over up to `samples` key positions of `texts` at `layer`."""
+    """`(C, positions)`: the mean `k k^T` over up to `samples` key positions of `texts` at `layer`;
+    `progress(seen, samples)` hears each batch of positions counted."""
     if not texts:
         raise InvalidInputError("the preservation corpus is empty")
     loaded.architecture.check_layer(loaded.model, layer)
@@ -127,33 +127,32 @@ def compute_covariance(
     # file order the cut drops the last files whole: the demo's abstentions come after its facts).
     order = list(texts)
     random.Random(digest).shuffle(order)
-    with Progress(disable=not show_progress, transient=True) as progress:
-        task = progress.add_task(f"covariance at layer {layer}", total=samples)
-        for start in range(0, len(order), batch_size):
-            if seen >= samples:
-                break
-            chunk = order[start : start + batch_size]
-            limit = loaded.max_positions
-            ids_list, firsts = [], []
-            for item in chunk:
-                ids = tokenizer(item.text, add_special_tokens=False)["input_ids"]
-                ids = ids[:limit] if limit else ids
-                if ids:
-                    ids_list.append(ids)
-                    firsts.append(_first_kept(tokenizer, item, positions))
-            if not ids_list:
-                continue
-            ids, mask, position_ids, _ = pad_batch(ids_list, tokenizer.pad_token_id, "right", loaded.device)
-            with LayerTrace(loaded, layer, residuals=False) as trace:
-                run_until_layer(loaded.model, ids, mask, position_ids)
-            assert trace.keys is not None
-            kept = mask.bool()
-            for row, first in enumerate(firsts):
-                kept[row, :first] = False
-            keys = trace.keys[kept].to(torch.float64)[: samples - seen]  # (positions, m)
-            total = keys.T @ keys if total is None else total + keys.T @ keys
-            seen += int(keys.shape[0])
-            progress.update(task, completed=seen)
+    for start in range(0, len(order), batch_size):
+        if seen >= samples:
+            break
+        chunk = order[start : start + batch_size]
+        limit = loaded.max_positions
+        ids_list, firsts = [], []
+        for item in chunk:
+            ids = tokenizer(item.text, add_special_tokens=False)["input_ids"]
+            ids = ids[:limit] if limit else ids
+            if ids:
+                ids_list.append(ids)
+                firsts.append(_first_kept(tokenizer, item, positions))
+        if not ids_list:
+            continue
+        ids, mask, position_ids, _ = pad_batch(ids_list, tokenizer.pad_token_id, "right", loaded.device)
+        with LayerTrace(loaded, layer, residuals=False) as trace:
+            run_until_layer(loaded.model, ids, mask, position_ids)
+        assert trace.keys is not None
+        kept = mask.bool()
+        for row, first in enumerate(firsts):
+            kept[row, :first] = False
+        keys = trace.keys[kept].to(torch.float64)[: samples - seen]  # (positions, m)
+        total = keys.T @ keys if total is None else total + keys.T @ keys
+        seen += int(keys.shape[0])
+        if progress is not None:
+            progress(seen, samples)
     if total is None or seen == 0:
         raise InvalidInputError("the preservation corpus produced no key positions")
     covariance = (total / seen).cpu()

@@ -28,19 +28,13 @@ from qfedit.covariance import CorpusText, compute_covariance, corpus_digest
 from qfedit.delta import Delta, applied
 from qfedit.errors import InvalidInputError
 from qfedit.facts import Fact, fact_set_digest
-from qfedit.hparams import EditConfig
+from qfedit.hparams import CAPTURE_BATCH, CAPTURE_SHARD, EditConfig
 from qfedit.modeling import LoadedModel
 from qfedit.solve import Preservation, SolveResult, pick_form, solve
 from qfedit.statistics import STATISTICS_RUN, Observations, Statistics, as_stored, fact_runs
 from qfedit.teachable import teacher_targets
 
 log = logging.getLogger(__name__)
-
-# Facts captured together, and sequences per forward pass. Capture pads and batches sequences by
-# length within a shard, so these decide the float rounding of a capture: the queue's defaults
-# (`ModelSettings.shard_size`, `capture_batch_size`) are these too.
-CAPTURE_SHARD = 64
-CAPTURE_BATCH = 16
 
 
 @dataclass(frozen=True)
@@ -97,9 +91,10 @@ def preservation_for(
     config: EditConfig,
     texts: Sequence[CorpusText],
     cache_dir: Path | None = None,
-    show_progress: bool = False,
+    progress: Callable[[int, int, int], None] | None = None,
 ) -> Preservation:
-    """The preservation covariance of `texts` at the edit's layer (cached in `cache_dir`)."""
+    """The preservation covariance of `texts` at the edit's layer (cached in `cache_dir`);
+    `progress(layer, positions seen, positions wanted)` hears it grow."""
     covariance, _ = compute_covariance(
         loaded,
         texts,
@@ -107,7 +102,9 @@ def preservation_for(
         positions=config.preserve_positions,
         samples=config.covariance_samples,
         cache_dir=cache_dir,
-        show_progress=show_progress,
+        progress=(lambda seen, wanted: progress(config.layer, seen, wanted))
+        if progress is not None
+        else None,
     )
     return Preservation(
         covariance.to(torch.float64),
@@ -145,7 +142,7 @@ def preservations_for(
     config: EditConfig,
     texts: Sequence[CorpusText],
     cache_dir: Path | None = None,
-    show_progress: bool = False,
+    progress: Callable[[int, int, int], None] | None = None,
     activity: Callable[[str], None] | None = None,
 ) -> dict[int, Preservation]:
     """The preservation covariance of `texts` at each layer the edit changes; `activity` hears
@@ -155,7 +152,7 @@ def preservations_for(
     for done, layer in enumerate(layers):
         if activity is not None:
             activity(f"preservation covariance at layer {layer} ({done + 1} of {len(layers)})")
-        found[layer] = preservation_for(loaded, config.at_layer(layer), texts, cache_dir, show_progress)
+        found[layer] = preservation_for(loaded, config.at_layer(layer), texts, cache_dir, progress)
     return found
 
 

@@ -12,6 +12,12 @@ Target = Literal["answer", "teacher"]
 TargetWords = Literal["all", "divergent"]
 PreservePositions = Literal["answer", "all"]
 
+# Facts captured together, and sequences per forward pass. Capture pads and batches sequences by
+# length within a shard, so these decide the float rounding of a capture: the queue's defaults
+# (`ModelSettings.shard_size`, `capture_batch_size`) are these too.
+CAPTURE_SHARD = 64
+CAPTURE_BATCH = 16
+
 Rule = Literal["seed", "preserve"]
 SolveForm = Literal["auto", "primal", "dual"]
 

@@ -5,8 +5,13 @@ import statement counts, those inside functions too."""
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGES = ("qfedit", "worker", "api", "cli")
@@ -105,3 +110,56 @@ def test_the_engine_imports_no_edge() -> None:
             if name.split(".")[0] in ("worker", "api", "cli", "celery", "fastapi", "starlette"):
                 outside.append(f"{module} imports {name}")
     assert outside == []
+
+
+def test_the_cli_presents_through_the_application_layer_not_the_api() -> None:
+    # `qfedit api` and `qfedit serve` start the servers; nothing else of the CLI imports `api`.
+    modules = _modules()
+    found = [
+        f"{module} imports {name}"
+        for module, path in modules.items()
+        if module.split(".")[0] == "cli" and module not in ("cli", "cli.api", "cli.serving")
+        for name in _imports(module, path)
+        if name.split(".")[0] == "api"
+    ]
+    assert found == []
+
+
+def test_the_engine_imports_no_terminal_library() -> None:
+    # Progress is a callback (`qfedit.covariance.compute_covariance`); the CLI draws it.
+    modules = _modules()
+    found = [
+        f"{module} imports {name}"
+        for module, path in modules.items()
+        if module.split(".")[0] == "qfedit"
+        for name in _imports(module, path)
+        if name.split(".")[0] in ("rich", "typer")
+    ]
+    assert found == []
+
+
+def _loaded_after(code: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> set[str]:
+    probe = f"{code}\nimport sys\nprint(' '.join(sorted(m for m in sys.modules if '.' not in m)))"
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, env=env, cwd=cwd, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    return set(done.stdout.split()[-1000:])
+
+
+def test_the_registry_and_the_presenters_import_no_torch() -> None:
+    loaded = _loaded_after(
+        "import qfedit.registry, qfedit.app.views, qfedit.app.schemas, qfedit.pipeline.submit, "
+        "qfedit.pipeline.captures, qfedit.pipeline.lifecycle"
+    )
+    assert not {"torch", "transformers", "rich", "fastapi", "celery"} & loaded
+
+
+@pytest.mark.parametrize("command", [["versions"], ["log"], ["batch", "list"], ["facts"], ["model", "list"]])
+def test_read_commands_import_no_torch(tmp_path: Path, command: list[str]) -> None:
+    # Every command used to import torch and transformers: 3-4 s of CPU for `qfedit versions`.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QFEDIT_")}
+    env["QFEDIT_DATA_DIR"] = str(tmp_path / "data")
+    run = f"import sys\nsys.argv = ['qfedit', *{command!r}]\nfrom cli import main\ntry:\n    main()\nexcept SystemExit as done:\n    assert not done.code, done.code"
+    loaded = _loaded_after(run, env=env, cwd=tmp_path)
+    assert "torch" not in loaded and "transformers" not in loaded

@@ -21,8 +21,8 @@ from sqlalchemy import select
 from api.console import chart
 from api.deps import ModelDep, ReadAccess, SessionDep
 from api.errors import ApiError
-from api.schemas import NAME_PATTERN, Moment, Text
 from qfedit import registry
+from qfedit.app.schemas import NAME_PATTERN, Moment, Text
 from qfedit.db.models import Alias, BatchStatus, FactRow, Model
 from qfedit.pipeline.lifecycle import batch_progress
 from qfedit.pipeline.settings import layers_label

@@ -6,11 +6,11 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path
 
-from api import views
 from api.deps import ModelDep, ReadAccess, SessionDep, WriteAccess
 from api.errors import ApiError
-from api.schemas import ERROR_RESPONSES, NAME_PATTERN, AliasMoveOut, AliasMoveRequest, AliasOut
 from qfedit import registry
+from qfedit.app import views
+from qfedit.app.schemas import ERROR_RESPONSES, NAME_PATTERN, AliasMoveOut, AliasMoveRequest, AliasOut
 from qfedit.registry.aliases import ALIAS_PATTERN
 
 router = APIRouter(prefix="/v1/models/{model}/aliases", tags=["aliases"])

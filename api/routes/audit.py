@@ -7,8 +7,8 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 
 from api.deps import ReadAccess, SessionDep
-from api.schemas import ERROR_RESPONSES, NAME_PATTERN, AuditOut, Moment, Text
 from qfedit import registry
+from qfedit.app.schemas import ERROR_RESPONSES, NAME_PATTERN, AuditOut, Moment, Text
 
 router = APIRouter(tags=["audit"])
 

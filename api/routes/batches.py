@@ -6,11 +6,20 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, status
 
-from api import queue, views
+from api import queue
 from api.deps import IdempotencyKey, ModelDep, ReadAccess, SessionDep, WriteAccess
 from api.errors import ApiError
-from api.schemas import DB_INT_MAX, ERROR_RESPONSES, NAME_PATTERN, BatchOut, BatchPage, BatchRequest, DbId
 from qfedit import registry
+from qfedit.app import views
+from qfedit.app.schemas import (
+    DB_INT_MAX,
+    ERROR_RESPONSES,
+    NAME_PATTERN,
+    BatchOut,
+    BatchPage,
+    BatchRequest,
+    DbId,
+)
 from qfedit.db.models import BatchStatus
 from qfedit.pipeline import lifecycle, submit
 

@@ -13,10 +13,12 @@ import anyio
 from fastapi import APIRouter, Query, Request, status
 from starlette.concurrency import run_in_threadpool
 
-from api import queue, views
+from api import queue
 from api.deps import IdempotencyKey, ModelDep, ReadAccess, SessionDep, WriteAccess
 from api.errors import ApiError
-from api.schemas import (
+from qfedit import importing, registry
+from qfedit.app import views
+from qfedit.app.schemas import (
     DB_INT_MAX,
     ERROR_RESPONSES,
     NAME_PATTERN,
@@ -30,7 +32,6 @@ from api.schemas import (
     RetractRequest,
     Text,
 )
-from qfedit import importing, registry
 from qfedit.db.models import FactStatus
 from qfedit.pipeline import submit
 

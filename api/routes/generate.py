@@ -7,8 +7,8 @@ from fastapi import APIRouter, Request
 from api.deps import ModelDep, ReadAccess, SessionDep, StoreDep
 from api.errors import ApiError
 from api.generation import ModelUnavailableError
-from api.schemas import ERROR_RESPONSES, GenerateRequest, GenerateResponse
 from qfedit import registry
+from qfedit.app.schemas import ERROR_RESPONSES, GenerateRequest, GenerateResponse
 from qfedit.serving import PromptTooLongError
 
 router = APIRouter(tags=["generation"])

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
-from api.schemas import Health, Readiness
+from qfedit.app.schemas import Health, Readiness
 
 logger = logging.getLogger(__name__)
 router = APIRouter(tags=["health"])

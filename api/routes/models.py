@@ -5,8 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from api.deps import ModelDep, ReadAccess, SessionDep
-from api.schemas import ERROR_RESPONSES, ModelOut
 from qfedit import registry
+from qfedit.app.schemas import ERROR_RESPONSES, ModelOut
 
 router = APIRouter(prefix="/v1/models", tags=["models"], responses=ERROR_RESPONSES)
 

@@ -7,11 +7,11 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Query
 from fastapi.responses import FileResponse
 
-from api import views
 from api.deps import ModelDep, ReadAccess, SessionDep, StoreDep
 from api.errors import ApiError
-from api.schemas import ERROR_RESPONSES, VersionDetail, VersionDiffOut, VersionOut, VersionRef
 from qfedit import registry
+from qfedit.app import views
+from qfedit.app.schemas import ERROR_RESPONSES, VersionDetail, VersionDiffOut, VersionOut, VersionRef
 
 router = APIRouter(prefix="/v1/models/{model}", tags=["versions"])
 RefPath = Annotated[VersionRef, Path(description="A version number or an alias.")]

@@ -13,12 +13,15 @@ import json
 import stat
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from qfedit.config import Settings
-from qfedit.covariance import CorpusText, corpus_texts
 from qfedit.errors import InvalidInputError, PermanentError
 from qfedit.facts import Fact, FactError, read_jsonl
-from qfedit.modeling import LoadedModel
+
+if TYPE_CHECKING:  # the engine's torch side: read commands import this module, never torch
+    from qfedit.covariance import CorpusText
+    from qfedit.modeling import LoadedModel
 
 _SHIPPED = Path(__file__).resolve().parent.parent / "data"
 
@@ -77,6 +80,8 @@ def read_texts(
     roots = corpus_roots(settings)
     paths = [resolve(name, setting, roots) for name in names]
     try:
+        from qfedit.covariance import corpus_texts
+
         return corpus_texts(loaded, paths, leave_out=leave_out)
     except (InvalidInputError, json.JSONDecodeError, UnicodeDecodeError) as error:
         raise PermanentError(f"setting {setting!r}: {_reason(error)}") from None

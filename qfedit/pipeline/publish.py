@@ -29,6 +29,7 @@ from qfedit.evaluate import contains
 from qfedit.facts import FactError, StaleAnswers
 from qfedit.modeling import LoadedModel
 from qfedit.pipeline import captures, corpora, lifecycle
+from qfedit.pipeline.observations import observation_runs, stored_statistics
 from qfedit.pipeline.settings import ModelSettings, batch_settings
 from qfedit.pipeline.steps import ModelCache
 from qfedit.registry import supersede
@@ -185,7 +186,7 @@ def solve_batch(
                 pick_form(config.edit.solve.form, statistics.positions, statistics.keys_gram.shape[0])
                 == "dual"
             ):
-                runs = captures.observation_runs(session, store, fact_ids, layer, model.fingerprint)
+                runs = observation_runs(session, store, fact_ids, layer, model.fingerprint)
                 observations = Observations.concatenate(list(runs))
             digest = digest_of_hashes(facts_of_model(session, model, fact_ids).values())
             session.rollback()
@@ -307,9 +308,7 @@ def _statistics(
     d, m = base_weight(loaded, layer).shape
 
     def stored(ids: set[int]) -> Statistics:
-        return captures.stored_statistics(
-            session, store, ids, layer=layer, fingerprint=model.fingerprint, d=d, m=m
-        )
+        return stored_statistics(session, store, ids, layer=layer, fingerprint=model.fingerprint, d=d, m=m)
 
     if parent is None or parent.layer != layer or not (parent.statistics_path and parent.statistics_sha256):
         return stored(fact_ids)

@@ -24,9 +24,8 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from qfedit.db.models import Batch, Model
-from qfedit.edit import CAPTURE_BATCH, CAPTURE_SHARD
 from qfedit.errors import InvalidInputError
-from qfedit.hparams import EditConfig, SolveConfig
+from qfedit.hparams import CAPTURE_BATCH, CAPTURE_SHARD, EditConfig, SolveConfig
 
 _EDIT_KEYS = frozenset(EditConfig.model_fields)
 

@@ -27,6 +27,7 @@ from qfedit.errors import NotFoundError, PermanentError
 from qfedit.facts import Fact, FactError
 from qfedit.modeling import LoadedModel, load_model
 from qfedit.pipeline import captures, lifecycle
+from qfedit.pipeline.observations import observation_file
 from qfedit.pipeline.settings import batch_settings
 from qfedit.registry.audit import record_audit
 from qfedit.registry.batches import batch_fact_ids, get_batch
@@ -195,7 +196,7 @@ def capture_shard(
         # QF's teacher is the model with the fact in context: what it answers there is what an edit
         # can write (qfedit.teachable); the solve leaves out the facts it gets wrong.
         readings = dict(zip(kept, read_with_context(loaded, records, without=True), strict=True))
-        stored = store.put_bytes(captures.observation_file(observations))
+        stored = store.put_bytes(observation_file(observations))
         assert observations.facts is not None
         ids, counts = torch.unique(observations.facts, return_counts=True)
         found = dict(zip(ids.tolist(), counts.tolist(), strict=True))

@@ -11,9 +11,9 @@ from pathlib import Path
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
-from api import views
 from cli.queue import clock
 from qfedit import importing, registry
+from qfedit.app import views
 from qfedit.config import Settings
 from qfedit.db import session_factory
 from qfedit.db.models import Batch, Model, Version

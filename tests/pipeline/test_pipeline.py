@@ -122,7 +122,7 @@ def test_version_metrics_cover_the_whole_fact_set(cluster: Cluster) -> None:
 def test_facts_the_model_cannot_read_are_left_out_and_named(cluster: Cluster) -> None:
     """QF's teacher is the model with the fact in context: on the demo model, a fact whose answer
     contradicts its own context is answered from the context, so it is left out, not written."""
-    from api.views import batch_out
+    from qfedit.app.views import batch_out
     from qfedit.demo import DEMO_MODEL_DIR, EDITS_PATH
     from qfedit.facts import read_jsonl
 
@@ -172,7 +172,7 @@ def test_facts_the_model_cannot_read_are_left_out_and_named(cluster: Cluster) ->
 def test_an_update_replaces_the_old_fact_in_one_version(cluster: Cluster, layers: list[int] | None) -> None:
     """A newer answer to a version's question: one batch, one version, the old fact out of the fact
     set (and of the preservation corpus and specificity), the diff an update."""
-    from api.views import batch_out
+    from qfedit.app.views import batch_out
     from qfedit.facts import write_jsonl
     from qfedit.importing import import_facts
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from api import views
 from qfedit import registry
+from qfedit.app import views
 from qfedit.cpu import CpuTokens
 from qfedit.facts import write_jsonl
 

@@ -11,7 +11,8 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from api.schemas import (
+from qfedit import registry
+from qfedit.app.schemas import (
     AliasMoveOut,
     AliasOut,
     AuditOut,
@@ -27,7 +28,6 @@ from api.schemas import (
     VersionOut,
     VersionRefOut,
 )
-from qfedit import registry
 from qfedit.db.models import Alias, AliasMove, AuditEntry, Batch, BatchKind, FactRow, Model, Version
 from qfedit.errors import QFEditError
 from qfedit.pipeline import captures, lifecycle
