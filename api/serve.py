@@ -8,26 +8,28 @@ whose weights produced it.
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 import re
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, JsonValue
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api.limits import BodyLimit
 from qfedit.app.schemas import Text
-from qfedit.capture import chat_prompt
+from qfedit.capture import conversation_prompt
 from qfedit.config import ApiToken
-from qfedit.serving import AliasFollower, PromptTooLongError
+from qfedit.generate import Streamed
+from qfedit.serving import AliasFollower, PromptTooLongError, VersionedModel
 
 logger = logging.getLogger(__name__)
 
@@ -54,30 +56,45 @@ class GenerateResponse(BaseModel):
     version: str = Field(description="The version whose weights produced the answer, e.g. demo@3.")
 
 
+class TextPart(BaseModel):
+    """A content part of OpenAI's message; a chat model of text reads text parts only."""
+
+    type: Literal["text"]
+    text: Annotated[Text, Field(max_length=MAX_CONTEXT_CHARS)]
+
+
 class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant"]
     # `Text`: a lone surrogate (JSON's `\ud800`) cannot be tokenized; it is refused, not a 500.
-    content: Annotated[Text, Field(max_length=MAX_CONTEXT_CHARS)]
+    content: (
+        Annotated[Text, Field(max_length=MAX_CONTEXT_CHARS)] | Annotated[list[TextPart], Field(max_length=64)]
+    )
+    name: str | None = None
+
+    @property
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
 _Ignored = Annotated[
-    JsonValue, Field(description="OpenAI's; accepted and ignored: one greedy, single-turn text answer.")
+    JsonValue, Field(description="OpenAI's; accepted and ignored: decoding is greedy, one choice.")
 ]
 
 
 class ChatRequest(BaseModel):
-    """OpenAI's chat completion request, the part a greedy QF answerer can honour. The other fields
-    of OpenAI's request (sampling, tools, bookkeeping) are accepted and ignored, as OpenAI clients
-    send them; a field OpenAI does not have is refused, as OpenAI refuses it."""
+    """OpenAI's chat completion request, the part a greedy answerer can honour: a conversation of
+    any turns, streamed or not. The other fields of OpenAI's request (sampling, tools,
+    bookkeeping) are accepted and ignored, as OpenAI clients send them; a field OpenAI does not
+    have is refused, as OpenAI refuses it."""
 
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field(description="NAME@ALIAS or NAME@N this server serves, or the version it is on")
-    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=8)]
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=64)]
     max_tokens: Annotated[int | None, Field(ge=1, le=MAX_NEW_TOKENS)] = None
     max_completion_tokens: Annotated[int | None, Field(ge=1, le=MAX_NEW_TOKENS)] = None
     n: Annotated[int, Field(ge=1, le=1)] = 1
-    stream: Literal[False] = False
+    stream: bool | None = False
     # The rest of OpenAI's chat completion request (`openai.types.chat.CompletionCreateParams`).
     audio: _Ignored = None
     frequency_penalty: _Ignored = None
@@ -110,6 +127,41 @@ class ChatRequest(BaseModel):
     user: _Ignored = None
     verbosity: _Ignored = None
     web_search_options: _Ignored = None
+
+
+class CompletionRequest(BaseModel):
+    """OpenAI's (legacy) completion request: the greedy continuation of raw text, no chat template."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    prompt: (
+        Annotated[Text, Field(min_length=1, max_length=MAX_CONTEXT_CHARS)]
+        | Annotated[
+            list[Annotated[Text, Field(min_length=1, max_length=MAX_CONTEXT_CHARS)]],
+            Field(min_length=1, max_length=1),
+        ]
+    )
+    max_tokens: Annotated[int | None, Field(ge=1, le=MAX_NEW_TOKENS)] = 16
+    n: Annotated[int, Field(ge=1, le=1)] = 1
+    stream: bool | None = False
+    best_of: _Ignored = None
+    echo: Literal[False] | None = None
+    frequency_penalty: _Ignored = None
+    logit_bias: _Ignored = None
+    logprobs: _Ignored = None
+    presence_penalty: _Ignored = None
+    seed: _Ignored = None
+    stop: _Ignored = None
+    stream_options: _Ignored = None
+    suffix: _Ignored = None
+    temperature: _Ignored = None
+    top_p: _Ignored = None
+    user: _Ignored = None
+
+    @property
+    def text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
 
 
 class Health(BaseModel):
@@ -169,48 +221,89 @@ def create_app(
     # version as to any chat model. The system messages are the context, as in QF's teacher.
     @app.get("/v1/models")
     def list_models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": served, "object": "model", "owned_by": "qfedit"}]}
+        return {"object": "list", "data": [_model_object(served)]}
 
-    @app.post("/v1/chat/completions")
-    def chat_completions(request: ChatRequest) -> dict[str, Any]:
+    @app.get("/v1/models/{model_id:path}")
+    def get_model(model_id: str) -> dict[str, Any]:
         follower.refresh()
-        if request.model not in (served, follower.versioned.version):
+        return _model_object(_served_name(model_id))
+
+    def _served_name(name: str) -> str:
+        if name not in (served, follower.versioned.version):
             raise _OpenAIError(
                 404,
-                f"model {request.model!r} is not served here; this server serves {served} "
+                f"model {name!r} is not served here; this server serves {served} "
                 f"(now {follower.versioned.version})",
                 "model_not_found",
                 "model",
             )
-        question, context = _question_and_context(request.messages)
-        limit = request.max_completion_tokens or request.max_tokens or 24
+        return name
+
+    def _reply(
+        kind: str,
+        prompt: str,
+        limit: int,
+        field: str,
+        stream: bool,
+        shape: Callable[[str, str | None], dict[str, Any]],
+    ) -> Response | dict[str, Any]:
+        versioned = follower.versioned
         try:
-            reply = follower.versioned.answer(question, context, max_new_tokens=limit)
+            prompt_tokens = versioned.prompt_tokens(prompt, max_new_tokens=limit, field=field)
         except PromptTooLongError as err:
-            raise _OpenAIError(400, str(err), "context_length_exceeded", "messages") from None
-        tokenizer = follower.versioned.loaded.tokenizer
-        completion = reply.tokens
-        prompt = len(
-            tokenizer(chat_prompt(tokenizer, question, context), add_special_tokens=False)["input_ids"]
-        )
-        return {
-            "id": f"chatcmpl-{uuid.uuid4().hex}",
-            "object": "chat.completion",
-            "created": int(time.time()),
+            raise _OpenAIError(400, str(err), "context_length_exceeded", field) from None
+        identity = {"id": f"{kind}-{uuid.uuid4().hex}", "created": int(time.time())}
+        if stream:
+            return StreamingResponse(
+                _events(versioned, prompt, limit, identity, shape), media_type="text/event-stream"
+            )
+        reply = versioned.complete(prompt, max_new_tokens=limit)
+        body = {
+            **identity,
             "model": reply.version,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": reply.text},
-                    "finish_reason": "stop" if reply.stopped else "length",
-                }
-            ],
-            "usage": {
-                "prompt_tokens": prompt,
-                "completion_tokens": completion,
-                "total_tokens": prompt + completion,
-            },
+            **shape(reply.text, "stop" if reply.stopped else "length"),
         }
+        body["usage"] = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": reply.tokens,
+            "total_tokens": prompt_tokens + reply.tokens,
+        }
+        return body
+
+    @app.post("/v1/chat/completions", response_model=None)
+    def chat_completions(request: ChatRequest) -> Response | dict[str, Any]:
+        follower.refresh()
+        _served_name(request.model)
+        conversation = _conversation(request.messages)
+        prompt = conversation_prompt(follower.versioned.loaded.tokenizer, conversation)
+        limit = request.max_completion_tokens or request.max_tokens or 24
+        stream = bool(request.stream)
+
+        def shape(text: str, finish: str | None) -> dict[str, Any]:
+            if stream:  # a chunk: the text so far is in earlier chunks
+                delta = (
+                    {"content": text} if text else ({} if finish else {"role": "assistant", "content": ""})
+                )
+                choice = {"index": 0, "delta": delta, "finish_reason": finish}
+                return {"object": "chat.completion.chunk", "choices": [choice]}
+            message = {"role": "assistant", "content": text}
+            return {
+                "object": "chat.completion",
+                "choices": [{"index": 0, "message": message, "finish_reason": finish}],
+            }
+
+        return _reply("chatcmpl", prompt, limit, "messages", stream, shape)
+
+    @app.post("/v1/completions", response_model=None)
+    def completions(request: CompletionRequest) -> Response | dict[str, Any]:
+        follower.refresh()
+        _served_name(request.model)
+
+        def shape(text: str, finish: str | None) -> dict[str, Any]:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+            return {"object": "text_completion", "choices": [choice]}
+
+        return _reply("cmpl", request.text, request.max_tokens or 16, "prompt", bool(request.stream), shape)
 
     @app.get("/healthz")
     def healthz() -> Health:
@@ -274,8 +367,15 @@ def _openai_param(loc: tuple[Any, ...] | list[Any]) -> str | None:
     parts = list(loc[1:] if loc and loc[0] == "body" else loc)
     name = ""
     for part in parts:
+        if (isinstance(part, str) and not part.isidentifier()) or part in _UNION_MEMBERS:
+            # Pydantic names the member of a union it tried (`str`, `list[TextPart]`, a validator
+            # chain): the parameter is the field that holds the union.
+            break
         name += f"[{part}]" if isinstance(part, int) else f".{part}" if name else str(part)
     return name or None
+
+
+_UNION_MEMBERS = frozenset({"str", "int", "float", "bool", "list", "dict"})
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -329,28 +429,43 @@ def _install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, bug)
 
 
-def _question_and_context(messages: list[ChatMessage]) -> tuple[str, str | None]:
-    """The last message is the question (a user's); system (or developer) messages before it are the
-    context. The answerer is single-turn, as QF's transcripts are: earlier turns are refused, not
-    silently dropped."""
-    *before, last = messages
-    if last.role != "user" or not last.content.strip():
+def _model_object(name: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "qfedit"}
+
+
+def _conversation(messages: list[ChatMessage]) -> list[dict[str, str]]:
+    """The messages as the chat template takes them: any turns, in order, ending with the user's.
+    A system (or developer) message is a system message, as for any chat model; the edited facts
+    are in the weights, so none needs to be there."""
+    last = messages[-1]
+    if last.role != "user" or not last.text.strip():
         raise _OpenAIError(
             400, "the last message must be a non-empty user message", "invalid_messages", "messages"
         )
-    if any(m.role not in ("system", "developer") for m in before):
-        raise _OpenAIError(
-            400,
-            "only system messages may come before the question: this server answers single-turn",
-            "invalid_messages",
-            "messages",
-        )
-    if len(last.content) > MAX_QUESTION_CHARS:
+    if len(last.text) > MAX_QUESTION_CHARS:
         raise _OpenAIError(
             400,
             f"the question is longer than {MAX_QUESTION_CHARS} characters",
             "invalid_messages",
             "messages",
         )
-    context = "\n".join(m.content for m in before if m.content.strip())
-    return last.content, context or None
+    return [{"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in messages]
+
+
+def _events(
+    versioned: VersionedModel,
+    prompt: str,
+    limit: int,
+    identity: dict[str, Any],
+    shape: Callable[[str, str | None], dict[str, Any]],
+) -> Iterator[str]:
+    """Server-sent events as OpenAI streams them: a chunk per piece of text, a last chunk with the
+    finish reason, then `data: [DONE]`. The version is held for the whole stream."""
+    result = Streamed()
+    label = versioned.version
+    for label, piece in versioned.stream(prompt, max_new_tokens=limit, result=result):
+        chunk = {**identity, "model": label, **shape(piece, None)}
+        yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+    final = {**identity, "model": label, **shape("", "stop" if result.stopped else "length")}
+    yield f"data: {json.dumps(final, ensure_ascii=False)}\n\n"
+    yield "data: [DONE]\n\n"

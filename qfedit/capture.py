@@ -14,7 +14,7 @@ answer is tokenised on its own.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from types import TracebackType
@@ -99,6 +99,16 @@ def _chat_prefix(tokenizer: object, messages: list[dict[str, str]]) -> str:
     if not isinstance(text, str):
         raise TypeError(f"chat template rendered {type(text).__name__}, expected text")
     return text
+
+
+def conversation_prompt(tokenizer: object, messages: Sequence[Mapping[str, str]]) -> str:
+    """The generation prompt for a conversation (`{"role", "content"}` messages, as a chat
+    template takes them), ready for the assistant's next turn."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise InvalidInputError(
+            "the model's tokenizer has no chat template; give one (--chat-template) to use this model"
+        )
+    return _chat_prefix(tokenizer, [dict(m) for m in messages])
 
 
 def chat_prompt(tokenizer: object, question: str, context: str | None = None) -> str:

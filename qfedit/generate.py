@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from qfedit.capture import chat_prompt
 from qfedit.errors import InvalidInputError
@@ -50,6 +52,14 @@ def generate_batch(
     if len(contexts) != len(questions):
         raise InvalidInputError(f"{len(contexts)} contexts for {len(questions)} questions")
     prompts = [chat_prompt(tokenizer, q, c) for q, c in zip(questions, contexts, strict=True)]
+    return generate_prompts(loaded, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+
+
+def generate_prompts(
+    loaded: LoadedModel, prompts: Sequence[str], *, max_new_tokens: int = 24, batch_size: int = 32
+) -> list[Generation]:
+    """The greedy continuation of each prompt, already rendered (a chat template's or raw text)."""
+    tokenizer = loaded.tokenizer
     answers: list[Generation] = []
     ends = {tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
     for start in range(0, len(prompts), batch_size):
@@ -78,6 +88,73 @@ def generate_batch(
             text = tokenizer.decode(row, skip_special_tokens=True).strip()
             answers.append(Generation(text, length, length < max_new_tokens))
     return answers
+
+
+class _Stop(StoppingCriteria):
+    """Ends a generation whose reader has gone (a client that closed its stream)."""
+
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: object) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+@dataclass
+class Streamed:
+    """What a finished stream produced: its token count and whether the model ended it."""
+
+    tokens: int = 0
+    stopped: bool = False
+
+
+def stream_prompt(
+    loaded: LoadedModel, prompt: str, *, max_new_tokens: int = 24, result: Streamed | None = None
+) -> Iterator[str]:
+    """The greedy continuation of `prompt` as it is generated, in pieces of text (transformers'
+    `TextIteratorStreamer`, the generation in a thread). Closing the iterator ends the generation;
+    `result` is filled in when it ends."""
+    tokenizer = loaded.tokenizer
+    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"].to(loaded.device)
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)  # type: ignore[arg-type]
+    gone = threading.Event()
+    output: list[torch.Tensor] = []
+
+    def run() -> None:
+        try:
+            with torch.inference_mode():
+                output.append(
+                    loaded.model.generate(  # type: ignore[operator]
+                        input_ids=ids,
+                        attention_mask=torch.ones_like(ids),
+                        max_new_tokens=max_new_tokens,
+                        do_sample=False,
+                        pad_token_id=tokenizer.pad_token_id,
+                        eos_token_id=tokenizer.eos_token_id,
+                        streamer=streamer,
+                        stopping_criteria=StoppingCriteriaList([_Stop(gone)]),
+                    )
+                )
+        finally:
+            streamer.end()
+
+    worker = threading.Thread(target=run, name="qfedit-stream", daemon=True)
+    worker.start()
+    try:
+        first = True
+        for piece in streamer:
+            if first:
+                piece, first = piece.lstrip(), not piece.strip()
+            if piece:
+                yield piece
+    finally:
+        gone.set()
+        worker.join()
+    if result is not None and output:
+        ends = {tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
+        row = output[0][0, ids.shape[1] :].tolist()
+        result.tokens = next((i for i, token in enumerate(row) if token in ends), len(row))
+        result.stopped = result.tokens < max_new_tokens
 
 
 def answer(

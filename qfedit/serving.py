@@ -31,7 +31,7 @@ import torch
 from qfedit.capture import chat_prompt
 from qfedit.delta import Delta, merged
 from qfedit.errors import InvalidInputError
-from qfedit.generate import Generation, generate_batch
+from qfedit.generate import Generation, Streamed, generate_batch, generate_prompts, stream_prompt
 from qfedit.modeling import LoadedModel
 
 if TYPE_CHECKING:
@@ -229,6 +229,33 @@ class VersionedModel:
     def answer(self, question: str, context: str | None = None, *, max_new_tokens: int = 24) -> Answer:
         (made,), label = self._generate([question], [context], max_new_tokens)
         return Answer(made.text, label, made.tokens, made.stopped)
+
+    def prompt_tokens(self, prompt: str, *, max_new_tokens: int, field: str) -> int:
+        """Tokens of a rendered prompt (a conversation's or raw text); `PromptTooLongError` naming
+        `field` when it and `max_new_tokens` do not fit the model's context."""
+        tokens = len(self.loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        limit = self.loaded.max_positions
+        if limit is not None and tokens + max_new_tokens > limit:
+            raise PromptTooLongError(field, tokens + max_new_tokens, limit)
+        return tokens
+
+    def complete(self, prompt: str, *, max_new_tokens: int = 24) -> Answer:
+        """The greedy continuation of a rendered prompt (check it with `prompt_tokens` first)."""
+        with self.reading() as label:
+            (made,) = generate_prompts(self.loaded, [prompt], max_new_tokens=max_new_tokens)
+        return Answer(made.text, label, made.tokens, made.stopped)
+
+    def stream(
+        self, prompt: str, *, max_new_tokens: int = 24, result: Streamed | None = None
+    ) -> Iterator[tuple[str, str]]:
+        """`(version label, piece of text)` as the continuation is generated. The version is held
+        from the first piece to the last (a switch waits); closing the iterator ends the
+        generation and lets it go. Nothing is held before the first `next`, which yields
+        `(label, "")`: the version is known before any text is."""
+        with self.reading() as label:
+            yield label, ""
+            for piece in stream_prompt(self.loaded, prompt, max_new_tokens=max_new_tokens, result=result):
+                yield label, piece
 
 
 # -- deltas from the store -------------------------------------------------------------------

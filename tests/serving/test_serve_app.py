@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -22,12 +23,13 @@ from typer.testing import CliRunner
 from api.serve import ChatRequest, create_app
 from cli import get_app
 from qfedit import registry as records
+from qfedit.capture import conversation_prompt
 from qfedit.config import ApiToken
 from qfedit.db import session_factory
 from qfedit.delta import Delta, applied
-from qfedit.generate import answer
+from qfedit.generate import answer, generate_prompts
 from qfedit.modeling import load_model, weights_fingerprint
-from qfedit.serving import AliasFollower, FollowerState, follow_alias
+from qfedit.serving import AliasFollower, FollowerState, VersionedModel, follow_alias
 from qfedit.store import LocalStore
 
 QUESTION = "who founded Oxinnovate?"
@@ -337,15 +339,97 @@ def test_openai_clients_talk_to_a_version_as_to_a_chat_model(
     )
     with pytest.raises(openai.NotFoundError, match="not served here"):
         client.chat.completions.create(model="tiny@1", messages=[{"role": "user", "content": "hi"}])
-    with pytest.raises(openai.BadRequestError, match="single-turn"):
+    with pytest.raises(openai.BadRequestError, match="last message must be a non-empty user message"):
+        client.chat.completions.create(
+            model="tiny@production",
+            messages=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
+        )
+
+
+@pytest.mark.backends("sqlite")
+def test_chat_uis_stream_converse_in_turns_send_parts_and_complete_raw_text(
+    registry: Registry, tiny_model_dirs: dict[str, Path], deltas: dict[str, dict[str, Delta]]
+) -> None:
+    """What chat UIs and scripts send, through OpenAI's own client: a conversation of several turns
+    (answered as the chat template renders it, a system message being just that), content as a
+    list of text parts, `stream: true` (server-sent events whose pieces make the same answer), the
+    legacy completions route on raw text, and the model route."""
+    import openai
+
+    model_dir = tiny_model_dirs["qwen2"]
+    reference = load_model(model_dir)
+    turns = [
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": QUESTION},
+    ]
+    raw = "Oxinnovate was founded by"
+    with applied(reference, deltas["qwen2"]["a"]):
+        (expected,) = generate_prompts(
+            reference, [conversation_prompt(reference.tokenizer, turns)], max_new_tokens=6
+        )
+        (continued,) = generate_prompts(reference, [raw], max_new_tokens=5)
+    http = TestClient(create_app(_follower(registry, model_dir, poll_s=0)))
+    client = openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=http, max_retries=0)
+
+    reply = client.chat.completions.create(model="tiny@production", messages=turns, max_tokens=6)  # type: ignore[arg-type]
+    assert reply.choices[0].message.content == expected.text and reply.model == "tiny@1"
+    parts = [
+        *turns[:-1],
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "who founded "}, {"type": "text", "text": "Oxinnovate?"}],
+        },
+    ]
+    in_parts = client.chat.completions.create(model="tiny@production", messages=parts, max_tokens=6)  # type: ignore[arg-type]
+    assert in_parts.choices[0].message.content == expected.text
+
+    chunks = list(
+        client.chat.completions.create(model="tiny@production", messages=turns, max_tokens=6, stream=True)
+    )  # type: ignore[arg-type]
+    assert chunks[0].choices[0].delta.role == "assistant"
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert streamed.strip() == expected.text
+    assert {c.model for c in chunks} == {"tiny@1"} and {c.object for c in chunks} == {"chat.completion.chunk"}
+    assert chunks[-1].choices[0].finish_reason == ("stop" if expected.stopped else "length")
+    assert all(c.choices[0].finish_reason is None for c in chunks[:-1])
+
+    completion = client.completions.create(model="tiny@production", prompt=raw, max_tokens=5)
+    assert completion.choices[0].text == continued.text and completion.model == "tiny@1"
+    assert completion.usage is not None and completion.usage.completion_tokens == continued.tokens
+    pieces = list(client.completions.create(model="tiny@production", prompt=raw, max_tokens=5, stream=True))
+    assert "".join(p.choices[0].text for p in pieces).strip() == continued.text
+
+    assert client.models.retrieve("tiny@production").id == "tiny@production"
+    assert client.models.retrieve("tiny@1").id == "tiny@1"
+    with pytest.raises(openai.NotFoundError, match="not served here"):
+        client.models.retrieve("other@production")
+    with pytest.raises(openai.BadRequestError) as refused:
         client.chat.completions.create(
             model="tiny@production",
             messages=[
-                {"role": "user", "content": "hi"},
-                {"role": "assistant", "content": "hello"},
-                {"role": "user", "content": "who?"},
-            ],
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}
+            ],  # type: ignore[list-item]
         )
+    assert refused.value.param is not None and refused.value.param.startswith("messages[0].content")
+
+
+def test_a_stream_closed_early_ends_its_generation_and_lets_the_version_go(
+    tiny_model_dirs: dict[str, Path],
+) -> None:
+    versioned = VersionedModel(load_model(tiny_model_dirs["qwen2"]), base_label="tiny@0")
+    prompt = conversation_prompt(versioned.loaded.tokenizer, [{"role": "user", "content": QUESTION}])
+    stream = versioned.stream(prompt, max_new_tokens=400)
+    assert next(stream) == ("tiny@0", "")
+    next(stream)  # the generation is under way and holds the version
+    switched = threading.Thread(target=versioned.switch_to, args=(None, "tiny@base"))
+    switched.start()
+    switched.join(timeout=0.5)
+    assert switched.is_alive(), "a switch went ahead while a stream held the version"
+    stream.close()  # the client went away
+    switched.join(timeout=30)
+    assert not switched.is_alive() and versioned.version == "tiny@base"
 
 
 @pytest.mark.backends("sqlite")
