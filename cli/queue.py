@@ -318,10 +318,19 @@ def batch_submit(
 
     def work(session: Session) -> int:
         model = single_model(session, model_name) if ids is None else model_of_facts(session, model_name, ids)
+        replayed = registry.batch_id_for_key(session, idempotency_key) is not None
         batch = submit.submit_batch(
             session, model=model, fact_ids=ids, requested_by=current_actor(), idempotency_key=idempotency_key
         )
         session.commit()
+        if replayed:
+            (errors if as_json else console).print(
+                f"batch {batch.id} already exists for idempotency key {idempotency_key!r} "
+                f"(submitted {batch.created_at:%Y-%m-%d %H:%M:%S} UTC by {batch.requested_by}, "
+                f"now {batch.status.value}): no new batch",
+                highlight=False,
+                markup=False,
+            )
         return batch.id
 
     run_batch(in_session(work), wait, as_json)

@@ -164,11 +164,17 @@ def version_part(
     request: Request,
     model: ModelDep,
     number: int,
-    show: Annotated[history.DiffKind, Query(description="Which side of the diff to list.")] = "added",
+    show: Annotated[
+        history.DiffKind | None,
+        Query(description="Which side of the diff to list; default: the first that has facts."),
+    ] = None,
     page: PageQuery = 1,
 ) -> HTMLResponse:
     version = registry.get_version(session, str(number), model=model)
     counts = history.diff_counts(session, version)
+    if show is None:
+        # A retraction adds nothing: it opens on what it took out, not on "added: 0".
+        show = next((kind for kind in ("added", "retracted", "superseded") if counts[kind]), "added")
     rows = history.diff_page(session, version, show, limit=FACT_PAGE, offset=(page - 1) * FACT_PAGE)
     metrics = {k: v for k, v in (version.metrics or {}).items() if isinstance(v, int | float)}
     protocol = (version.metrics or {}).get("protocol") or {}

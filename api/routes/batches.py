@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request, status
+from fastapi import APIRouter, Query, Request, Response, status
 
 from api import queue
 from api.deps import IdempotencyKey, ModelDep, ReadAccess, SessionDep, WriteAccess
@@ -35,6 +35,7 @@ router = APIRouter(tags=["batches"])
 )
 def enqueue_batch(
     request: Request,
+    response: Response,
     principal: WriteAccess,
     model: ModelDep,
     session: SessionDep,
@@ -44,6 +45,7 @@ def enqueue_batch(
     limit = request.app.state.settings.api_max_batch_facts
     if body.fact_ids is not None and len(body.fact_ids) > limit:
         raise ApiError(422, f"at most {limit} facts a batch", field="body.fact_ids")
+    replayed = registry.batch_id_for_key(session, idempotency_key) is not None
     batch = submit.submit_batch(
         session,
         model=model,
@@ -55,6 +57,10 @@ def enqueue_batch(
     )
     session.commit()
     queue.send(request, batch)
+    if replayed:
+        # The key's batch, not a new one: said as Stripe and others say it, 200 not 202.
+        response.status_code = status.HTTP_200_OK
+        response.headers["Idempotent-Replayed"] = "true"
     return views.batch_out(session, batch)
 
 

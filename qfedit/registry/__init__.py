@@ -18,6 +18,7 @@ from qfedit.registry.base import UNSET, digest_of_hashes
 from qfedit.registry.batches import (
     batch_fact_count,
     batch_fact_ids,
+    batch_id_for_key,
     create_batch,
     get_batch,
     list_batches,
@@ -60,6 +61,7 @@ __all__ = [
     "base_mismatch",
     "batch_fact_count",
     "batch_fact_ids",
+    "batch_id_for_key",
     "count_facts",
     "create_batch",
     "diff_versions",

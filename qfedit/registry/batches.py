@@ -44,6 +44,13 @@ def request_digest(
     return hashlib.sha256(json.dumps(request, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+def batch_id_for_key(session: Session, key: str | None) -> int | None:
+    """The batch an idempotency key already made, if any (a request that will be answered with it)."""
+    if key is None:
+        return None
+    return session.scalar(select(Batch.id).where(Batch.idempotency_key == key))
+
+
 def batch_for_key(session: Session, key: str, digest: str, model: Model) -> Batch | None:
     """The batch `key` made, if the request is the one it was made for; a `ConflictError` if not."""
     existing = session.scalar(select(Batch).where(Batch.idempotency_key == key))

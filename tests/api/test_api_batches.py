@@ -42,6 +42,9 @@ def test_enqueue_is_idempotent_by_key(client: TestClient, db: Session, broker: B
         "/v1/models/tiny/batches", json={"hyperparameters": {"solve": {"lam": 0.5}}}, headers=headers
     )
     assert second.json()["id"] == batch["id"]
+    # Said as a replay: 200 and Idempotent-Replayed, where a new batch is 202 without it.
+    assert (second.status_code, second.headers.get("Idempotent-Replayed")) == (200, "true")
+    assert "Idempotent-Replayed" not in first.headers
     assert _batches(db) == 1
     assert broker.sent == [batch["id"], batch["id"]]
     # The same key for other facts is refused rather than silently answered with the first batch.
@@ -141,7 +144,8 @@ def test_broker_down_keeps_the_batch_and_a_retry_sends_it(
     assert client.get("/readyz").status_code == 503
     broker.up = True
     retried = client.post("/v1/models/tiny/batches", json={}, headers=headers)
-    assert retried.status_code == 202
+    # The batch the first try kept, now sent: a replay of the key, said so.
+    assert (retried.status_code, retried.headers.get("Idempotent-Replayed")) == (200, "true")
     assert broker.sent == [retried.json()["id"]]
     assert _batches(db) == 1
 

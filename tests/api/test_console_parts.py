@@ -97,6 +97,24 @@ def test_the_version_part_pages_the_diff_the_registry_computes(
     assert [i for page in pages_seen for i in page] == ids[:6]
     assert "Page 6 of 6" in client.get("/ui/part/models/tiny/versions/1?page=6", headers=auth("reader")).text
     assert client.get("/ui/part/models/tiny/versions/2?show=nope", headers=auth("reader")).status_code == 422
+    # A version that only takes facts out opens on them, not on "added: 0".
+    registry.record_version(
+        db,
+        model=model,
+        fact_ids=ids[3:],
+        created_by="worker",
+        reason="retract fact 2",
+        checkpoint=None,
+        layer=0,
+        rule="seed",
+        relative_update_norm=0.1,
+        metrics={},
+    )
+    db.commit()
+    opened = client.get("/ui/part/models/tiny/versions/3", headers=auth("reader")).text
+    assert _ids(opened) == [ids[2]] and "No fact was added" not in opened
+    assert '<strong aria-current="page">retracted: 1</strong>' in opened
+    assert _ids(client.get("/ui/part/models/tiny/versions/2", headers=auth("reader")).text) == [ids[7]]
     assert client.get("/ui/part/models/tiny/versions/9", headers=auth("reader")).status_code == 404
 
 
