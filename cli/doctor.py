@@ -103,7 +103,8 @@ def _workers_and_models(settings: Settings) -> list[Check]:
             if not settings.broker_url:
                 checks.append(Check("workers", "ok", "embedded: `batch submit` and `qfedit api` start one"))
             else:
-                missing = [q for q in (DEFAULT_QUEUE, GPU_QUEUE) if not registry.listening(workers, q)]
+                queues = (settings.queue(DEFAULT_QUEUE), settings.queue(GPU_QUEUE))
+                missing = [q for q in queues if not registry.listening(workers, q)]
                 names = ", ".join(f"{w.hostname} ({w.queues})" for w in workers) or "none"
                 status = "fail" if missing else "ok"
                 detail = f"seen in the last {LIVE_WITHIN_S:.0f} s: {names}"

@@ -48,7 +48,7 @@ console = Console()
 @app.command()
 def worker(
     queues: Annotated[
-        str, typer.Option(help="Comma-separated queues to consume.")
+        str, typer.Option(help="Comma-separated queues to consume (QFEDIT_QUEUE_PREFIX is put before each).")
     ] = f"{GPU_QUEUE},{DEFAULT_QUEUE}",
     loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
     hostname: Annotated[str | None, typer.Option(help="Worker name (default: celery's).")] = None,
@@ -59,7 +59,9 @@ def worker(
     settings = get_settings()
     with user_errors():  # refused here, not by every task: the folder of the shared cores
         host_tokens(settings)
-    argv = ["worker", "--pool", "solo", "--concurrency", "1", "--queues", queues, "--loglevel", loglevel]
+    # The queues as this deployment names them on the broker (QFEDIT_QUEUE_PREFIX).
+    named = ",".join(settings.queue(q.strip()) for q in queues.split(",") if q.strip())
+    argv = ["worker", "--pool", "solo", "--concurrency", "1", "--queues", named, "--loglevel", loglevel]
     if hostname:
         argv += ["--hostname", hostname]
     app_for(settings).worker_main(argv)
@@ -237,7 +239,9 @@ def watch_batch(
 def _listeners(session: Session) -> str:
     """Which workers will run a batch, or a warning that none will (none seen lately on a queue)."""
     workers = registry.live_workers(session)
-    missing = [q for q in (DEFAULT_QUEUE, GPU_QUEUE) if not registry.listening(workers, q)]
+    settings = get_settings()
+    queues = (settings.queue(DEFAULT_QUEUE), settings.queue(GPU_QUEUE))
+    missing = [q for q in queues if not registry.listening(workers, q)]
     if not missing:
         return f"workers listening: {', '.join(w.hostname for w in workers)}"
     return "[yellow]warning:[/yellow] " + (
@@ -253,7 +257,10 @@ def run_batch(batch_id: int, wait: bool, as_json: bool = False) -> None:
     enqueue_batch(batch_id, settings)
     say = errors if as_json else console
     if not wait and settings.broker_url:
-        say.print(f"batch {batch_id} queued on {DEFAULT_QUEUE!r} (capture and solve run on {GPU_QUEUE!r})")
+        say.print(
+            f"batch {batch_id} queued on {settings.queue(DEFAULT_QUEUE)!r} "
+            f"(capture and solve run on {settings.queue(GPU_QUEUE)!r})"
+        )
         say.print(in_session(_listeners), highlight=False)
         if as_json:
             in_session(lambda session: emit_json(_batch_json(session, batch_id)))

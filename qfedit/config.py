@@ -94,6 +94,10 @@ class Settings(BaseSettings):
     corpus_root: Path | None = None
     """The folder whose files model settings may name (corpora, evaluation sets); unset: the data
     folder. Files shipped with qfedit (the demo's) are always readable."""
+    queue_prefix: str = Field(default="", pattern=r"^[A-Za-z0-9_.-]{0,40}$")
+    """Put before the queue names (`default`, `gpu`), so deployments sharing one Redis keep their
+    tasks apart: `blue-` makes `blue-default` and `blue-gpu`. `qfedit worker --queues gpu,default`
+    names them without it."""
     worker_remote_control: bool = False
     """Celery's remote control (`inspect`, `control`) on workers: off, so a client that reaches the
     broker cannot query or command them."""
@@ -128,6 +132,10 @@ class Settings(BaseSettings):
     before its batch is failed, naming the task, so the rest of the queue runs."""
     line_wait_s: float = Field(default=5.0, gt=0.0, le=3600.0, allow_inf_nan=False)
     """How often a batch waiting for its model's line checks again."""
+
+    def queue(self, name: str) -> str:
+        """The broker's name of the queue `name` (`default`, `gpu`) in this deployment."""
+        return f"{self.queue_prefix}{name}"
 
     @field_validator("nightly_at")
     @classmethod

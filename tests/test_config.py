@@ -163,3 +163,26 @@ def test_locations_name_each_part_where_it_is_and_no_credential(tmp_path: Path) 
         "checkpoint store": "s3://bucket/checkpoints",
         "broker": "redis://cache.internal:6379/0",
     }
+
+
+def test_a_queue_prefix_keeps_two_deployments_on_one_redis_apart() -> None:
+    # Two deployments on one Redis: with fixed names (`default`, `gpu`) one's workers took the
+    # other's tasks. Real Redis, a database of its own.
+    import redis
+
+    from worker.app import create_app
+
+    url = "redis://127.0.0.1:6379/14"
+    server = redis.Redis.from_url(url)
+    server.flushdb()
+    try:
+        blue, green = (create_app(Settings(broker_url=url, queue_prefix=p)) for p in ("blue-", "green-"))
+        assert blue.conf.task_default_queue == "blue-default"
+        blue.send_task("qfedit.capture_shard", args=[1, 2])
+        green.send_task("qfedit.start_batch", args=[3])
+        assert (server.llen("blue-gpu"), server.llen("green-default")) == (1, 1)
+        assert server.llen("gpu") == server.llen("default") == server.llen("green-gpu") == 0
+    finally:
+        server.flushdb()
+    with pytest.raises(ValidationError, match="queue_prefix"):
+        Settings(queue_prefix="a b")

@@ -66,10 +66,10 @@ def create_app(settings: Settings) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        task_default_queue=DEFAULT_QUEUE,
+        task_default_queue=settings.queue(DEFAULT_QUEUE),
         task_routes={
-            "qfedit.capture_shard": {"queue": GPU_QUEUE},
-            "qfedit.solve_batch": {"queue": GPU_QUEUE},
+            "qfedit.capture_shard": {"queue": settings.queue(GPU_QUEUE)},
+            "qfedit.solve_batch": {"queue": settings.queue(GPU_QUEUE)},
         },
         worker_hijack_root_logger=False,
         # Remote control lets anyone who reaches the broker query (`inspect conf`, `stats`) and

@@ -12,7 +12,7 @@ _apps: dict[str, Celery] = {}
 
 def app_for(settings: Settings) -> Celery:
     """One app per broker configuration in this process (connections are pooled on it)."""
-    key = settings.model_dump_json(include={"broker_url", "data_dir", "visibility_timeout"})
+    key = settings.model_dump_json(include={"broker_url", "data_dir", "visibility_timeout", "queue_prefix"})
     if key not in _apps:
         _apps[key] = create_app(settings)
     return _apps[key]

@@ -172,10 +172,11 @@ def version_part(
 ) -> HTMLResponse:
     version = registry.get_version(session, str(number), model=model)
     counts = history.diff_counts(session, version)
-    if show is None:
-        # A retraction adds nothing: it opens on what it took out, not on "added: 0".
-        show = next((kind for kind in ("added", "retracted", "superseded") if counts[kind]), "added")
-    rows = history.diff_page(session, version, show, limit=FACT_PAGE, offset=(page - 1) * FACT_PAGE)
+    kinds: tuple[history.DiffKind, ...] = ("added", "retracted", "superseded")
+    # A retraction adds nothing: it opens on what it took out, not on "added: 0".
+    first: history.DiffKind = next((kind for kind in kinds if counts[kind]), "added")
+    shown: history.DiffKind = show if show is not None else first
+    rows = history.diff_page(session, version, shown, limit=FACT_PAGE, offset=(page - 1) * FACT_PAGE)
     metrics = {k: v for k, v in (version.metrics or {}).items() if isinstance(v, int | float)}
     protocol = (version.metrics or {}).get("protocol") or {}
     edit = (version.hyperparameters or {}).get("edit") or {}  # the batch's validated settings
@@ -185,10 +186,10 @@ def version_part(
         version=version,
         aliases=registry.aliases_by_version(session, model).get(version.id, []),
         counts=counts,
-        show=show,
+        show=shown,
         rows=rows,
         page=page,
-        pages=max(1, -(-counts[show] // FACT_PAGE)),
+        pages=max(1, -(-counts[shown] // FACT_PAGE)),
         metrics=metrics,
         held_out=protocol.get("held_out"),
         layers=edit.get("layers") or [version.layer],
