@@ -37,7 +37,7 @@ from qfedit.facts import Fact, StaleAnswers, read_jsonl
 from qfedit.generate import answer_batch
 from qfedit.hparams import EditConfig, SolveConfig, parse_layers
 from qfedit.modeling import LoadedModel, load_model
-from qfedit.pipeline.publish import build_preservations
+from qfedit.pipeline.preservation import build_preservations
 from qfedit.pipeline.settings import ModelSettings, validate_settings
 from qfedit.solve import IllConditionedError
 

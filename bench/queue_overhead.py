@@ -187,7 +187,7 @@ def run_pipeline(
 def run_engine(args: argparse.Namespace, cache_dir: Path) -> dict[str, float]:
     from qfedit.demo import DEMO_MODEL_DIR, EDITS_PATH, KNOWN_PATH, UNKNOWN_PATH
     from qfedit.demo.settings import demo_settings
-    from qfedit.pipeline.publish import build_preservations
+    from qfedit.pipeline.preservation import build_preservations
     from qfedit.pipeline.settings import validate_settings
 
     config = validate_settings(demo_settings())

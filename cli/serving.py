@@ -15,6 +15,7 @@ from cli.common import console, in_session, model_or_none, ready_engine, user_er
 from cli.engine import ChatTemplate, fail, load, quiet_transformers
 from qfedit.config import get_settings
 from qfedit.errors import ConflictError, InvalidInputError
+from qfedit.registry.aliases import PRODUCTION
 from qfedit.store import store_from_settings
 
 
@@ -96,7 +97,7 @@ def serve(
         model_name, _, alias = version_ref.partition("@")
     if not model_name:
         raise fail("what to serve: give NAME@ALIAS, NAME@N or --model NAME")
-    alias = alias or "production"
+    alias = alias or PRODUCTION
     settings = get_settings()
     tokens = None
     if not _loopback(host):

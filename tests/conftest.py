@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -22,7 +23,7 @@ for _name in [k for k in os.environ if k.startswith("QFEDIT_") and not k.startsw
 RUN_TAG = "PYTEST_QFEDIT_RUN"
 os.environ[RUN_TAG] = uuid.uuid4().hex
 
-from tiny_models import build_model
+from tiny_models import build_model  # noqa: E402  (after the path and the environment)
 
 FAMILIES = ["qwen2", "llama", "mistral", "gemma", "gemma3_text", "phi3", "gpt2"]
 
@@ -58,10 +59,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if not left:
         return
     for pid in left:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     lines = "\n".join(f"  {pid}: {command}" for pid, command in sorted(left.items()))
     message = f"processes left behind by the tests (killed now):\n{lines}"

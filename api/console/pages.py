@@ -27,6 +27,7 @@ from qfedit.db.models import Alias, BatchStatus, FactRow, Model
 from qfedit.pipeline.lifecycle import batch_progress
 from qfedit.pipeline.settings import layers_label
 from qfedit.registry import history
+from qfedit.registry.aliases import PRODUCTION
 
 HERE = Path(__file__).parent
 STATIC = {"console.js": "text/javascript", "console.css": "text/css"}
@@ -89,7 +90,7 @@ def models_part(_: ReadAccess, session: SessionDep) -> HTMLResponse:
     heads = history.latest_versions(session, models)
     production = {
         alias.model_id: alias.version
-        for alias in session.scalars(select(Alias).where(Alias.name == "production"))
+        for alias in session.scalars(select(Alias).where(Alias.name == PRODUCTION))
     }
     rows = []
     for model in models:

@@ -11,7 +11,7 @@ from api.errors import ApiError
 from qfedit import registry
 from qfedit.app import views
 from qfedit.app.schemas import ERROR_RESPONSES, NAME_PATTERN, AliasMoveOut, AliasMoveRequest, AliasOut
-from qfedit.registry.aliases import ALIAS_PATTERN
+from qfedit.registry.aliases import ALIAS_PATTERN, PRODUCTION
 
 router = APIRouter(prefix="/v1/models/{model}/aliases", tags=["aliases"])
 # Moving (or creating) takes the alias rule; reading keeps the general one, so an alias named
@@ -21,7 +21,7 @@ NewAliasName = Annotated[
 ]
 AliasName = Annotated[str, Path(pattern=NAME_PATTERN, description="Alias name, e.g. production.")]
 # Aliases that serve users: moving them is a release, so it takes an admin token.
-ADMIN_ALIASES = frozenset({"production"})
+ADMIN_ALIASES = frozenset({PRODUCTION})
 
 
 @router.get("", response_model=list[AliasOut], summary="The model's aliases", responses=ERROR_RESPONSES)

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, JsonValue, StringConstraints
 
 from qfedit.pipeline.settings import EditOverrides
+from qfedit.registry.aliases import PRODUCTION
 
 DB_INT_MAX = 2**31 - 1
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
@@ -366,7 +367,7 @@ class GenerateRequest(BaseModel):
 
     question: Annotated[str, StringConstraints(min_length=1), AfterValidator(_storable)]
     context: Text | None = Field(None, description="Instruction given as the system message.")
-    version: VersionRef = Field("production", description="A version number or an alias.")
+    version: VersionRef = Field(PRODUCTION, description="A version number or an alias.")
     max_new_tokens: int = Field(24, ge=1, le=256)
 
 

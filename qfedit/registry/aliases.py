@@ -19,6 +19,12 @@ from qfedit.errors import ConflictError, InvalidInputError, NotFoundError
 from qfedit.registry.audit import record_audit
 from qfedit.registry.base import UNSET, _Unset
 
+HEAD = "head"
+"""Moves to every version a batch publishes."""
+PRODUCTION = "production"
+"""Moves only when a version passes the model's `promote` thresholds, or by an admin: what serving
+follows by default."""
+
 # One case and no punctuation that reads as nothing: `Production`, `PRODUCTION` and
 # `production.` cannot sit beside `production` looking like it. The API's path uses it too.
 ALIAS_PATTERN = r"^[a-z][a-z0-9_-]{0,63}$"
