@@ -1,5 +1,7 @@
 """A worker step that keeps this worker's heartbeat row (`qfedit.registry.workers`) fresh, so that
-`batch submit` and `qfedit doctor` can say whether anyone consumes a queue."""
+`batch submit` and `qfedit doctor` can say whether anyone consumes a queue, and hands on the tasks
+of workers whose heartbeat stopped: a batch whose worker was killed goes on within a minute,
+without waiting for the broker's visibility timeout or beat's stall scan."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from celery import bootsteps
 
 from qfedit import registry
 from qfedit.db import engine_from_settings, session_factory
+from qfedit.pipeline import deliveries
 from qfedit.registry.workers import HEARTBEAT_S
 
 log = logging.getLogger(__name__)
@@ -41,10 +44,29 @@ class Heartbeat(bootsteps.StartStopStep):
             except Exception as err:  # a missed beat is not worth a worker: the next one may land
                 log.warning("worker heartbeat not written: %s", err)
 
+        def hand_on() -> None:
+            try:
+                with sessions() as session:
+                    for start in deliveries.orphaned(session):
+                        if not deliveries.hand_on(session, start.id):
+                            continue
+                        session.commit()
+                        log.warning(
+                            "batch %d: %s was running on %s (pid %d), whose heartbeat stopped: sent on",
+                            start.batch_id,
+                            deliveries.task_label(start.task),
+                            start.hostname,
+                            start.pid,
+                        )
+                        worker.app.send_task("qfedit.start_batch", args=[start.batch_id])
+            except Exception as err:  # the next beat looks again, and beat's stall scan remains
+                log.warning("dead workers' tasks not handed on: %s", err)
+
         def run() -> None:
             beat()
             while not self._stopping.wait(HEARTBEAT_S):
                 beat()
+                hand_on()
             beat(forget=True)
             engine.dispose()
 

@@ -399,6 +399,9 @@ class TaskStart(Base):
     """The worker that started it, as in `worker_heartbeats`."""
     pid: Mapped[int]
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    handed_on_at: Mapped[datetime | None] = mapped_column()
+    """When a live worker found this start's worker dead (its heartbeat stopped) and sent the
+    batch on; None while nobody has."""
 
 
 # Rows of these tables are written once; see `qfedit.db.guards`.

@@ -14,13 +14,15 @@ task, the next delivery fails its batch, naming the task, and the queue moves on
 
 from __future__ import annotations
 
-from sqlalchemy import delete, select
+from datetime import timedelta
+
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
-from qfedit.db.models import Batch, TaskStart
+from qfedit.db.models import Batch, TaskStart, utcnow
 from qfedit.errors import PermanentError
-from qfedit.pipeline.lifecycle import FINAL
-from qfedit.registry.workers import live_workers
+from qfedit.pipeline.lifecycle import ACTIVE, FINAL
+from qfedit.registry.workers import HEARTBEAT_S, live_workers
 
 
 class WorkerDeathsError(PermanentError):
@@ -78,3 +80,30 @@ def end(session: Session, batch_id: int, task: str, start: int) -> None:
         delete(TaskStart).where(TaskStart.batch_id == batch_id, TaskStart.task == task, TaskStart.id <= start)
     )
     session.commit()
+
+
+def orphaned(session: Session) -> list[TaskStart]:
+    """Starts of active batches' tasks whose worker is gone (no heartbeat within
+    `LIVE_WITHIN_S`, or another process under its name) and that nobody has handed on yet. A
+    start younger than a heartbeat interval is left alone: its worker may not have beaten yet."""
+    live = {(w.hostname, w.pid) for w in live_workers(session)}
+    before = utcnow() - timedelta(seconds=HEARTBEAT_S)
+    starts = session.scalars(
+        select(TaskStart)
+        .join(Batch, Batch.id == TaskStart.batch_id)
+        .where(TaskStart.handed_on_at.is_(None), TaskStart.started_at < before, Batch.status.in_(ACTIVE))
+        .order_by(TaskStart.id)
+    )
+    return [start for start in starts if (start.hostname, start.pid) not in live]
+
+
+def hand_on(session: Session, start_id: int) -> bool:
+    """Claim the handing on of an orphaned start: true for exactly one caller (a conditional
+    update), who then sends its batch on. Does not commit."""
+    claimed = session.execute(
+        update(TaskStart)
+        .where(TaskStart.id == start_id, TaskStart.handed_on_at.is_(None))
+        .values(handed_on_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+    return bool(claimed.rowcount)  # type: ignore[attr-defined]

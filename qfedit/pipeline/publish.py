@@ -45,7 +45,6 @@ from qfedit.store import CheckpointStore, StoredObject
 log = logging.getLogger(__name__)
 
 
-
 def _refusal_reasons(
     loaded: LoadedModel,
     session: Session,

@@ -54,6 +54,25 @@ def test_worker_killed_mid_stage_finishes_after_redelivery(cluster: Cluster, sta
     _assert_consistent(cluster, batch_id, 4)
 
 
+def test_a_killed_workers_task_is_handed_on_from_its_heartbeat(cluster: Cluster) -> None:
+    # With the broker's visibility timeout at an hour (the default) and no beat, a batch whose
+    # worker was killed read `capturing` for as long: now the live worker sees the dead one's
+    # heartbeat stop and sends the batch on (within LIVE_WITHIN_S plus a beat, not an hour).
+    slow = {"QFEDIT_VISIBILITY_TIMEOUT": "3600"}
+    cluster.add_model("tiny", [fact(i) for i in range(4)], shard_size=4)
+    doomed = cluster.start_worker("doomed", chaos="capture:120", extra_env=slow)
+    batch_id = cluster.submit("tiny")
+    _wait_for_log(cluster, "doomed", "chaos: pausing capture")
+    cluster.kill(doomed)
+    cluster.start_worker("rescuer", extra_env=slow)
+    batch = cluster.wait(batch_id, timeout=180)
+    assert batch.status.value == "published", batch.error
+    rescued = (cluster.root / "worker-rescuer.log").read_text()
+    assert f"batch {batch_id}: qfedit.capture_shard (shard" in rescued
+    assert "on doomed@test" in rescued and "whose heartbeat stopped: sent on" in rescued
+    _assert_consistent(cluster, batch_id, 4)
+
+
 def test_a_task_that_kills_its_worker_fails_its_batch_after_n_deaths_and_the_queue_goes_on(
     cluster: Cluster,
 ) -> None:
