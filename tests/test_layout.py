@@ -163,3 +163,15 @@ def test_read_commands_import_no_torch(tmp_path: Path, command: list[str]) -> No
     run = f"import sys\nsys.argv = ['qfedit', *{command!r}]\nfrom cli import main\ntry:\n    main()\nexcept SystemExit as done:\n    assert not done.code, done.code"
     loaded = _loaded_after(run, env=env, cwd=tmp_path)
     assert "torch" not in loaded and "transformers" not in loaded
+
+
+def test_the_served_model_knows_no_database() -> None:
+    # The loaded model and its versions (`serving.model`) are apart from following an alias
+    # (`serving.follower`), which reads the database and the store.
+    path = REPO / "qfedit" / "serving" / "model.py"
+    found = [
+        n
+        for n in _imports("qfedit.serving.model", path)
+        if n.split(".")[0] == "sqlalchemy" or n.startswith(("qfedit.db", "qfedit.registry", "qfedit.store"))
+    ]
+    assert found == []
