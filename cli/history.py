@@ -49,12 +49,16 @@ def rounded(value: object) -> object:
 
 
 @app.command("versions")
-def versions_command(model_name: ModelOption = None, as_json: JsonOption = False) -> None:
+def versions_command(
+    model_name: ModelOption = None,
+    show_all: Annotated[bool, typer.Option("--all", help="Archived versions too.")] = False,
+    as_json: JsonOption = False,
+) -> None:
     """The versions of every model (or one): parent, who, why, fact changes, |dW|/|W|, metrics, aliases."""
 
     def work(session: Session) -> None:
         model = model_or_none(session, model_name)
-        versions = registry.list_versions(session, model=model)
+        versions = registry.list_versions(session, model=model, archived=show_all)
         aliases = registry.aliases_by_version(session, model)
         fact_sets = {v.id: registry.version_fact_ids(session, v) for v in versions}
         rows = []
@@ -88,9 +92,80 @@ def versions_command(model_name: ModelOption = None, as_json: JsonOption = False
                     _share(v.metrics.get(name))
                     for name in ("efficacy", "paraphrase", "specificity", "abstention")
                 ),
-                ", ".join(row["aliases"]),
+                ", ".join(row["aliases"]) + (" (archived)" if row["archived"] else ""),
             )
         console.print(table)
+
+    in_session(work)
+
+
+def _tag_items(items: list[str] | None) -> dict[str, str]:
+    tags = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise typer.BadParameter(f"{item!r}: give KEY=VALUE", param_hint="--tag")
+        tags[key.strip()] = value
+    return tags
+
+
+@app.command("describe")
+def describe_command(
+    ref: Annotated[str, typer.Argument(help="A model (NAME) or a version (NAME@3, NAME@production).")],
+    description: Annotated[str | None, typer.Option(help="The new description ('' clears it).")] = None,
+    tag: Annotated[list[str] | None, typer.Option(help="KEY=VALUE to set; repeat for several.")] = None,
+    untag: Annotated[list[str] | None, typer.Option(help="A tag key to remove; repeat for several.")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Set a model's or a version's description and tags (audited), and show them."""
+    from qfedit.registry.base import UNSET
+
+    tags = _tag_items(tag)
+
+    def work(session: Session) -> None:
+        changes = {
+            "actor": current_actor(),
+            "description": UNSET if description is None else description,
+            "tags": tags,
+            "remove_tags": untag or [],
+        }
+        if "@" in ref:
+            version = registry.get_version(session, ref)
+            registry.describe_version(session, version, **changes)  # type: ignore[arg-type]
+            session.commit()
+            session.refresh(version)
+            shown = views.version_out(version).model_dump(mode="json")
+        else:
+            model = registry.get_model(session, ref)
+            registry.describe_model(session, model, **changes)  # type: ignore[arg-type]
+            session.commit()
+            shown = views.model_out(model).model_dump(mode="json")
+        picked = {
+            k: shown[k] for k in ("description", "tags") + (("archived",) if "archived" in shown else ())
+        }
+        if as_json:
+            emit_json(picked)
+            return
+        for key, value in picked.items():
+            console.print(f"{key:>12}: {value}", highlight=False, markup=False)
+
+    in_session(work)
+
+
+@app.command("archive")
+def archive_command(
+    ref: Annotated[str, typer.Argument(help="A version, NAME@3.")],
+    reason: Annotated[str, typer.Option(help="Why (kept in the audit log).")],
+    restore: Annotated[bool, typer.Option("--restore", help="Bring an archived version back.")] = False,
+) -> None:
+    """Archive a version: out of `qfedit versions` (`--all` shows it), its checkpoint kept; an
+    alias's version cannot be archived, and an archived one cannot become an alias's."""
+
+    def work(session: Session) -> None:
+        version = registry.get_version(session, ref)
+        registry.archive_version(session, version, actor=current_actor(), reason=reason, archived=not restore)
+        session.commit()
+        console.print(f"{version.label} {'restored' if restore else 'archived'}", highlight=False)
 
     in_session(work)
 

@@ -1,12 +1,14 @@
-"""Registered base models (read-only here; `qfedit model add` registers them from weights on disk)."""
+"""Registered base models (`qfedit model add` registers them from weights on disk); their
+description and tags are edited here."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter
 
-from api.deps import ModelDep, ReadAccess, SessionDep
+from api.deps import ModelDep, ReadAccess, SessionDep, WriteAccess
 from qfedit import registry
-from qfedit.app.schemas import ERROR_RESPONSES, ModelOut
+from qfedit.app.schemas import ERROR_RESPONSES, ModelOut, NotesPatch
+from qfedit.registry.base import UNSET
 
 router = APIRouter(prefix="/v1/models", tags=["models"], responses=ERROR_RESPONSES)
 
@@ -18,4 +20,20 @@ def list_models(_: ReadAccess, session: SessionDep) -> list[ModelOut]:
 
 @router.get("/{model}", response_model=ModelOut, summary="One base model")
 def get_model(_: ReadAccess, model: ModelDep) -> ModelOut:
+    return ModelOut.model_validate(model)
+
+
+@router.patch("/{model}", response_model=ModelOut, summary="Change a model's description and tags (audited)")
+def describe_model(
+    principal: WriteAccess, session: SessionDep, model: ModelDep, body: NotesPatch
+) -> ModelOut:
+    registry.describe_model(
+        session,
+        model,
+        actor=principal.name,
+        description=body.description if body.description is not None else UNSET,
+        tags=body.tags,
+        remove_tags=body.remove_tags,
+    )
+    session.commit()
     return ModelOut.model_validate(model)

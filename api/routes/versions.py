@@ -7,11 +7,19 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Query
 from fastapi.responses import FileResponse
 
-from api.deps import ModelDep, ReadAccess, SessionDep, StoreDep
+from api.deps import ModelDep, ReadAccess, SessionDep, StoreDep, WriteAccess
 from api.errors import ApiError
 from qfedit import registry
 from qfedit.app import views
-from qfedit.app.schemas import ERROR_RESPONSES, VersionDetail, VersionDiffOut, VersionOut, VersionRef
+from qfedit.app.schemas import (
+    ERROR_RESPONSES,
+    VersionDetail,
+    VersionDiffOut,
+    VersionOut,
+    VersionPatch,
+    VersionRef,
+)
+from qfedit.registry.base import UNSET
 
 router = APIRouter(prefix="/v1/models/{model}", tags=["versions"])
 RefPath = Annotated[VersionRef, Path(description="A version number or an alias.")]
@@ -23,9 +31,42 @@ RefPath = Annotated[VersionRef, Path(description="A version number or an alias."
     summary="Every version of the model",
     responses=ERROR_RESPONSES,
 )
-def list_versions(_: ReadAccess, session: SessionDep, model: ModelDep) -> list[VersionOut]:
+def list_versions(
+    _: ReadAccess,
+    session: SessionDep,
+    model: ModelDep,
+    archived: Annotated[bool, Query(description="Include archived versions.")] = False,
+) -> list[VersionOut]:
     aliases = registry.aliases_by_version(session, model)
-    return [views.version_out(v, aliases.get(v.id, [])) for v in registry.list_versions(session, model=model)]
+    found = registry.list_versions(session, model=model, archived=archived)
+    return [views.version_out(v, aliases.get(v.id, [])) for v in found]
+
+
+@router.patch(
+    "/versions/{ref}",
+    response_model=VersionDetail,
+    summary="Change a version's description and tags, archive or restore it (audited)",
+    responses=ERROR_RESPONSES,
+)
+def change_version(
+    principal: WriteAccess, session: SessionDep, model: ModelDep, ref: RefPath, body: VersionPatch
+) -> VersionDetail:
+    version = registry.get_version(session, ref, model=model)
+    registry.describe_version(
+        session,
+        version,
+        actor=principal.name,
+        description=body.description if body.description is not None else UNSET,
+        tags=body.tags,
+        remove_tags=body.remove_tags,
+    )
+    if body.archived is not None:
+        registry.archive_version(
+            session, version, actor=principal.name, reason=body.reason or "", archived=body.archived
+        )
+    session.commit()
+    session.refresh(version)
+    return views.version_detail(session, version)
 
 
 @router.get(

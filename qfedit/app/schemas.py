@@ -102,6 +102,35 @@ class ModelOut(_Out):
     default_layer: int | None
     created_at: datetime
     created_by: str
+    description: str | None = None
+    tags: dict[str, str] = Field(default_factory=dict)
+
+
+class NotesPatch(BaseModel):
+    """A change to a model's or a version's description and tags; fields left out stay."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    description: Annotated[Text | None, Field(max_length=4000)] = Field(
+        default=None, description='New description; null or absent leaves it, "" clears it.'
+    )
+    tags: dict[Annotated[str, StringConstraints(max_length=64)], Annotated[Text, Field(max_length=256)]] = (
+        Field(default_factory=dict, description="Tags to set (key -> value).")
+    )
+    remove_tags: list[Annotated[str, StringConstraints(max_length=64)]] = Field(
+        default_factory=list, max_length=32, description="Tag keys to remove."
+    )
+
+
+class VersionPatch(NotesPatch):
+    archived: bool | None = Field(
+        default=None,
+        description="Archive (true) or restore (false): an archived version leaves listings by "
+        "default and keeps its checkpoint; an alias's version cannot be archived.",
+    )
+    reason: Annotated[Text | None, Field(max_length=2000)] = Field(
+        default=None, description="Why it is archived or restored (required with `archived`)."
+    )
 
 
 class FactOut(_Out):
@@ -283,6 +312,9 @@ class VersionOut(BaseModel):
     checkpoint_path: str | None
     checkpoint_sha256: str | None
     aliases: list[str]
+    description: str | None = None
+    tags: dict[str, str] = Field(default_factory=dict)
+    archived: bool = Field(default=False, description="Out of listings by default; its checkpoint is kept.")
 
 
 class VersionDetail(VersionOut):

@@ -165,6 +165,9 @@ def version_out(version: Version, aliases: Sequence[str] = ()) -> VersionOut:
         checkpoint_path=version.checkpoint_path,
         checkpoint_sha256=version.checkpoint_sha256,
         aliases=list(aliases),
+        description=version.note.description if version.note is not None else None,
+        tags=dict(version.note.tags or {}) if version.note is not None else {},
+        archived=version.note is not None and version.note.archived_at is not None,
     )
 
 

@@ -133,6 +133,9 @@ class Model(Base):
     created_by: Mapped[str] = mapped_column(String(200))
     # How this model's batches are edited and judged (`qfedit.pipeline.settings.ModelSettings`).
     settings: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # What people say about it (editable, audited: `qfedit.registry.notes`).
+    description: Mapped[str | None] = mapped_column(Text)
+    tags: Mapped[dict[str, Any]] = mapped_column(default=dict)
     # The batch that holds this model's line: set and cleared by conditional updates, so two
     # batches never build on the same parent. No foreign key: batches already reference models.
     active_batch_id: Mapped[int | None] = mapped_column(Integer)
@@ -305,10 +308,27 @@ class Version(Base):
 
     model: Mapped[Model] = relationship()
     parent: Mapped[Version | None] = relationship(remote_side=[id])
+    # The editable part, in a row of its own: a version's row is written once.
+    note: Mapped[VersionNote | None] = relationship(viewonly=True, lazy="selectin")
 
     @property
     def label(self) -> str:
         return f"{self.model.name}@{self.number}"
+
+
+class VersionNote(Base):
+    """What people say about a version, beside its write-once row: a description, tags, and
+    whether it is archived (out of listings by default; its checkpoint is kept, as every
+    version's is while the audit needs it). Changed by `qfedit.registry.notes`, audited."""
+
+    __tablename__ = "version_notes"
+
+    version_id: Mapped[int] = mapped_column(ForeignKey("versions.id"), primary_key=True)
+    description: Mapped[str | None] = mapped_column(Text)
+    tags: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    archived_at: Mapped[datetime | None] = mapped_column()
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    updated_by: Mapped[str] = mapped_column(String(200))
 
 
 class VersionFact(Base):

@@ -35,6 +35,7 @@ from qfedit.registry.facts import (
     set_fact_status,
 )
 from qfedit.registry.models import add_model, base_mismatch, get_model, list_models
+from qfedit.registry.notes import archive_version, describe_model, describe_version, is_archived
 from qfedit.registry.versions import (
     VersionDiff,
     diff_versions,
@@ -58,12 +59,15 @@ __all__ = [
     "add_model",
     "alias_history",
     "aliases_by_version",
+    "archive_version",
     "base_mismatch",
     "batch_fact_count",
     "batch_fact_ids",
     "batch_id_for_key",
     "count_facts",
     "create_batch",
+    "describe_model",
+    "describe_version",
     "diff_versions",
     "digest_of_hashes",
     "fact_previews",
@@ -74,6 +78,7 @@ __all__ = [
     "get_model",
     "get_version",
     "heartbeat",
+    "is_archived",
     "latest_version",
     "list_aliases",
     "list_audit",

@@ -18,6 +18,7 @@ from qfedit.db.models import (
     Model,
     Version,
     VersionFact,
+    VersionNote,
 )
 from qfedit.errors import InvalidInputError, NotFoundError, TransientError
 from qfedit.registry.audit import record_audit
@@ -131,10 +132,15 @@ def latest_version(session: Session, model: Model) -> Version | None:
     )
 
 
-def list_versions(session: Session, *, model: Model | None = None) -> list[Version]:
+def list_versions(session: Session, *, model: Model | None = None, archived: bool = True) -> list[Version]:
+    """Versions by model and number; `archived=False` leaves out the archived ones."""
     query = select(Version).join(Model).order_by(Model.name, Version.number)
     if model is not None:
         query = query.where(Version.model_id == model.id)
+    if not archived:
+        query = query.outerjoin(VersionNote, VersionNote.version_id == Version.id).where(
+            VersionNote.archived_at.is_(None)
+        )
     return list(session.scalars(query))
 
 

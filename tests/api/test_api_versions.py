@@ -173,3 +173,65 @@ def test_audit_filters(client: TestClient, history: list[int], db: Session) -> N
 
 def history_model_id(db: Session, name: str) -> int:
     return registry.get_model(db, name).id
+
+
+def test_descriptions_tags_and_archiving_are_edited_audited_and_never_delete(
+    client: TestClient, db: Session, history: list[int], settings: Settings
+) -> None:
+    writer, reader = auth("writer"), auth("reader")
+    described = client.patch(
+        "/v1/models/tiny",
+        json={"description": "the support bot's base", "tags": {"team": "support", "stage": "pilot"}},
+        headers=writer,
+    )
+    assert described.status_code == 200, described.text
+    assert described.json()["tags"] == {"team": "support", "stage": "pilot"}
+    untagged = client.patch("/v1/models/tiny", json={"remove_tags": ["stage"]}, headers=writer).json()
+    assert untagged["tags"] == {"team": "support"} and untagged["description"] == "the support bot's base"
+    assert client.patch("/v1/models/tiny", json={"tags": {"x": "1"}}, headers=reader).status_code == 403
+    refused = client.patch("/v1/models/tiny", json={"tags": {"bad key!": "1"}}, headers=writer)
+    assert refused.status_code == 422 and "bad key!" in refused.json()["message"]
+
+    version = client.patch(
+        "/v1/models/tiny/versions/1",
+        json={"description": "first cut", "tags": {"ticket": "QF-12"}},
+        headers=writer,
+    ).json()
+    assert (version["description"], version["tags"], version["archived"]) == (
+        "first cut",
+        {"ticket": "QF-12"},
+        False,
+    )
+    # An alias's version is not archived; another is, and leaves the listing but not the store.
+    registry.set_alias(
+        db, name="production", version=registry.get_version(db, "tiny@2"), reason="r", actor="admin"
+    )
+    db.commit()
+    held = client.patch(
+        "/v1/models/tiny/versions/2", json={"archived": True, "reason": "old"}, headers=writer
+    )
+    assert held.status_code == 409 and "production" in held.json()["message"]
+    no_reason = client.patch("/v1/models/tiny/versions/1", json={"archived": True}, headers=writer)
+    assert no_reason.status_code == 422 and no_reason.json()["field"].endswith("reason")
+    archived = client.patch(
+        "/v1/models/tiny/versions/1", json={"archived": True, "reason": "superseded"}, headers=writer
+    )
+    assert archived.status_code == 200 and archived.json()["archived"] is True
+    listed = [v["label"] for v in client.get("/v1/models/tiny/versions", headers=reader).json()]
+    assert listed == ["tiny@0", "tiny@2"]
+    everything = client.get("/v1/models/tiny/versions", params={"archived": True}, headers=reader).json()
+    assert [v["label"] for v in everything] == ["tiny@0", "tiny@1", "tiny@2"]
+    one = registry.get_version(db, "tiny@1")
+    assert one.checkpoint_path is not None
+    LocalStore(settings.store_dir).verified_local_file(one.checkpoint_path, one.checkpoint_sha256 or "")
+    moved = client.put(
+        "/v1/models/tiny/aliases/candidate", json={"version": "1", "reason": "try"}, headers=writer
+    )
+    assert moved.status_code == 409 and "archived" in moved.json()["message"]
+    restored = client.patch(
+        "/v1/models/tiny/versions/1", json={"archived": False, "reason": "needed"}, headers=writer
+    )
+    assert restored.json()["archived"] is False
+    actions = [e["action"] for e in client.get("/v1/audit", headers=reader).json()]
+    for action in ("model.described", "version.described", "version.archived", "version.restored"):
+        assert action in actions, action

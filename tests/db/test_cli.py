@@ -108,6 +108,24 @@ def test_history_commands(
     assert (tmp_path / "data" / "store" / orphan.path).exists()
     cli("gc")
     assert not (tmp_path / "data" / "store" / orphan.path).exists()
+
+    # Descriptions, tags and archiving, as MLflow's registry has them: edited, audited, deleting nothing.
+    shown = _json(cli("describe", "tiny", "--description", "support bot", "--tag", "team=support", "--json"))
+    assert shown == {"description": "support bot", "tags": {"team": "support"}}
+    tagged = _json(cli("describe", "tiny@2", "--tag", "ticket=QF-1", "--json"))
+    assert tagged["tags"] == {"ticket": "QF-1"} and tagged["archived"] is False
+    assert "alias production" in cli("archive", "tiny@1", "--reason", "old", ok=False).output
+    cli("archive", "tiny@2", "--reason", "replaced")
+    assert [v["number"] for v in _json(cli("versions", "--model", "tiny", "--json"))] == [0, 1]
+    assert [v["archived"] for v in _json(cli("versions", "--model", "tiny", "--all", "--json"))] == [
+        False,
+        False,
+        True,
+    ]
+    assert _json(cli("gc", "--dry-run", "--json"))["files"] == []  # its checkpoint is kept
+    cli("archive", "tiny@2", "--reason", "needed", "--restore")
+    actions = {e["action"] for e in _json(cli("log", "--json"))}
+    assert {"model.described", "version.described", "version.archived", "version.restored"} <= actions
     assert _json(cli("gc", "--dry-run", "--json"))["files"] == []
     # Everything a version references survived, verified by hash.
     cli("diff", "tiny@0", "tiny@2")
