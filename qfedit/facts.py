@@ -32,7 +32,8 @@ class FactError(InvalidInputError):
         super().__init__(f"{where}: field {field!r}: {reason}", field=field)
 
 
-def _storable(value: str) -> str:
+def storable(value: str) -> str:
+    """`value`, if a database can store it; a `ValueError` (for pydantic) if not."""
     # PostgreSQL text cannot hold NUL, and no database can encode a lone surrogate (which JSON's
     # `\ud800` escapes produce): refused here, they are one rejected record instead of a failed chunk.
     if "\x00" in value:
@@ -53,7 +54,7 @@ class Neighbor(BaseModel):
     @field_validator("question", "answer")
     @classmethod
     def _storable_text(cls, value: str) -> str:
-        return _storable(value)
+        return storable(value)
 
 
 class Fact(BaseModel):
@@ -78,13 +79,13 @@ class Fact(BaseModel):
     @field_validator("question", "answer", "context", "id", "subject")
     @classmethod
     def _storable_text(cls, value: str | None) -> str | None:
-        return None if value is None else _storable(value)
+        return None if value is None else storable(value)
 
     @field_validator("paraphrases")
     @classmethod
     def _storable_paraphrases(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         for paraphrase in value:
-            _storable(paraphrase)
+            storable(paraphrase)
         return value
 
     @field_validator("significance")

@@ -12,21 +12,12 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, JsonValue, StringConstraints
 
+from qfedit.facts import storable
 from qfedit.pipeline.settings import EditOverrides
 from qfedit.registry.aliases import PRODUCTION
 
 DB_INT_MAX = 2**31 - 1
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
-
-
-def _storable(value: str) -> str:
-    if "\x00" in value:
-        raise ValueError("must not contain NUL characters")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError("must be valid Unicode (no lone surrogates)") from None
-    return value
 
 
 def _utc_moment(value: datetime) -> datetime:
@@ -44,9 +35,9 @@ def _version_ref(value: str) -> str:
 
 
 DbId = Annotated[int, Field(ge=1, le=DB_INT_MAX)]
-Text = Annotated[str, AfterValidator(_storable)]
+Text = Annotated[str, AfterValidator(storable)]
 Moment = Annotated[datetime, AfterValidator(_utc_moment)]
-Reason = Annotated[str, StringConstraints(min_length=1, max_length=2000), AfterValidator(_storable)]
+Reason = Annotated[str, StringConstraints(min_length=1, max_length=2000), AfterValidator(storable)]
 Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
 # A version number or an alias name; `production` if not given where one is optional.
 VersionRef = Annotated[str, StringConstraints(pattern=NAME_PATTERN), AfterValidator(_version_ref)]
@@ -397,7 +388,7 @@ class AuditOut(_Out):
 class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    question: Annotated[str, StringConstraints(min_length=1), AfterValidator(_storable)]
+    question: Annotated[str, StringConstraints(min_length=1), AfterValidator(storable)]
     context: Text | None = Field(None, description="Instruction given as the system message.")
     version: VersionRef = Field(PRODUCTION, description="A version number or an alias.")
     max_new_tokens: int = Field(24, ge=1, le=256)
