@@ -68,6 +68,8 @@ def open_engine() -> Engine:
 def ready_engine() -> Engine:
     """An engine on a database at the latest schema; an empty embedded SQLite is created on the spot."""
     engine = open_engine()
+    if migrate.at_head(engine):  # the common case, without importing Alembic
+        return engine
     current = migrate.current(engine)
     head = migrate.head()
     if current == head:
