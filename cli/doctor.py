@@ -93,7 +93,7 @@ def _workers_and_models(settings: Settings) -> list[Check]:
     from qfedit.pipeline.preflight import check_runnable
     from qfedit.pipeline.settings import validate_settings
     from qfedit.registry.workers import LIVE_WITHIN_S
-    from worker.app import DEFAULT_QUEUE, GPU_QUEUE
+    from worker.app import queue_names
 
     checks = []
     engine = engine_from_settings(settings)
@@ -103,8 +103,7 @@ def _workers_and_models(settings: Settings) -> list[Check]:
             if not settings.broker_url:
                 checks.append(Check("workers", "ok", "embedded: `batch submit` and `qfedit api` start one"))
             else:
-                queues = (settings.queue(DEFAULT_QUEUE), settings.queue(GPU_QUEUE))
-                missing = [q for q in queues if not registry.listening(workers, q)]
+                missing = [q for q in queue_names(settings) if not registry.listening(workers, q)]
                 names = ", ".join(f"{w.hostname} ({w.queues})" for w in workers) or "none"
                 status = "fail" if missing else "ok"
                 detail = f"seen in the last {LIVE_WITHIN_S:.0f} s: {names}"

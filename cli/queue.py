@@ -39,7 +39,7 @@ from qfedit.config import Settings, get_settings
 from qfedit.db.models import Batch
 from qfedit.pipeline import lifecycle, submit
 from qfedit.registry.workers import LIVE_WITHIN_S
-from worker.app import DEFAULT_QUEUE, GPU_QUEUE
+from worker.app import DEFAULT_QUEUE, GPU_QUEUE, queue_names
 from worker.client import app_for, enqueue_batch
 
 console = Console()
@@ -239,9 +239,7 @@ def watch_batch(
 def _listeners(session: Session) -> str:
     """Which workers will run a batch, or a warning that none will (none seen lately on a queue)."""
     workers = registry.live_workers(session)
-    settings = get_settings()
-    queues = (settings.queue(DEFAULT_QUEUE), settings.queue(GPU_QUEUE))
-    missing = [q for q in queues if not registry.listening(workers, q)]
+    missing = [q for q in queue_names(get_settings()) if not registry.listening(workers, q)]
     if not missing:
         return f"workers listening: {', '.join(w.hostname for w in workers)}"
     return "[yellow]warning:[/yellow] " + (
@@ -257,10 +255,8 @@ def run_batch(batch_id: int, wait: bool, as_json: bool = False) -> None:
     enqueue_batch(batch_id, settings)
     say = errors if as_json else console
     if not wait and settings.broker_url:
-        say.print(
-            f"batch {batch_id} queued on {settings.queue(DEFAULT_QUEUE)!r} "
-            f"(capture and solve run on {settings.queue(GPU_QUEUE)!r})"
-        )
+        default, gpu = queue_names(settings)
+        say.print(f"batch {batch_id} queued on {default!r} (capture and solve run on {gpu!r})")
         say.print(in_session(_listeners), highlight=False)
         if as_json:
             in_session(lambda session: emit_json(_batch_json(session, batch_id)))

@@ -212,6 +212,26 @@ def pad_batch(
     return ids.to(device), mask.to(device), positions.to(device), offsets
 
 
+def answer_logits(
+    loaded: LoadedModel, rows: Sequence[tuple[list[int], int]], batch_size: int = 32
+) -> Iterator[torch.Tensor]:
+    """For each `(token ids, n)`, teacher-forced in batches, the float32 logits `(n, vocab)` at the
+    positions that predict its last `n` tokens, in order."""
+    tokenizer = loaded.tokenizer
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        ids, mask, positions, _ = pad_batch(
+            [r[0] for r in chunk], tokenizer.pad_token_id, "right", loaded.device
+        )
+        with torch.inference_mode():
+            logits = loaded.model(
+                input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False
+            ).logits
+        for row, (sequence, count) in enumerate(chunk):
+            end = len(sequence)
+            yield logits[row, end - count - 1 : end - 1].float()
+
+
 def run_until_layer(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> None:
     """A forward pass meant to be cut short by a `LayerTrace` with `stop=True`."""
     with torch.inference_mode():

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from qfedit.capture import chat_prompt, pad_batch
+from qfedit.capture import answer_logits, chat_prompt
 from qfedit.delta import Delta, applied
 from qfedit.facts import Fact
 from qfedit.generate import answer_batch
@@ -41,21 +41,10 @@ def answer_logprobs(
         target = tokenizer(answer, add_special_tokens=False)["input_ids"] + eos
         rows.append((list(prompt) + list(target), len(target)))
     scores: list[float] = []
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
-        ids, mask, positions, _ = pad_batch(
-            [r[0] for r in chunk], tokenizer.pad_token_id, "right", loaded.device
-        )
-        with torch.inference_mode():
-            logits = loaded.model(
-                input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False
-            ).logits
-        logp = torch.log_softmax(logits.float(), dim=-1)  # (B, T, V)
-        for row, (sequence, answer_len) in enumerate(chunk):
-            end = len(sequence)
-            targets = torch.tensor(sequence[end - answer_len :], device=logp.device)
-            picked = logp[row, end - answer_len - 1 : end - 1].gather(1, targets.unsqueeze(1))
-            scores.append(float(picked.sum()))
+    for (sequence, answer_len), logits in zip(rows, answer_logits(loaded, rows, batch_size), strict=True):
+        targets = torch.tensor(sequence[len(sequence) - answer_len :], device=logits.device)
+        picked = torch.log_softmax(logits, dim=-1).gather(1, targets.unsqueeze(1))
+        scores.append(float(picked.sum()))
     return scores
 
 

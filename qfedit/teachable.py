@@ -11,9 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
-
-from qfedit.capture import chat_prompt, pad_batch, token_words
+from qfedit.capture import answer_logits, chat_prompt, token_words
 from qfedit.evaluate import contains
 from qfedit.facts import Fact
 from qfedit.generate import answer_batch
@@ -76,29 +74,21 @@ def divergent_words(
     change reaches every other question; the words it gets wrong are the fact. A fact whose words
     it all predicts keeps every word."""
     tokenizer = loaded.tokenizer
-    rows = []
+    rows, words = [], []
     for fact in facts:
         prompt = tokenizer(chat_prompt(tokenizer, fact.question), add_special_tokens=False)["input_ids"]
-        answer, words = token_words(tokenizer, fact.answer)
-        rows.append((list(prompt) + answer, len(answer), words, len(fact.answer_words)))
+        answer, of_token = token_words(tokenizer, fact.answer)
+        rows.append((list(prompt) + answer, len(answer)))
+        words.append(of_token)
     found: list[tuple[float, ...]] = []
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
-        batch, mask, positions, _ = pad_batch(
-            [r[0] for r in chunk], tokenizer.pad_token_id, "right", loaded.device
-        )
-        with torch.inference_mode():
-            logits = loaded.model(
-                input_ids=batch, attention_mask=mask, position_ids=positions, use_cache=False
-            ).logits
-        for row, (sequence, count, words, n_words) in enumerate(chunk):
-            end = len(sequence)
-            predicted = logits[row, end - count - 1 : end - 1].argmax(dim=-1).tolist()
-            wrong = [0.0] * n_words
-            for token, guess, word in zip(sequence[end - count :], predicted, words, strict=True):
-                if token != guess:
-                    wrong[word] = 1.0
-            found.append(tuple(wrong) if any(wrong) else (1.0,) * n_words)
+    forced = answer_logits(loaded, rows, batch_size)
+    for fact, (sequence, count), of_token, logits in zip(facts, rows, words, forced, strict=True):
+        predicted = logits.argmax(dim=-1).tolist()
+        wrong = [0.0] * len(fact.answer_words)
+        for token, guess, word in zip(sequence[len(sequence) - count :], predicted, of_token, strict=True):
+            if token != guess:
+                wrong[word] = 1.0
+        found.append(tuple(wrong) if any(wrong) else (1.0,) * len(wrong))
     return found
 
 

@@ -23,6 +23,11 @@ GPU_QUEUE = "gpu"
 DEFAULT_QUEUE = "default"
 
 
+def queue_names(settings: Settings) -> tuple[str, str]:
+    """This deployment's `(default, gpu)` queues as the broker names them (QFEDIT_QUEUE_PREFIX)."""
+    return settings.queue(DEFAULT_QUEUE), settings.queue(GPU_QUEUE)
+
+
 def embedded_broker(data_dir: Path) -> tuple[str, dict[str, object]]:
     """A broker in the data folder: messages are files, so the CLI and a worker child can share it."""
     folder = (data_dir / "broker").resolve()

@@ -8,7 +8,6 @@ from fastapi import APIRouter
 from api.deps import ModelDep, ReadAccess, SessionDep, WriteAccess
 from qfedit import registry
 from qfedit.app.schemas import ERROR_RESPONSES, ModelOut, NotesPatch
-from qfedit.registry.base import UNSET
 
 router = APIRouter(prefix="/v1/models", tags=["models"], responses=ERROR_RESPONSES)
 
@@ -31,9 +30,7 @@ def describe_model(
         session,
         model,
         actor=principal.name,
-        description=body.description if body.description is not None else UNSET,
-        tags=body.tags,
-        remove_tags=body.remove_tags,
+        **body.changes(),
     )
     session.commit()
     return ModelOut.model_validate(model)

@@ -19,7 +19,6 @@ from qfedit.app.schemas import (
     VersionPatch,
     VersionRef,
 )
-from qfedit.registry.base import UNSET
 
 router = APIRouter(prefix="/v1/models/{model}", tags=["versions"])
 RefPath = Annotated[VersionRef, Path(description="A version number or an alias.")]
@@ -56,9 +55,7 @@ def change_version(
         session,
         version,
         actor=principal.name,
-        description=body.description if body.description is not None else UNSET,
-        tags=body.tags,
-        remove_tags=body.remove_tags,
+        **body.changes(),
     )
     if body.archived is not None:
         registry.archive_version(

@@ -15,6 +15,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, JsonValue, St
 from qfedit.facts import storable
 from qfedit.pipeline.settings import EditOverrides
 from qfedit.registry.aliases import PRODUCTION
+from qfedit.registry.base import UNSET
 
 DB_INT_MAX = 2**31 - 1
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
@@ -111,6 +112,12 @@ class NotesPatch(BaseModel):
     remove_tags: list[Annotated[str, StringConstraints(max_length=64)]] = Field(
         default_factory=list, max_length=32, description="Tag keys to remove."
     )
+
+    def changes(self) -> dict[str, Any]:
+        """The change as `qfedit.registry.notes`' describe functions take it (an absent or null
+        description leaves it)."""
+        description = UNSET if self.description is None else self.description
+        return {"description": description, "tags": self.tags, "remove_tags": self.remove_tags}
 
 
 class VersionPatch(NotesPatch):

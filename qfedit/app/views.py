@@ -167,7 +167,7 @@ def version_out(version: Version, aliases: Sequence[str] = ()) -> VersionOut:
         aliases=list(aliases),
         description=version.note.description if version.note is not None else None,
         tags=dict(version.note.tags or {}) if version.note is not None else {},
-        archived=version.note is not None and version.note.archived_at is not None,
+        archived=version.archived,
     )
 
 

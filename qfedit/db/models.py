@@ -315,6 +315,10 @@ class Version(Base):
     def label(self) -> str:
         return f"{self.model.name}@{self.number}"
 
+    @property
+    def archived(self) -> bool:
+        return self.note is not None and self.note.archived_at is not None
+
 
 class VersionNote(Base):
     """What people say about a version, beside its write-once row: a description, tags, and

@@ -99,10 +99,15 @@ def set_progress(batch: Batch, progress: float) -> None:
 def set_waiting(session: Session, batch_id: int, waiting: str | None) -> None:
     """Say what a task of an active batch is waiting for, or (None) that it waits no longer. Also
     the batch's last change: one that waits is not a lost message for beat to send again."""
+    _note_active(session, batch_id, waiting=waiting)
+
+
+def _note_active(session: Session, batch_id: int, **values: str | None) -> None:
+    # Only while the batch is active, and as its last change (what beat's stall scan reads).
     session.execute(
         update(Batch)
         .where(Batch.id == batch_id, Batch.status.in_(ACTIVE))
-        .values(waiting=waiting, updated_at=utcnow())
+        .values(**values, updated_at=utcnow())
         .execution_options(synchronize_session=False)
     )
 
@@ -117,12 +122,7 @@ def elapsed_s(batch: Batch) -> float:
 def set_activity(session: Session, batch_id: int, activity: str | None) -> None:
     """Say what an active batch's task is doing within its status; also its last change (a batch
     that reports work is not a lost message for beat to send again)."""
-    session.execute(
-        update(Batch)
-        .where(Batch.id == batch_id, Batch.status.in_(ACTIVE))
-        .values(activity=activity, updated_at=utcnow())
-        .execution_options(synchronize_session=False)
-    )
+    _note_active(session, batch_id, activity=activity)
 
 
 def take_line(session: Session, batch: Batch) -> bool:

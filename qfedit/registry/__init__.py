@@ -35,7 +35,7 @@ from qfedit.registry.facts import (
     set_fact_status,
 )
 from qfedit.registry.models import add_model, base_mismatch, get_model, list_models
-from qfedit.registry.notes import archive_version, describe_model, describe_version, is_archived
+from qfedit.registry.notes import archive_version, describe_model, describe_version
 from qfedit.registry.versions import (
     VersionDiff,
     diff_versions,
@@ -78,7 +78,6 @@ __all__ = [
     "get_model",
     "get_version",
     "heartbeat",
-    "is_archived",
     "latest_version",
     "list_aliases",
     "list_audit",

@@ -84,7 +84,7 @@ def set_alias(
     check_alias_name(name)
     if not reason.strip():
         raise InvalidInputError("moving an alias needs a reason")
-    if version.note is not None and version.note.archived_at is not None:
+    if version.archived:
         raise ConflictError(f"{version.label} is archived: restore it before an alias points at it")
     model = version.model
     alias = session.scalar(select(Alias).where(Alias.model_id == model.id, Alias.name == name))

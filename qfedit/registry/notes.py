@@ -155,7 +155,3 @@ def archive_version(
     )
     session.flush()
     return note
-
-
-def is_archived(version: Version) -> bool:
-    return version.note is not None and version.note.archived_at is not None

@@ -214,11 +214,9 @@ class VersionedModel:
         contexts = list(contexts) if contexts is not None else [None] * len(questions)
         for question, context in zip(questions, contexts, strict=True):
             prompt = chat_prompt(self.loaded.tokenizer, question, context)
-            tokens = (
-                len(self.loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"]) + max_new_tokens
+            self.prompt_tokens(
+                prompt, max_new_tokens=max_new_tokens, field="context" if context else "question"
             )
-            if tokens > limit:
-                raise PromptTooLongError("context" if context else "question", tokens, limit)
 
     def answer(self, question: str, context: str | None = None, *, max_new_tokens: int = 24) -> Answer:
         (made,), label = self._generate([question], [context], max_new_tokens)
