@@ -7,7 +7,7 @@ import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -23,7 +23,10 @@ if TYPE_CHECKING:
     from qfedit.delta import Delta
     from qfedit.evaluate import EvalReport
     from qfedit.facts import Fact
+    from qfedit.hparams import EditConfig
     from qfedit.modeling import LoadedModel
+    from qfedit.pipeline.settings import ModelSettings
+    from qfedit.solve import Preservation
 
 console = Console()
 err = Console(stderr=True)
@@ -222,28 +225,20 @@ def edit(
 ) -> None:
     """Solve a delta that writes FACTS_FILE into MODEL_DIR's weights at one layer (or several)."""
     from qfedit.capture import encode_fact
-    from qfedit.edit import make_delta, preservations_for
-    from qfedit.hparams import parse_layers
-    from qfedit.pipeline.settings import resolve
-    from qfedit.presets import preset as named_preset
+    from qfedit.edit import make_delta
 
     with user_errors():
-        # The options given, over the preset's settings (or none): resolved as a batch's overrides
-        # are, so every default is `EditConfig`'s and `ModelSettings`'s own.
-        base = named_preset(preset).settings() if preset is not None else {}
         given = {
             "layer": layer,
-            "layers": list(parse_layers(layers)) if layers is not None else None,
-            "solve": {k: v for k, v in {"rule": rule, "lam": lam, "ridge": ridge}.items() if v is not None},
+            "layers": layers,
+            "rule": rule,
+            "lam": lam,
+            "ridge": ridge,
             "covariance_samples": samples,
             "preserve_positions": preserve_positions,
             "target": target,
         }
-        edit = {k: v for k, v in given.items() if v is not None and v != {}}
-        if layer is None and layers is None and not {"layer", "layers"} & set(base.get("edit", {})):
-            raise InvalidInputError("give --layer N or --layers A,B,C", field="layer")
-        overrides = {"edit": edit, **({"unteachable": unteachable} if unteachable is not None else {})}
-        settings = resolve(base, overrides, field="option")
+        settings = edit_settings(preset, given, unteachable)
         config = settings.edit
         preserve = preserve or [Path(name) for name in settings.corpus()]
         facts, labels = read_facts(facts_file)
@@ -257,26 +252,9 @@ def edit(
         if settings.unteachable == "exclude":
             with err.status(f"reading {len(facts)} facts from context (QF's teacher)", spinner="dots"):
                 facts, labels = teachable_only(loaded, facts, labels)
-        preservation = None
-        covariance_seconds = 0.0
-        if texts is not None:
-            from rich.progress import Progress
-
-            from qfedit.config import get_settings
-
-            started = time.perf_counter()
-            with Progress(console=err, disable=not err.is_terminal, transient=True) as bar:
-                tasks: dict[int, TaskID] = {}
-
-                def grow(layer: int, seen: int, wanted: int) -> None:
-                    if layer not in tasks:
-                        tasks[layer] = bar.add_task(f"covariance at layer {layer}", total=wanted)
-                    bar.update(tasks[layer], completed=seen)
-
-                preservation = preservations_for(
-                    loaded, config, texts, get_settings().cache_dir if cache else None, progress=grow
-                )
-            covariance_seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        preservation = covariances(loaded, config, texts, cache) if texts is not None else None
+        covariance_seconds = time.perf_counter() - started
         with err.status(f"capturing {len(facts)} facts and solving", spinner="dots"):
             result = make_delta(loaded, facts, config, labels=labels, preservation=preservation)
     from qfedit.atomic import atomic_path
@@ -292,6 +270,47 @@ def edit(
         + (f", preservation covariance {covariance_seconds:.1f}s" if texts is not None else ""),
         highlight=False,
     )
+
+
+def edit_settings(preset: str | None, given: dict[str, Any], unteachable: str | None) -> ModelSettings:
+    """`qfedit edit`'s options over the preset's settings (or none), resolved as a batch's
+    overrides are, so that every default is `EditConfig`'s and `ModelSettings`'s own."""
+    from qfedit.hparams import parse_layers
+    from qfedit.pipeline.settings import resolve
+    from qfedit.presets import preset as named_preset
+
+    base = named_preset(preset).settings() if preset is not None else {}
+    solve = {k: given.pop(k) for k in ("rule", "lam", "ridge") if given.get(k) is not None}
+    given = {k: v for k, v in given.items() if v is not None and k not in ("rule", "lam", "ridge")}
+    if "layers" in given:
+        given["layers"] = list(parse_layers(given["layers"]))
+    if not {"layer", "layers"} & (set(given) | set(base.get("edit", {}))):
+        raise InvalidInputError("give --layer N or --layers A,B,C", field="layer")
+    edit = {**given, **({"solve": solve} if solve else {})}
+    overrides = {"edit": edit, **({"unteachable": unteachable} if unteachable is not None else {})}
+    return resolve(base, overrides, field="option")
+
+
+def covariances(
+    loaded: LoadedModel, config: EditConfig, texts: list[CorpusText], cache: bool
+) -> dict[int, Preservation]:
+    """The preservation covariance at each edited layer, with a progress bar per layer."""
+    from rich.progress import Progress
+
+    from qfedit.config import get_settings
+    from qfedit.edit import preservations_for
+
+    with Progress(console=err, disable=not err.is_terminal, transient=True) as bar:
+        tasks: dict[int, TaskID] = {}
+
+        def grow(layer: int, seen: int, wanted: int) -> None:
+            if layer not in tasks:
+                tasks[layer] = bar.add_task(f"covariance at layer {layer}", total=wanted)
+            bar.update(tasks[layer], completed=seen)
+
+        return preservations_for(
+            loaded, config, texts, get_settings().cache_dir if cache else None, progress=grow
+        )
 
 
 @app.command()

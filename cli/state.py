@@ -138,6 +138,34 @@ def checked_settings(raw: dict[str, Any], *, default_layer: int | None, source: 
     return validated
 
 
+def _preset_settings(
+    preset: str | None, settings_file: Path | None, model_dir: Path | None
+) -> tuple[dict[str, Any], Path]:
+    """`model add`'s settings before its options (the preset's, then the settings file's over
+    them) and the model's directory: the one given, else the preset's; a GGUF file is converted
+    once into the data folder, a Hugging Face directory the workers load."""
+    raw: dict[str, Any] = {}
+    directory = model_dir
+    models_dir = get_settings().data_dir / "models"
+    if preset is not None:
+        chosen = presets.preset(preset)
+        raw = nested(chosen.settings())
+        directory = directory or chosen.model_dir(models_dir)
+    if settings_file is not None:
+        raw = merged(raw, nested(_settings_file(settings_file)))
+    if directory is None:
+        raise InvalidInputError("MODEL_DIR: give the model's directory or GGUF file", field="model_dir")
+    if directory.is_file():
+        from qfedit.gguf_model import convert_gguf
+
+        directory = convert_gguf(
+            directory, models_dir, progress=lambda line: errors.print(line, highlight=False)
+        )
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory}: not a directory")
+    return raw, directory
+
+
 @model_app.command("add")
 def model_add(
     name: str,
@@ -198,26 +226,7 @@ def model_add(
     from qfedit import registry
 
     def work(session: Session) -> None:
-        raw: dict[str, Any] = {}
-        directory = model_dir
-        models_dir = get_settings().data_dir / "models"
-        if preset is not None:
-            chosen = presets.preset(preset)
-            raw = nested(chosen.settings())
-            directory = directory or chosen.model_dir(models_dir)
-        if settings_file is not None:
-            raw = merged(raw, nested(_settings_file(settings_file)))
-        if directory is None:
-            raise InvalidInputError("MODEL_DIR: give the model's directory or GGUF file", field="model_dir")
-        if directory.is_file():
-            from qfedit.gguf_model import convert_gguf
-
-            # Converted once into the data folder: a Hugging Face directory the workers load.
-            directory = convert_gguf(
-                directory, models_dir, progress=lambda line: errors.print(line, highlight=False)
-            )
-        if not directory.is_dir():
-            raise FileNotFoundError(f"{directory}: not a directory")
+        raw, directory = _preset_settings(preset, settings_file, model_dir)
         edit: dict[str, Any] = dict(raw.get("edit") or {})
         if layers is not None:
             edit["layers"] = list(parse_layers(layers))

@@ -309,23 +309,14 @@ def spread_delta(
         [slice(start, min(start + shard_size, run.stop)) for start in range(run.start, run.stop, shard_size)]
         for run in runs
     ]
-    top_weight = base_weight(loaded, top)
     tensors: dict[str, torch.Tensor] = {}
     per_layer: dict[str, dict[str, Any]] = {}
     results: list[SolveResult] = []
     with tempfile.TemporaryDirectory(prefix="qfedit-spread-") as spill:
-        # The targets (positions x d) grow with the fact set: they wait on disk, a shard a file.
         started = time.perf_counter()
-        targets: list[list[Path]] = []
         if activity is not None:
             activity(f"capturing the target at layer {top}, {len(facts)} facts with their context")
-        for r, run in enumerate(shards):
-            targets.append([])
-            for s, cut in enumerate(run):
-                side = capture_side(loaded, facts[cut], top, context=True, labels=names[cut], options=options)
-                path = Path(spill) / f"target-{r}-{s}.safetensors"
-                save_file({"target": side.outputs(top_weight).contiguous()}, path)
-                targets[-1].append(path)
+        targets = _spread_targets(loaded, facts, top, shards, Path(spill), names=names, options=options)
         capture_seconds, solve_seconds = time.perf_counter() - started, 0.0
         for done, layer in enumerate(layers):
             if activity is not None:
@@ -365,17 +356,7 @@ def spread_delta(
                 result.relative_norm,
                 result.condition_number,
             )
-    weights = sum(float(base_weight(loaded, layer).norm() ** 2) for layer in layers)
-    changes = sum(float(r.delta.norm() ** 2) for r in results)
-    last = results[-1]
-    combined = SolveResult(
-        delta=last.delta,
-        rule=last.rule,
-        form=last.form,
-        condition_number=max(r.condition_number for r in results),
-        relative_norm=(changes / weights) ** 0.5 if weights else float("inf"),
-        positions=last.positions,
-    )
+    combined = _combined(loaded, layers, results)
     corpus = (preservation or {}).get(top)
     delta = Delta(
         tensors=tensors,
@@ -395,6 +376,45 @@ def spread_delta(
         },
     )
     return EditResult(delta, combined, capture_seconds, solve_seconds)
+
+
+def _spread_targets(
+    loaded: LoadedModel,
+    facts: Sequence[Fact],
+    top: int,
+    shards: Sequence[Sequence[slice]],
+    spill: Path,
+    *,
+    names: Sequence[str],
+    options: CaptureOptions,
+) -> list[list[Path]]:
+    """The top layer's output with the context, captured once on the base model: the targets
+    (positions x d) grow with the fact set, so they wait on disk, a shard a file."""
+    top_weight = base_weight(loaded, top)
+    targets: list[list[Path]] = []
+    for r, run in enumerate(shards):
+        targets.append([])
+        for s, cut in enumerate(run):
+            side = capture_side(loaded, facts[cut], top, context=True, labels=names[cut], options=options)
+            path = spill / f"target-{r}-{s}.safetensors"
+            save_file({"target": side.outputs(top_weight).contiguous()}, path)
+            targets[-1].append(path)
+    return targets
+
+
+def _combined(loaded: LoadedModel, layers: Sequence[int], results: Sequence[SolveResult]) -> SolveResult:
+    """One result for the spread: the worst condition, and `|dW|/|W|` over all edited weights."""
+    weights = sum(float(base_weight(loaded, layer).norm() ** 2) for layer in layers)
+    changes = sum(float(r.delta.norm() ** 2) for r in results)
+    last = results[-1]
+    return SolveResult(
+        delta=last.delta,
+        rule=last.rule,
+        form=last.form,
+        condition_number=max(r.condition_number for r in results),
+        relative_norm=(changes / weights) ** 0.5 if weights else float("inf"),
+        positions=last.positions,
+    )
 
 
 def make_delta(

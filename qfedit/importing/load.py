@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 
 from qfedit.db.models import FactRow, Model, utcnow
 from qfedit.errors import InvalidInputError
-from qfedit.facts import FactError, FactLimits
+from qfedit.facts import Fact, FactError, FactLimits
 from qfedit.importing.convert import to_fact
 from qfedit.importing.records import (
     DEFAULT_CHUNK,
@@ -289,6 +289,128 @@ def _check_rejects_path(path: Path, rejects_path: Path, rejects_tmp: Path) -> No
             )
 
 
+class _Rejects:
+    """The rejects file of one import: written beside the target (`.part`) as rejects come, put in
+    place only when the import completes (an interrupted run leaves none: the re-run writes the
+    complete one), and the first few named in the summary."""
+
+    def __init__(self, path: Path, summary: ImportSummary) -> None:
+        self.path = path
+        self.part = path.with_name(path.name + ".part")
+        self.summary = summary
+        self._out: IO[str] | None = None
+
+    def add(self, item: _Item, field_name: str, reason: str) -> None:
+        self.summary.rejected += 1
+        if len(self.summary.reject_samples) < 5:
+            self.summary.reject_samples.append(f"{item.source} line {item.line}: {field_name}: {reason}")
+        if self._out is None:
+            self._out = self.part.open("w", encoding="utf-8")
+        record = item.record.text if isinstance(item.record, Bad) else item.record
+        entry = {
+            "format": item.fmt.value,
+            "source": item.source,
+            "line": item.line,
+            "field": field_name,
+            "reason": reason,
+            "record": record,
+        }
+        line = json.dumps(entry, ensure_ascii=False)
+        if not line.isascii():
+            try:
+                line.encode("utf-8")
+            except UnicodeEncodeError:
+                # A lone surrogate (from a `\ud800` escape) cannot be written as UTF-8; JSON's
+                # own escapes keep the record exactly as it was read.
+                line = json.dumps(entry)
+        self._out.write(line + "\n")
+
+    def close(self, completed: bool) -> None:
+        if self._out is None:
+            return
+        self._out.flush()
+        os.fsync(self._out.fileno())
+        self._out.close()
+        if completed:
+            os.replace(self.part, self.path)
+            self.summary.rejects_path = self.path
+        else:
+            self.part.unlink(missing_ok=True)
+
+
+class _Chunk:
+    """The facts read since the last commit: duplicates inside the chunk are dropped here (across
+    chunks and earlier imports the database's unique key drops them); `commit` inserts them with
+    the links to what they supersede, in one transaction."""
+
+    def __init__(self, session: Session, model_id: int, actor: str, summary: ImportSummary) -> None:
+        self.session, self.model_id, self.actor, self.summary = session, model_id, actor, summary
+        self.inserts = (
+            _CopiedInserts(session) if session.get_bind().dialect.name == "postgresql" else _Inserts(session)
+        )
+        self.pending: dict[str, dict[str, Any]] = {}
+        self.started = utcnow()  # a chunk's facts are created together, in one transaction
+        self.read = 0
+
+    def add(self, fact: Fact, item: _Item) -> None:
+        row = row_values(self.model_id, fact, source=item.source, line=item.line, created_at=self.started)
+        if row["content_hash"] not in self.pending:
+            self.pending[row["content_hash"]] = row
+            self.inserts.add(row)
+
+    def commit(self) -> None:
+        rows = list(self.pending.values())
+        inserted = self.inserts.insert(rows)
+        superseded = supersede.link(
+            self.session,
+            self.model_id,
+            question_keys=[row["question_key"] for row in rows],
+            external_ids=[row["external_id"] for row in rows if row["external_id"]],
+            actor=self.actor,
+        )
+        self.session.commit()
+        self.summary.imported += inserted
+        self.summary.superseded += len(superseded)
+        self.pending.clear()
+        self.started = utcnow()
+        self.read = 0
+
+
+def _record_import(
+    session: Session,
+    summary: ImportSummary,
+    model_id: int,
+    actor: str,
+    *,
+    completed: bool,
+    rejects_label: str | None,
+) -> None:
+    """The import's audit entry, however it ended, with what was committed."""
+    summary.duplicates = summary.read - summary.imported - summary.rejected
+    if not completed:
+        # What was committed stays; the log says so, whatever stopped the import.
+        if not session.is_active:
+            session.rollback()
+        summary.stopped = summary.stopped or "the import stopped with an error"
+    rejects_named = {"rejects_path": rejects_label} if rejects_label and summary.rejects_path else {}
+    try:
+        record_audit(
+            session,
+            actor=actor,
+            action="facts.import",
+            object_type="model",
+            object_id=model_id,
+            model_id=model_id,
+            details={**summary.as_dict(), **rejects_named, "completed": completed},
+        )
+        session.commit()
+    except Exception:
+        if completed:
+            raise
+        # The error that stopped the import (a lost database, say) is the one to report.
+        logger.exception("the stopped import of %s could not be recorded", summary.source)
+
+
 def import_facts(
     session: Session,
     path: Path,
@@ -323,132 +445,40 @@ def import_facts(
     label = source or path.name
     summary = ImportSummary(source=label, model=model.name, format=fmt)
     rejects_path.parent.mkdir(parents=True, exist_ok=True)
-    rejects_tmp = rejects_path.with_name(rejects_path.name + ".part")
-    _check_rejects_path(path, rejects_path, rejects_tmp)
+    rejects = _Rejects(rejects_path, summary)
+    _check_rejects_path(path, rejects_path, rejects.part)
     limits = (limits or FactLimits()).for_positions(_model_positions(model))
-    rejects_out: IO[str] | None = None
-    model_id = model.id
-
-    def reject(item: _Item, field_name: str, reason: str) -> None:
-        nonlocal rejects_out
-        summary.rejected += 1
-        if len(summary.reject_samples) < 5:
-            summary.reject_samples.append(f"{item.source} line {item.line}: {field_name}: {reason}")
-        if rejects_out is None:
-            rejects_out = rejects_tmp.open("w", encoding="utf-8")
-        record = item.record.text if isinstance(item.record, Bad) else item.record
-        entry = {
-            "format": item.fmt.value,
-            "source": item.source,
-            "line": item.line,
-            "field": field_name,
-            "reason": reason,
-            "record": record,
-        }
-        line = json.dumps(entry, ensure_ascii=False)
-        if not line.isascii():
-            try:
-                line.encode("utf-8")
-            except UnicodeEncodeError:
-                # A lone surrogate (from a `\ud800` escape) cannot be written as UTF-8; JSON's
-                # own escapes keep the record exactly as it was read.
-                line = json.dumps(entry)
-        rejects_out.write(line + "\n")
-
-    pending: dict[str, dict[str, Any]] = {}
-    chunk_started = utcnow()  # a chunk's facts are created together, in one transaction
-    inserts = (
-        _CopiedInserts(session) if session.get_bind().dialect.name == "postgresql" else _Inserts(session)
-    )
-
-    def flush() -> None:
-        nonlocal chunk_started
-        rows = list(pending.values())
-        inserted = inserts.insert(rows)
-        # In the chunk's transaction: a fact and what it supersedes are committed together.
-        superseded = supersede.link(
-            session,
-            model_id,
-            question_keys=[row["question_key"] for row in rows],
-            external_ids=[row["external_id"] for row in rows if row["external_id"]],
-            actor=actor,
-        )
-        session.commit()
-        summary.imported += inserted
-        summary.superseded += len(superseded)
-        pending.clear()
-        chunk_started = utcnow()
-
-    chunk_read = 0
+    chunk = _Chunk(session, model.id, actor, summary)
     completed = False
     try:
         with path.open("rb") as handle:
             for item in _items(handle, path, fmt, label):
                 summary.read += 1
-                chunk_read += 1
+                chunk.read += 1
                 if isinstance(item.record, Bad):
                     if item.record.fatal:
                         summary.stopped = f"{item.source} line {item.line}: {item.record.reason}"
-                    reject(item, "(json)", item.record.reason)
+                    rejects.add(item, "(json)", item.record.reason)
                 else:
                     try:
                         fact = to_fact(item.record, item.fmt, f"{item.source} line {item.line}", limits)
                     except FactError as err:
-                        reject(item, err.field, err.reason)
+                        rejects.add(item, err.field, err.reason)
                     else:
-                        row = row_values(
-                            model_id, fact, source=item.source, line=item.line, created_at=chunk_started
-                        )
-                        # Duplicates inside one chunk are dropped here; across chunks and
-                        # earlier imports the database's unique key drops them.
-                        if row["content_hash"] not in pending:
-                            pending[row["content_hash"]] = row
-                            inserts.add(row)
-                if chunk_read >= chunk_size:
-                    flush()
-                    chunk_read = 0
+                        chunk.add(fact, item)
+                if chunk.read >= chunk_size:
+                    chunk.commit()
                     if progress is not None:
                         progress(handle.tell())
-            flush()
+            chunk.commit()
             if progress is not None:
                 progress(handle.tell())
         completed = True
     except BaseException as error:
-        inserts.abandon(error)
+        chunk.inserts.abandon(error)
         raise
     finally:
-        if rejects_out is not None:
-            rejects_out.flush()
-            os.fsync(rejects_out.fileno())
-            rejects_out.close()
-            # An interrupted run leaves no rejects file (the re-run writes the complete one).
-            if completed:
-                os.replace(rejects_tmp, rejects_path)
-                summary.rejects_path = rejects_path
-            else:
-                rejects_tmp.unlink(missing_ok=True)
-        summary.duplicates = summary.read - summary.imported - summary.rejected
-        if not completed:
-            # What was committed stays; the log says so, whatever stopped the import.
-            if not session.is_active:
-                session.rollback()
-            summary.stopped = summary.stopped or "the import stopped with an error"
-        rejects_named = {"rejects_path": rejects_label} if rejects_label and summary.rejects_path else {}
-        try:
-            record_audit(
-                session,
-                actor=actor,
-                action="facts.import",
-                object_type="model",
-                object_id=model_id,
-                model_id=model_id,
-                details={**summary.as_dict(), **rejects_named, "completed": completed},
-            )
-            session.commit()
-        except Exception:
-            if completed:
-                raise
-            # The error that stopped the import (a lost database, say) is the one to report.
-            logger.exception("the stopped import of %s could not be recorded", label)
+        rejects.close(completed)
+        _record_import(session, summary, model.id, actor, completed=completed, rejects_label=rejects_label)
     logger.info("imported %s into %s: %s", label, model.name, summary.as_dict())
     return summary
