@@ -26,6 +26,11 @@ if TYPE_CHECKING:
 REFUSED = ""
 """The `object_path` of a fact refused before capture (too large for the model): no observations.
 Its record keeps it out of later batches as an unteachable fact's does; `teachable` is False."""
+READINGS_ONLY = "(readings only)"
+"""The `object_path` of a fact a spread batch captured: what the model answers with the fact in
+context and without it, and no observations (a spread's solve recaptures every layer's keys itself,
+with the lower layers' edits applied). A single-layer batch at that layer captures it again and
+fills the record in."""
 UNTEACHABLE = "unteachable: with the fact as its system message the model answers otherwise"
 TOO_LARGE = (
     "refused before capture: longer than the model's context or the fact size limits "
@@ -50,8 +55,16 @@ def find_captures(
     return found
 
 
-def captured_fact_ids(session: Session, fact_ids: Iterable[int], layer: int, fingerprint: str) -> set[int]:
-    return {capture.fact_id for capture in find_captures(session, fact_ids, layer, fingerprint)}
+def captured_fact_ids(
+    session: Session, fact_ids: Iterable[int], layer: int, fingerprint: str, *, observations: bool = True
+) -> set[int]:
+    """The facts captured at `layer`; with `observations=False`, also those whose record holds
+    their readings alone (`READINGS_ONLY`), which is all a spread batch needs."""
+    return {
+        capture.fact_id
+        for capture in find_captures(session, fact_ids, layer, fingerprint)
+        if not observations or capture.object_path != READINGS_ONLY
+    }
 
 
 def record_captures(
@@ -64,10 +77,13 @@ def record_captures(
 ) -> None:
     """Record that `stored` holds the rows of each fact in `positions` (fact id -> row count),
     and what the model answers with each fact in context (`readings`), for the facts not already
-    recorded (a redelivered task records nothing twice)."""
-    known = captured_fact_ids(session, positions, layer, fingerprint)
+    recorded (a redelivered task records nothing twice); a readings-only record gains the rows."""
+    known = {c.fact_id: c for c in find_captures(session, positions, layer, fingerprint)}
     for fact_id, count in positions.items():
-        if fact_id not in known:
+        had = known.get(fact_id)
+        if had is not None and had.object_path == READINGS_ONLY:
+            had.object_path, had.object_sha256, had.positions = stored.path, stored.sha256, count
+        elif had is None:
             reading = (readings or {}).get(fact_id)
             session.add(
                 FactCapture(
@@ -80,6 +96,27 @@ def record_captures(
                     context_answer=reading.context_answer if reading is not None else None,
                     teachable=reading.teachable if reading is not None else None,
                     base_answer=reading.base_answer if reading is not None else None,
+                )
+            )
+
+
+def record_readings(session: Session, readings: dict[int, Reading], layer: int, fingerprint: str) -> None:
+    """Record what the model answers to each fact (`readings`, by fact id), for a spread batch that
+    needs no observations (`READINGS_ONLY`); a redelivered task records nothing twice."""
+    known = captured_fact_ids(session, readings, layer, fingerprint, observations=False)
+    for fact_id, reading in readings.items():
+        if fact_id not in known:
+            session.add(
+                FactCapture(
+                    fact_id=fact_id,
+                    layer=layer,
+                    fingerprint=fingerprint,
+                    object_path=READINGS_ONLY,
+                    object_sha256="",
+                    positions=0,
+                    context_answer=reading.context_answer,
+                    teachable=reading.teachable,
+                    base_answer=reading.base_answer,
                 )
             )
 

@@ -21,21 +21,30 @@ from sqlalchemy.orm import Session
 
 from qfedit.capture import check_fits
 from qfedit.config import Settings
-from qfedit.db.models import Batch, BatchKind, BatchShard, BatchStatus, FactRow, Model, ShardStatus
+from qfedit.db.models import (
+    Batch,
+    BatchKind,
+    BatchShard,
+    BatchStatus,
+    FactRow,
+    Model,
+    ShardStatus,
+    Version,
+)
 from qfedit.edit import capture_observations
 from qfedit.errors import NotFoundError, PermanentError
 from qfedit.facts import Fact, FactError
 from qfedit.modeling import LoadedModel, load_model
 from qfedit.pipeline import captures, lifecycle
 from qfedit.pipeline.observations import observation_file
-from qfedit.pipeline.settings import batch_settings
+from qfedit.pipeline.settings import ModelSettings, batch_settings
 from qfedit.registry.audit import record_audit
 from qfedit.registry.batches import batch_fact_ids, get_batch
 from qfedit.registry.facts import to_record
 from qfedit.registry.models import base_mismatch
-from qfedit.registry.versions import latest_version
+from qfedit.registry.versions import latest_version, version_fact_ids
 from qfedit.store import CheckpointStore, StoredObject
-from qfedit.teachable import read_with_context
+from qfedit.teachable import Reading, read_with_context
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +113,7 @@ def start_batch(session: Session, batch_id: int) -> Next:
         lifecycle.transition_batch(
             session, batch, BatchStatus.CAPTURING, actor=lifecycle.SYSTEM, progress=0.0
         )
-        if batch.kind == BatchKind.EDIT:
-            _cut_shards(session, batch, settings.edit.layer, settings.shard_size)
+        _cut_shards(session, batch, settings)
         session.flush()
     if batch.status == BatchStatus.CAPTURING:
         pending = list(
@@ -125,10 +133,45 @@ def start_batch(session: Session, batch_id: int) -> Next:
     return Next(solve=batch.status in (BatchStatus.SOLVING, BatchStatus.EVALUATING))
 
 
-def _cut_shards(session: Session, batch: Batch, layer: int, shard_size: int) -> None:
-    fact_ids = batch_fact_ids(session, batch)
-    captured = captures.captured_fact_ids(session, fact_ids, layer, batch.model.fingerprint)
-    todo = [fact_id for fact_id in fact_ids if fact_id not in captured]
+def _observe(
+    loaded: LoadedModel, store: CheckpointStore, settings: ModelSettings, kept: dict[int, Fact]
+) -> tuple[StoredObject, dict[int, int]]:
+    """A single-layer batch's observations of the facts `kept` (by id), stored in one file, and how
+    many rows each fact has there."""
+    try:
+        observations = capture_observations(
+            loaded,
+            list(kept.values()),
+            settings.edit,
+            labels=[f"fact {fact_id}" for fact_id in kept],
+            fact_ids=list(kept),
+            shard_size=len(kept),
+            batch_size=settings.capture_batch_size,
+        )
+    except FactError as error:
+        raise PermanentError(str(error)) from error
+    stored = store.put_bytes(observation_file(observations))
+    assert observations.facts is not None
+    ids, counts = torch.unique(observations.facts, return_counts=True)
+    found = dict(zip(ids.tolist(), counts.tolist(), strict=True))
+    return stored, {fact_id: found.get(fact_id, 0) for fact_id in kept}
+
+
+def _cut_shards(session: Session, batch: Batch, settings: ModelSettings) -> None:
+    """The facts the solve needs captured and not yet captured at the batch's layer, in shards:
+    a spread batch needs its facts' readings alone (its solve recaptures every layer); a
+    single-layer batch their observations, and those of the parent version's facts too where
+    it cannot add to the parent's statistics (none stored: a spread, or another layer)."""
+    layer, shard_size = settings.edit.layer, settings.shard_size
+    spread = len(settings.edit.edited_layers) > 1
+    needed = set(batch_fact_ids(session, batch)) if batch.kind == BatchKind.EDIT else set()
+    parent = session.get(Version, batch.parent_version_id) if batch.parent_version_id is not None else None
+    if not spread and parent is not None and (parent.layer != layer or not parent.statistics_path):
+        needed |= version_fact_ids(session, parent)
+    captured = captures.captured_fact_ids(
+        session, needed, layer, batch.model.fingerprint, observations=not spread
+    )
+    todo = sorted(needed - captured)
     for number, start in enumerate(range(0, len(todo), shard_size)):
         session.add(BatchShard(batch_id=batch.id, number=number, fact_ids=todo[start : start + shard_size]))
 
@@ -179,34 +222,23 @@ def capture_shard(
         else:
             kept[row.id] = record
     stored: StoredObject | None = None
+    readings: dict[int, Reading] = {}
+    positions: dict[int, int] = {}
     if kept:
         records = list(kept.values())
-        try:
-            observations = capture_observations(
-                loaded,
-                records,
-                settings.edit,
-                labels=[f"fact {fact_id}" for fact_id in kept],
-                fact_ids=list(kept),
-                shard_size=len(kept),
-                batch_size=settings.capture_batch_size,
-            )
-        except FactError as error:
-            raise PermanentError(str(error)) from error
+        if len(settings.edit.edited_layers) == 1:
+            stored, positions = _observe(loaded, store, settings, kept)
         # QF's teacher is the model with the fact in context: what it answers there is what an edit
         # can write (qfedit.teachable); the solve leaves out the facts it gets wrong.
         readings = dict(zip(kept, read_with_context(loaded, records, without=True), strict=True))
-        stored = store.put_bytes(observation_file(observations))
-        assert observations.facts is not None
-        ids, counts = torch.unique(observations.facts, return_counts=True)
-        found = dict(zip(ids.tolist(), counts.tolist(), strict=True))
-        positions = {fact_id: found.get(fact_id, 0) for fact_id in kept}
     if before_commit is not None:
         before_commit()
 
     # Record where each fact's observations are, then mark the shard done; both only once.
     if stored is not None:
         captures.record_captures(session, stored, positions, settings.edit.layer, fingerprint, readings)
+    elif readings:
+        captures.record_readings(session, readings, settings.edit.layer, fingerprint)
     if refused:
         _refuse(session, batch_id, model, settings.edit.layer, refused)
     lifecycle.finish_shard(session, shard_id, batch_id)

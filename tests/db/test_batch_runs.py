@@ -120,3 +120,48 @@ def test_a_running_batch_says_what_it_is_doing_and_its_time_is_the_databases(
     shown = views.batch_out(session, done)
     assert shown.elapsed_s == 271.0
     assert clock(shown.elapsed_s) == "0:04:31"
+
+
+def test_a_spread_batch_captures_readings_once_and_a_single_layer_batch_fills_in_observations(
+    session: Session, engine: Engine, database_url: str, tiny_model_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    from qfedit.db.models import FactCapture
+    from qfedit.pipeline import captures
+
+    model = _tiny(session, tiny_model_dirs["qwen2"], tmp_path, layers=[0, 1])
+    settings = Settings(data_dir=tmp_path / "data", database_url=database_url)
+    store, models = LocalStore(tmp_path / "store"), steps.ModelCache(settings)
+    batch = submit.submit_batch(session, model=model, fact_ids=None, requested_by="t", app=settings)
+    session.commit()
+    for shard in steps.start_batch(session, batch.id).capture:
+        steps.capture_shard(session, store, models, shard)
+    # The spread's solve recaptures every layer itself: its shards store readings, no observations.
+    recorded = list(session.scalars(select(FactCapture).order_by(FactCapture.fact_id)))
+    assert [c.object_path for c in recorded] == [captures.READINGS_ONLY] * len(FACTS)
+    assert all(c.context_answer is not None and c.base_answer is not None for c in recorded)
+    assert not any(store.root.rglob("*.safetensors"))
+    spread = publish.solve_batch(session_factory(engine), store, models, batch.id, settings)
+    assert spread.published
+
+    # A single-layer batch at the spread's top layer cannot add to the spread's statistics (none
+    # stored): it captures the observations of the whole fact set, its new fact and the spread's,
+    # whose records gain them; its solve reads them back.
+    model.settings = {**model.settings, "layers": None, "layer": 1}
+    session.commit()
+    more = tmp_path / "more.jsonl"
+    more.write_text(
+        json.dumps({"question": "who runs Talo?", "answer": "Ines", "context": "Ines runs Talo."})
+    )
+    importing.import_facts(session, more, model, actor="t")
+    single = submit.submit_batch(session, model=model, fact_ids=None, requested_by="t", app=settings)
+    session.commit()
+    for shard in steps.start_batch(session, single.id).capture:
+        steps.capture_shard(session, store, models, shard)
+    session.expire_all()
+    upgraded = list(session.scalars(select(FactCapture).order_by(FactCapture.fact_id)))
+    assert len(upgraded) == len(FACTS) + 1
+    assert all(c.object_path != captures.READINGS_ONLY and c.positions > 0 for c in upgraded)
+    assert [c.context_answer for c in upgraded[: len(FACTS)]] == [c.context_answer for c in recorded]
+    outcome = publish.solve_batch(session_factory(engine), store, models, single.id, settings)
+    assert outcome.published and outcome.version is not None
+    assert outcome.version.layer == 1 and outcome.version.statistics_path is not None
