@@ -39,7 +39,7 @@ from rich.console import Console
 from rich.table import Table
 
 from qfedit.config import get_settings
-from qfedit.covariance import compute_covariance, transcript
+from qfedit.covariance import compute_covariances, transcript
 from qfedit.delta import Delta, applied
 from qfedit.edit import make_delta, preservations_for
 from qfedit.evaluate import answer_logprobs, contains
@@ -333,12 +333,10 @@ def main() -> None:
                 console.print(f"{label}: edit {seconds:.1f}s (covariance {covariance:.1f}s)", highlight=False)
     if args.peers:
         peer_layers = parse_layers(args.peer_layers)
-        covariances = {
-            layer: compute_covariance(
-                loaded, preserve_texts, layer, positions="all", cache_dir=get_settings().cache_dir
-            )[0]
-            for layer in peer_layers
-        }
+        found = compute_covariances(
+            loaded, preserve_texts, peer_layers, positions="all", cache_dir=get_settings().cache_dir
+        )
+        covariances = {layer: covariance for layer, (covariance, _) in found.items()}
         for method in args.peers:
             delta, seconds = peer_delta(loaded, edited, PeerConfig(method, peer_layers), covariances)
             label = f"{method} {args.peer_layers}"

@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from qfedit.capture import CaptureOptions, capture, capture_side
-from qfedit.covariance import CorpusText, compute_covariance, corpus_digest
+from qfedit.covariance import CorpusText, compute_covariances, corpus_digest
 from qfedit.delta import Delta, applied
 from qfedit.errors import InvalidInputError
 from qfedit.facts import Fact, fact_set_digest
@@ -86,33 +86,6 @@ def capture_observations(
     return Observations.concatenate(parts)
 
 
-def preservation_for(
-    loaded: LoadedModel,
-    config: EditConfig,
-    texts: Sequence[CorpusText],
-    cache_dir: Path | None = None,
-    progress: Callable[[int, int, int], None] | None = None,
-) -> Preservation:
-    """The preservation covariance of `texts` at the edit's layer (cached in `cache_dir`);
-    `progress(layer, positions seen, positions wanted)` hears it grow."""
-    covariance, _ = compute_covariance(
-        loaded,
-        texts,
-        config.layer,
-        positions=config.preserve_positions,
-        samples=config.covariance_samples,
-        cache_dir=cache_dir,
-        progress=(lambda seen, wanted: progress(config.layer, seen, wanted))
-        if progress is not None
-        else None,
-    )
-    return Preservation(
-        covariance.to(torch.float64),
-        ridge=config.solve.ridge,
-        corpus_digest=corpus_digest(texts, config.preserve_positions),
-    )
-
-
 def _solve_layer(
     loaded: LoadedModel,
     config: EditConfig,
@@ -145,15 +118,27 @@ def preservations_for(
     progress: Callable[[int, int, int], None] | None = None,
     activity: Callable[[str], None] | None = None,
 ) -> dict[int, Preservation]:
-    """The preservation covariance of `texts` at each layer the edit changes; `activity` hears
-    each layer begin."""
-    found = {}
+    """The preservation covariance of `texts` at each layer the edit changes (cached in
+    `cache_dir`), all read in the same forward passes; `progress(layer, positions seen, positions
+    wanted)` hears them grow, `activity` hears the stage begin."""
     layers = config.edited_layers
-    for done, layer in enumerate(layers):
-        if activity is not None:
-            activity(f"preservation covariance at layer {layer} ({done + 1} of {len(layers)})")
-        found[layer] = preservation_for(loaded, config.at_layer(layer), texts, cache_dir, progress)
-    return found
+    if activity is not None:
+        named = ", ".join(map(str, layers))
+        activity(f"preservation covariance at layer{'s' if len(layers) > 1 else ''} {named}")
+    found = compute_covariances(
+        loaded,
+        texts,
+        layers,
+        positions=config.preserve_positions,
+        samples=config.covariance_samples,
+        cache_dir=cache_dir,
+        progress=progress,
+    )
+    digest = corpus_digest(texts, config.preserve_positions)
+    return {
+        layer: Preservation(covariance.to(torch.float64), ridge=config.solve.ridge, corpus_digest=digest)
+        for layer, (covariance, _) in found.items()
+    }
 
 
 def solve_delta(

@@ -84,3 +84,21 @@ def test_a_sample_cap_draws_from_the_whole_corpus_not_its_first_texts(loaded: Lo
     capped, capped_count = compute_covariance(loaded, first + last, LAYER, positions="all", samples=count)
     assert capped_count == count
     assert float((capped - first_only).norm() / first_only.norm()) > 1e-3
+
+
+def test_layers_read_in_one_pass_are_what_a_pass_per_layer_gives_and_cached_alike(
+    loaded: LoadedModel, tmp_path: Path
+) -> None:
+    from qfedit.covariance import compute_covariances
+
+    texts = [transcript(loaded, question, answer) for question, answer in QUESTIONS * 3]
+    together = compute_covariances(loaded, texts, [0, 1], samples=20, batch_size=2, cache_dir=tmp_path)
+    for layer in (0, 1):
+        alone, count = compute_covariance(loaded, texts, layer, samples=20, batch_size=2)
+        assert count == together[layer][1] == 20  # cut at the same position of the same batch
+        assert torch.equal(alone, together[layer][0])
+    assert float((together[0][0] - together[1][0]).norm()) > 0
+    # Each layer is cached under the key a pass of its own uses: a later single layer reads it.
+    assert len(list(tmp_path.glob("covariance-*.safetensors"))) == 2
+    cached, _ = compute_covariance(loaded, texts, 1, samples=20, batch_size=2, cache_dir=tmp_path)
+    assert torch.equal(cached, together[1][0])
