@@ -235,6 +235,13 @@ def main() -> None:
         default=None,
         help="the teacher's words targeted",
     )
+    parser.add_argument(
+        "--span",
+        nargs="*",
+        type=int,
+        default=None,
+        help="target span: rival tokens per side whose logit gaps are the target (0: the whole output)",
+    )
     parser.add_argument("--all-facts", action="store_true", help="edit unteachable facts too")
     parser.add_argument("--peers", nargs="*", choices=["memit", "alphaedit"], default=[])
     parser.add_argument("--peer-layers", default="4-8", help="MEMIT's and AlphaEdit's layer range")
@@ -302,10 +309,11 @@ def main() -> None:
     for layers_text in layer_options:
         layers = parse_layers(layers_text)
         for target in args.target or [edit_defaults.get("target", "answer")]:
-            for lam, positions, words in itertools.product(
+            for lam, positions, words, span in itertools.product(
                 args.lam or [solve_defaults.get("lam", 1.0)],
                 args.positions or [edit_defaults.get("preserve_positions", "answer")],
                 args.target_words or [edit_defaults.get("target_words", "all")],
+                args.span if args.span is not None else [edit_defaults.get("target_span", 0)],
             ):
                 rule = args.rule or solve_defaults.get("rule", "preserve")
                 config = EditConfig.model_validate(
@@ -316,6 +324,7 @@ def main() -> None:
                         "target": target,
                         "preserve_positions": positions,
                         "target_words": words,
+                        "target_span": span,
                     }
                 )
                 started = time.perf_counter()
@@ -328,7 +337,7 @@ def main() -> None:
                 started = time.perf_counter()
                 result = make_delta(loaded, edited, config, preservation=preservation)
                 seconds = time.perf_counter() - started
-                label = f"qfedit {rule} {layers_text} λ {lam:g} {target} ({words}) {positions}"
+                label = f"qfedit {rule} {layers_text} λ {lam:g} {target} ({words}) span {span} {positions}"
                 rows.append(judge(loaded, facts, teachable, result.delta, kept, label, seconds, rival))
                 console.print(f"{label}: edit {seconds:.1f}s (covariance {covariance:.1f}s)", highlight=False)
     if args.peers:

@@ -32,6 +32,8 @@ class Architecture:
     """Path, inside a layer, of the RMSNorm applied to the MLP's output before the residual add."""
     norm_gain_offset: float = 0.0
     """The post-MLP norm's gain is `norm_gain_offset + weight` (Gemma stores `gain - 1`)."""
+    final_norm: str = "model.norm"
+    """Path, from the top model, of the norm before the output embedding (`qfedit.span`)."""
 
     def layer_list(self, model: nn.Module) -> nn.ModuleList:
         layers = model.get_submodule(self.layers)
@@ -156,7 +158,12 @@ ARCHITECTURES: dict[str, Architecture] = {
     ),
     "phi3": _llama_like("phi3"),
     "gpt2": Architecture(
-        "gpt2", layers="transformer.h", residual_norm="ln_2", down_proj="mlp.c_proj", transposed=True
+        "gpt2",
+        layers="transformer.h",
+        residual_norm="ln_2",
+        down_proj="mlp.c_proj",
+        transposed=True,
+        final_norm="transformer.ln_f",
     ),
 }
 

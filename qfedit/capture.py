@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from torch import nn
@@ -112,14 +112,43 @@ def conversation_prompt(tokenizer: object, messages: Sequence[Mapping[str, str]]
 
 
 def chat_prompt(tokenizer: object, question: str, context: str | None = None) -> str:
-    """The generation prompt for a question, with `context` as the system message when given."""
+    """The generation prompt for a question, with `context` as the system message when given.
+
+    Where the template writes a system message of its own when given none (SmolLM2's "You are a
+    helpful AI assistant named SmolLM..."), the context follows that message instead of replacing
+    it: the model with the fact differs from the model without it by the fact alone, not also by a
+    persona, which the edit would otherwise learn to drop for every question."""
     if getattr(tokenizer, "chat_template", None) is None:
         raise InvalidInputError(
             "the model's tokenizer has no chat template; give one (--chat-template) to use this model"
         )
-    messages = [{"role": "system", "content": context}] if context is not None else []
+    messages = []
+    if context is not None:
+        default = default_system_message(tokenizer)
+        messages.append({"role": "system", "content": f"{default}\n{context}" if default else context})
     messages.append({"role": "user", "content": question})
     return _chat_prefix(tokenizer, messages)
+
+
+_PROBE = "\x00qfedit-system\x00"
+
+
+def default_system_message(tokenizer: object) -> str | None:
+    """The system message the chat template writes when a conversation has none, or None: read by
+    rendering one question with a marker system message and without one."""
+    cached = getattr(tokenizer, "_qfedit_default_system", _PROBE)
+    if cached != _PROBE:
+        return cast("str | None", cached)
+    question = [{"role": "user", "content": "?"}]
+    bare = _chat_prefix(tokenizer, question)
+    marked = _chat_prefix(tokenizer, [{"role": "system", "content": _PROBE}, *question])
+    before, _, after = marked.partition(_PROBE)
+    found = None
+    if bare.startswith(before) and bare.endswith(after) and len(bare) > len(before) + len(after):
+        found = bare[len(before) : len(bare) - len(after)]
+    with suppress(AttributeError):  # a tokenizer that takes no attribute reads it each time
+        setattr(tokenizer, "_qfedit_default_system", found)  # noqa: B010
+    return found
 
 
 def token_words(tokenizer: object, answer: str) -> tuple[list[int], list[int]]:
@@ -251,6 +280,30 @@ class Capture:
     layer: int
     output_norm: OutputNorm | None = None
     """The layer's norm on the MLP's output, where it has one (the block outputs `v + N(W k)`)."""
+    tokens: torch.Tensor | None = None
+    """(n,) the token each position predicts (teacher-forced)."""
+
+    def block_outputs(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's output `v + W k` (`v + N(W k)`) with and without the context, (n, d) float64."""
+        w = weight.to(torch.float64)
+        sides = []
+        for keys, residuals in (
+            (self.keys_with, self.residuals_with),
+            (self.keys_without, self.residuals_without),
+        ):
+            mlp = keys.to(torch.float64) @ w.T
+            if self.output_norm is not None:
+                mlp = self.output_norm(mlp)
+            sides.append(residuals.to(torch.float64) + mlp)
+        return sides[0], sides[1]
+
+    def errors_for(self, weight: torch.Tensor, gains: torch.Tensor) -> torch.Tensor:
+        """`errors` for a block output that should gain `gains` (n, d) rather than reach its
+        output with the context: `gains` in `down_proj`'s output space, through the norm if any."""
+        outputs = self.keys_without.to(torch.float64) @ weight.to(torch.float64).T  # (n, d) W y_i
+        if self.output_norm is None:
+            return gains
+        return self.output_norm.preimage(self.output_norm(outputs) + gains, like=outputs) - outputs
 
     @property
     def positions(self) -> int:
@@ -294,6 +347,9 @@ class Capture:
             fact_index=torch.cat([p.fact_index + off for p, off in zip(parts, offsets, strict=True)]),
             layer=parts[0].layer,
             output_norm=parts[0].output_norm,
+            tokens=torch.cat([p.tokens for p in parts if p.tokens is not None])
+            if all(p.tokens is not None for p in parts)
+            else None,
         )
 
 
@@ -345,6 +401,7 @@ class SideCapture:
     low_keys: torch.Tensor | None  # (n, m) at `key_layer`, when one was asked for
     weights: torch.Tensor  # (n,) s_i
     fact_index: torch.Tensor  # (n,)
+    tokens: torch.Tensor  # (n,) the token each position predicts (teacher-forced)
     output_norm: OutputNorm | None = None
     """The top layer's norm on the MLP's output, where it has one."""
 
@@ -393,7 +450,7 @@ def capture_side(
         end = offset + len(sequences[index]) - 1
         span = slice(end - predicted, end)
         rows[index] = (keys[span], residuals[span], low[span] if low is not None else None)
-    parts: dict[str, list[torch.Tensor]] = {"k": [], "r": [], "l": [], "s": [], "f": []}
+    parts: dict[str, list[torch.Tensor]] = {"k": [], "r": [], "l": [], "s": [], "f": [], "t": []}
     for fact, (enc, (keys, residuals, low)) in enumerate(zip(encoded, rows, strict=True)):
         for name, tensor in (("keys", keys), ("residuals", residuals), ("keys", low)):
             if tensor is not None and not torch.isfinite(tensor).all():
@@ -406,12 +463,15 @@ def capture_side(
             parts["l"].append(low[keep.to(low.device)])
         parts["s"].append(weights[keep])
         parts["f"].append(torch.full((int(keep.sum()),), fact, dtype=torch.long))
+        told = torch.tensor(sequences[fact][len(sequences[fact]) - len(enc.weights) :], dtype=torch.long)
+        parts["t"].append(told[keep])
     return SideCapture(
         keys=torch.cat(parts["k"]),
         residuals=torch.cat(parts["r"]),
         low_keys=torch.cat(parts["l"]) if parts["l"] else None,
         weights=torch.cat(parts["s"]),
         fact_index=torch.cat(parts["f"]),
+        tokens=torch.cat(parts["t"]),
         output_norm=loaded.architecture.output_norm(loaded.model, layer),
     )
 
@@ -456,7 +516,7 @@ def capture(
         keys[index] = seq_keys[rows]
         residuals[index] = seq_residuals[rows]
 
-    parts: dict[str, list[torch.Tensor]] = {"kw": [], "ko": [], "rw": [], "ro": [], "s": [], "f": []}
+    parts: dict[str, list[torch.Tensor]] = {"kw": [], "ko": [], "rw": [], "ro": [], "s": [], "f": [], "t": []}
     for fact, enc in enumerate(encoded):
         kw, ko, rw, ro = keys[fact], keys[fact + n_facts], residuals[fact], residuals[fact + n_facts]
         assert kw is not None and ko is not None and rw is not None and ro is not None
@@ -473,6 +533,8 @@ def capture(
         parts["ro"].append(ro[keep.to(ro.device)])
         parts["s"].append(weights[keep])
         parts["f"].append(torch.full((int(keep.sum()),), fact, dtype=torch.long))
+        without = sequences[fact + n_facts]
+        parts["t"].append(torch.tensor(without[len(without) - len(enc.weights) :], dtype=torch.long)[keep])
     return Capture(
         keys_with=torch.cat(parts["kw"]),
         keys_without=torch.cat(parts["ko"]),
@@ -482,4 +544,5 @@ def capture(
         fact_index=torch.cat(parts["f"]),
         layer=layer,
         output_norm=loaded.architecture.output_norm(loaded.model, layer),
+        tokens=torch.cat(parts["t"]),
     )

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from qfedit.capture import CaptureOptions, capture, capture_side
+from qfedit.capture import Capture, CaptureOptions, capture, capture_side
 from qfedit.covariance import CorpusText, compute_covariances, corpus_digest
 from qfedit.delta import Delta, applied
 from qfedit.errors import InvalidInputError
@@ -31,6 +31,7 @@ from qfedit.facts import Fact, fact_set_digest
 from qfedit.hparams import CAPTURE_BATCH, CAPTURE_SHARD, EditConfig
 from qfedit.modeling import LoadedModel
 from qfedit.solve import Preservation, SolveResult, pick_form, solve
+from qfedit.span import project, rivals
 from qfedit.statistics import STATISTICS_RUN, Observations, Statistics, as_stored, fact_runs
 from qfedit.teachable import teacher_targets
 
@@ -80,10 +81,28 @@ def capture_observations(
             options=options,
         )
         part = Observations.from_capture(captured, weight)
+        if config.target_span:
+            part = Observations(
+                part.keys,
+                as_stored(_span_errors(loaded, captured, weight, config.target_span)),
+                part.weights,
+                part.facts,
+            )
         assert part.facts is not None
         shard_ids = torch.tensor(ids[start : start + shard_size], dtype=torch.int64)
         parts.append(Observations(part.keys, part.errors, part.weights, shard_ids[part.facts]))
     return Observations.concatenate(parts)
+
+
+def _span_errors(loaded: LoadedModel, captured: Capture, weight: torch.Tensor, span: int) -> torch.Tensor:
+    """A single layer's errors with `target_span`: the gap between its outputs with and without
+    the context, projected on the logit gaps of each position's rivals (`qfedit.span`)."""
+    assert captured.tokens is not None
+    with_context, without = captured.block_outputs(weight)
+    gains = project(
+        loaded, with_context - without, captured.tokens, rivals(loaded, with_context, without, span)
+    )
+    return captured.errors_for(weight, gains)
 
 
 def _solve_layer(
@@ -221,7 +240,10 @@ def _spread_layer(
                 options=options,
             )
             keys = side.low_keys if side.low_keys is not None else side.keys
-            errors = (load_file(path)["target"] - side.outputs(top_weight)) / share
+            stored = load_file(path)
+            errors = (stored["target"] - side.outputs(top_weight)) / share
+            if config.target_span:
+                errors = project(loaded, errors, stored["tokens"], stored["rivals"])
             if norm is not None:
                 # This layer's block output should move by its share of the top layer's error:
                 # the `down_proj` output whose normalised value is the current one plus the share.
@@ -301,7 +323,9 @@ def spread_delta(
         started = time.perf_counter()
         if activity is not None:
             activity(f"capturing the target at layer {top}, {len(facts)} facts with their context")
-        targets = _spread_targets(loaded, facts, top, shards, Path(spill), names=names, options=options)
+        targets = _spread_targets(
+            loaded, facts, top, shards, Path(spill), names=names, options=options, span=config.target_span
+        )
         capture_seconds, solve_seconds = time.perf_counter() - started, 0.0
         for done, layer in enumerate(layers):
             if activity is not None:
@@ -372,17 +396,28 @@ def _spread_targets(
     *,
     names: Sequence[str],
     options: CaptureOptions,
+    span: int = 0,
 ) -> list[list[Path]]:
     """The top layer's output with the context, captured once on the base model: the targets
-    (positions x d) grow with the fact set, so they wait on disk, a shard a file."""
+    (positions x d) grow with the fact set, so they wait on disk, a shard a file. With `span`,
+    each position's rival tokens too (`qfedit.span.rivals`, read from the base model's top layer
+    with and without the context) and the token it predicts."""
     top_weight = base_weight(loaded, top)
     targets: list[list[Path]] = []
     for r, run in enumerate(shards):
         targets.append([])
         for s, cut in enumerate(run):
             side = capture_side(loaded, facts[cut], top, context=True, labels=names[cut], options=options)
+            outputs = side.outputs(top_weight)
+            tensors = {"target": outputs.contiguous()}
+            if span:
+                bare = capture_side(
+                    loaded, facts[cut], top, context=False, labels=names[cut], options=options
+                )
+                tensors["rivals"] = rivals(loaded, outputs, bare.outputs(top_weight), span).contiguous()
+                tensors["tokens"] = side.tokens.contiguous()
             path = spill / f"target-{r}-{s}.safetensors"
-            save_file({"target": side.outputs(top_weight).contiguous()}, path)
+            save_file(tensors, path)
             targets[-1].append(path)
     return targets
 

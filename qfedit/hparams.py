@@ -74,6 +74,15 @@ class EditConfig(BaseModel):
         "the fact does not already predict (divergent; qfedit.teachable.divergent_words)",
     )
 
+    target_span: int = Field(
+        default=0,
+        ge=0,
+        le=1024,
+        description="0: the top layer's whole output with the fact is the target (QF as published); "
+        "k > 0: only its logit gaps between the k likeliest next tokens with the fact, the k likeliest "
+        "without it, and the taught token (qfedit.span)",
+    )
+
     @model_validator(mode="before")
     @classmethod
     def _top_layer(cls, data: Any) -> Any:

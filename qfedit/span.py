@@ -1,0 +1,90 @@
+"""The part of a target the next token sees: QF's error restricted to the logit directions of the
+tokens that compete at each position.
+
+QF asks the edited layer to move the residual stream without the fact to where it is with the fact.
+At the top layer that difference is large (the fact in the system message shifts the whole state)
+and mostly invisible to the next token: what the next token sees of a residual `r` is its logits,
+`U N(r)`, and of those only the few likely ones matter. With `k` rivals per position (the `k`
+likeliest tokens with the fact and the `k` likeliest without it), the error is projected on the span
+of `g * (u_j - u_t)`: the directions whose inner product with `r` are the logit gaps between rival
+`j` and the target token `t` (`g` the final norm's gain). The projection keeps every such gap the
+teacher has, and drops the rest of the difference, which the edit would otherwise write into keys
+that other questions share. This is the logit lens: exact at the last layer, an approximation below.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import cast
+
+import torch
+from torch import nn
+
+from qfedit.modeling import LoadedModel
+
+_F64 = torch.float64
+_CHUNK = 256
+
+
+def _final_norm(loaded: LoadedModel) -> nn.Module:
+    return loaded.model.get_submodule(loaded.architecture.final_norm)
+
+
+def _unembedding(loaded: LoadedModel) -> torch.Tensor:
+    """The output embedding `U` (vocabulary x d)."""
+    head = cast(Callable[[], nn.Module], loaded.model.get_output_embeddings)()
+    return cast(torch.Tensor, head.weight).detach()
+
+
+def _gain(loaded: LoadedModel) -> tuple[torch.Tensor, bool]:
+    """The final norm's gain `g` (d,), and whether it centres `r` first (LayerNorm)."""
+    norm = _final_norm(loaded)
+    if isinstance(norm, nn.LayerNorm):
+        return norm.weight.detach().to(_F64), True
+    # An RMSNorm of a vector of ones is its gain (however the family stores it: Gemma's `1 + w`).
+    unembed = _unembedding(loaded)
+    with torch.inference_mode():
+        ones = torch.ones(1, unembed.shape[1], dtype=unembed.dtype, device=unembed.device)
+        return norm(ones)[0].detach().to(_F64), False
+
+
+def rivals(
+    loaded: LoadedModel, outputs_with: torch.Tensor, outputs_without: torch.Tensor, k: int
+) -> torch.Tensor:
+    """`(n, 2k)` token ids: at each position, the `k` likeliest next tokens read from the top
+    layer's output with the fact and the `k` likeliest without it."""
+    norm = _final_norm(loaded)
+    unembed = _unembedding(loaded)
+    found = []
+    with torch.inference_mode():
+        for start in range(0, outputs_with.shape[0], _CHUNK):
+            picks = []
+            for outputs in (outputs_with, outputs_without):
+                r = outputs[start : start + _CHUNK].to(device=loaded.device, dtype=unembed.dtype)
+                picks.append((norm(r) @ unembed.T).topk(k, dim=-1).indices)
+            found.append(torch.cat(picks, dim=-1).cpu())
+    return torch.cat(found) if found else torch.zeros(0, 2 * k, dtype=torch.long)
+
+
+def project(
+    loaded: LoadedModel, errors: torch.Tensor, tokens: torch.Tensor, rival: torch.Tensor
+) -> torch.Tensor:
+    """`errors` (n, d) projected, row by row, on the logit-gap directions of its rivals against its
+    target token (see the module's docstring); float64."""
+    gain, centred = _gain(loaded)
+    unembed = _unembedding(loaded)
+    out = torch.empty_like(errors, dtype=_F64)
+    for start in range(0, errors.shape[0], _CHUNK):
+        rows = slice(start, start + _CHUNK)
+        u_rival = unembed[rival[rows].to(unembed.device)].to(_F64).cpu()  # (c, 2k, d)
+        u_target = unembed[tokens[rows].to(unembed.device)].to(_F64).cpu()  # (c, d)
+        directions = gain * (u_rival - u_target[:, None, :])
+        if centred:
+            directions = directions - directions.mean(dim=-1, keepdim=True)
+        _, values, basis = torch.linalg.svd(directions, full_matrices=False)  # basis (c, 2k, d)
+        # A rival that is the target, or repeated, gives no direction: cut below the float64 floor.
+        kept = values > values.amax(dim=-1, keepdim=True) * 1e-9
+        basis = basis * kept[..., None]
+        e = errors[rows].to(_F64)
+        out[rows] = torch.einsum("crd,cr->cd", basis, torch.einsum("crd,cd->cr", basis, e))
+    return out
