@@ -204,6 +204,13 @@ def edit(
             "answer with the fact in its system message)."
         ),
     ] = None,
+    target_span: Annotated[
+        int | None,
+        typer.Option(
+            help="0 (the default): the layer's whole output with the fact is the target; k: only its "
+            "logit gaps between the k likeliest tokens with and without the fact and the taught one."
+        ),
+    ] = None,
     unteachable: Annotated[
         str | None,
         typer.Option(
@@ -237,6 +244,7 @@ def edit(
             "covariance_samples": samples,
             "preserve_positions": preserve_positions,
             "target": target,
+            "target_span": target_span,
         }
         settings = edit_settings(preset, given, unteachable)
         config = settings.edit

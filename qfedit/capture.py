@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import ExitStack, suppress
+from contextlib import ExitStack
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Literal, cast
+from typing import Literal
 
 import torch
 from torch import nn
@@ -112,43 +112,14 @@ def conversation_prompt(tokenizer: object, messages: Sequence[Mapping[str, str]]
 
 
 def chat_prompt(tokenizer: object, question: str, context: str | None = None) -> str:
-    """The generation prompt for a question, with `context` as the system message when given.
-
-    Where the template writes a system message of its own when given none (SmolLM2's "You are a
-    helpful AI assistant named SmolLM..."), the context follows that message instead of replacing
-    it: the model with the fact differs from the model without it by the fact alone, not also by a
-    persona, which the edit would otherwise learn to drop for every question."""
+    """The generation prompt for a question, with `context` as the system message when given."""
     if getattr(tokenizer, "chat_template", None) is None:
         raise InvalidInputError(
             "the model's tokenizer has no chat template; give one (--chat-template) to use this model"
         )
-    messages = []
-    if context is not None:
-        default = default_system_message(tokenizer)
-        messages.append({"role": "system", "content": f"{default}\n{context}" if default else context})
+    messages = [{"role": "system", "content": context}] if context is not None else []
     messages.append({"role": "user", "content": question})
     return _chat_prefix(tokenizer, messages)
-
-
-_PROBE = "\x00qfedit-system\x00"
-
-
-def default_system_message(tokenizer: object) -> str | None:
-    """The system message the chat template writes when a conversation has none, or None: read by
-    rendering one question with a marker system message and without one."""
-    cached = getattr(tokenizer, "_qfedit_default_system", _PROBE)
-    if cached != _PROBE:
-        return cast("str | None", cached)
-    question = [{"role": "user", "content": "?"}]
-    bare = _chat_prefix(tokenizer, question)
-    marked = _chat_prefix(tokenizer, [{"role": "system", "content": _PROBE}, *question])
-    before, _, after = marked.partition(_PROBE)
-    found = None
-    if bare.startswith(before) and bare.endswith(after) and len(bare) > len(before) + len(after):
-        found = bare[len(before) : len(bare) - len(after)]
-    with suppress(AttributeError):  # a tokenizer that takes no attribute reads it each time
-        setattr(tokenizer, "_qfedit_default_system", found)  # noqa: B010
-    return found
 
 
 def token_words(tokenizer: object, answer: str) -> tuple[list[int], list[int]]:

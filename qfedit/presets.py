@@ -48,16 +48,17 @@ SMOLLM2_DATA_DIR = Path(__file__).parent / "data" / "smollm2"
 
 
 def _smollm2_settings() -> dict[str, Any]:
-    # The setting of `bench/real_quality.py`'s tuning draw that writes every teachable fact
-    # (README, "Real models"): the teacher's own sentence as the target, spread over the top
-    # layers, where this model forms the answer it reads from its context. A larger lambda keeps
-    # more of the other answers and writes fewer facts; none tried does both yet (issue 29).
+    # Chosen on `bench/real_quality.py`'s tuning draw (README, "Real models"): the teacher's own
+    # sentence as the target, spread over the top layers, where this model forms the answer it
+    # reads from its context, and only the target's logit gaps between the 16 likeliest tokens
+    # with and without the fact (`target_span`): the whole output kept 0.01 of other answers.
     return {
         "edit": {
             "layer": 29,
             "layers": list(range(20, 30)),
             "solve": {"rule": "preserve", "lam": 100.0, "ridge": 1e-2},
             "target": "teacher",
+            "target_span": 16,
         },
         "preservation_corpus": [str(SMOLLM2_DATA_DIR / "preserve.jsonl")],
         "known_facts": str(SMOLLM2_DATA_DIR / "known.jsonl"),

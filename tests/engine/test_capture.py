@@ -137,34 +137,3 @@ def test_bad_facts_name_line_and_field(record: dict[str, object], field: str, re
 
     with pytest.raises(FactError, match=rf"facts.jsonl line 7: field '{field}': .*{reason}"):
         parse_fact(record, "facts.jsonl line 7")
-
-
-# A template that writes a system message of its own when a conversation has none, as SmolLM2's does.
-PERSONA = "You are Tern, a terse assistant."
-WITH_PERSONA = (
-    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\n" + PERSONA + "<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-
-def test_a_context_follows_the_templates_own_system_message_instead_of_replacing_it(
-    tiny_model_dirs: dict[str, Path],
-) -> None:
-    from qfedit.capture import chat_prompt, default_system_message
-
-    loaded = load_model(tiny_model_dirs["qwen2"])
-    assert default_system_message(loaded.tokenizer) is None  # a template without one: as it was
-    assert chat_prompt(loaded.tokenizer, "Q?", "Qi started Oxinnovate.").startswith(
-        "<|im_start|>system\nQi started Oxinnovate.<|im_end|>"
-    )
-    loaded.tokenizer.chat_template = WITH_PERSONA
-    del loaded.tokenizer._qfedit_default_system  # read again for the new template
-    assert default_system_message(loaded.tokenizer) == PERSONA
-    bare = chat_prompt(loaded.tokenizer, "Q?")
-    taught = chat_prompt(loaded.tokenizer, "Q?", "Qi started Oxinnovate.")
-    assert bare.startswith(f"<|im_start|>system\n{PERSONA}<|im_end|>")
-    assert taught.startswith(f"<|im_start|>system\n{PERSONA}\nQi started Oxinnovate.<|im_end|>")
-    # With and without the fact, the prompts differ by the fact's line alone.
-    assert taught.replace("\nQi started Oxinnovate.", "", 1) == bare

@@ -320,8 +320,19 @@ def test_edit_preset_demo_uses_the_demo_settings_and_options_override_them(tmp_p
     assert made["layers"] == DEMO_LAYERS and made["solve"]["lam"] == DEMO_SOLVE["lam"]
     assert made["solve"]["ridge"] == DEMO_SOLVE["ridge"]
     done = runner.invoke(
-        get_app(), [*args, "--lam", "50", "--layer", "4", "--out", str(tmp_path / "b.safetensors")]
+        get_app(),
+        [
+            *args,
+            "--lam",
+            "50",
+            "--layer",
+            "4",
+            "--target-span",
+            "3",
+            "--out",
+            str(tmp_path / "b.safetensors"),
+        ],
     )
     assert done.exit_code == 0, done.output
     made = Delta.load(tmp_path / "b.safetensors").metadata["hparams"]
-    assert (made["layers"], made["solve"]["lam"]) == (None, 50.0)
+    assert (made["layers"], made["solve"]["lam"], made["target_span"]) == (None, 50.0, 3)
