@@ -103,40 +103,34 @@ def record_captures(
 def record_readings(session: Session, readings: dict[int, Reading], layer: int, fingerprint: str) -> None:
     """Record what the model answers to each fact (`readings`, by fact id), for a spread batch that
     needs no observations (`READINGS_ONLY`); a redelivered task records nothing twice."""
-    known = captured_fact_ids(session, readings, layer, fingerprint, observations=False)
-    for fact_id, reading in readings.items():
-        if fact_id not in known:
-            session.add(
-                FactCapture(
-                    fact_id=fact_id,
-                    layer=layer,
-                    fingerprint=fingerprint,
-                    object_path=READINGS_ONLY,
-                    object_sha256="",
-                    positions=0,
-                    context_answer=reading.context_answer,
-                    teachable=reading.teachable,
-                    base_answer=reading.base_answer,
-                )
-            )
+    _record_without_observations(session, dict(readings), layer, fingerprint, READINGS_ONLY)
 
 
 def record_refused(session: Session, refused: Iterable[int], layer: int, fingerprint: str) -> None:
     """Record that the facts `refused` cannot be captured at all (too large for the model), so
     that no batch captures them again; a redelivered task records nothing twice."""
-    refused = sorted(set(refused))
-    known = captured_fact_ids(session, refused, layer, fingerprint)
-    for fact_id in refused:
+    _record_without_observations(session, dict.fromkeys(sorted(set(refused))), layer, fingerprint, REFUSED)
+
+
+def _record_without_observations(
+    session: Session, facts: dict[int, Reading | None], layer: int, fingerprint: str, path: str
+) -> None:
+    """A record with no observation file (`path`: `READINGS_ONLY` or `REFUSED`) for each fact not
+    yet recorded at all; a fact without a reading is unteachable."""
+    known = captured_fact_ids(session, facts, layer, fingerprint, observations=False)
+    for fact_id, reading in facts.items():
         if fact_id not in known:
             session.add(
                 FactCapture(
                     fact_id=fact_id,
                     layer=layer,
                     fingerprint=fingerprint,
-                    object_path=REFUSED,
+                    object_path=path,
                     object_sha256="",
                     positions=0,
-                    teachable=False,
+                    context_answer=reading.context_answer if reading is not None else None,
+                    teachable=reading.teachable if reading is not None else False,
+                    base_answer=reading.base_answer if reading is not None else None,
                 )
             )
 

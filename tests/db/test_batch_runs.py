@@ -50,6 +50,17 @@ def _tiny(session: Session, model_dir: Path, tmp_path: Path, **settings: object)
     return model
 
 
+def _captured(
+    session: Session, model: Model, settings: Settings, store: LocalStore, models: steps.ModelCache
+) -> Batch:
+    """A batch of the model's pending facts, submitted, started and every shard captured."""
+    batch = submit.submit_batch(session, model=model, fact_ids=None, requested_by="t", app=settings)
+    session.commit()
+    for shard in steps.start_batch(session, batch.id).capture:
+        steps.capture_shard(session, store, models, shard)
+    return batch
+
+
 def test_configuring_the_model_between_capture_and_solve_changes_nothing_the_batch_solves_with(
     session: Session, engine: Engine, database_url: str, tiny_model_dirs: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -92,10 +103,7 @@ def test_a_running_batch_says_what_it_is_doing_and_its_time_is_the_databases(
     model = _tiny(session, tiny_model_dirs["qwen2"], tmp_path, layers=[0, 1])
     settings = Settings(data_dir=tmp_path / "data", database_url=database_url)
     store, models = LocalStore(tmp_path / "store"), steps.ModelCache(settings)
-    batch = submit.submit_batch(session, model=model, fact_ids=None, requested_by="t", app=settings)
-    session.commit()
-    for shard in steps.start_batch(session, batch.id).capture:
-        steps.capture_shard(session, store, models, shard)
+    batch = _captured(session, model, settings, store, models)
     sessions = session_factory(engine)
     seen: list[str | None] = []
 
@@ -131,10 +139,7 @@ def test_a_spread_batch_captures_readings_once_and_a_single_layer_batch_fills_in
     model = _tiny(session, tiny_model_dirs["qwen2"], tmp_path, layers=[0, 1])
     settings = Settings(data_dir=tmp_path / "data", database_url=database_url)
     store, models = LocalStore(tmp_path / "store"), steps.ModelCache(settings)
-    batch = submit.submit_batch(session, model=model, fact_ids=None, requested_by="t", app=settings)
-    session.commit()
-    for shard in steps.start_batch(session, batch.id).capture:
-        steps.capture_shard(session, store, models, shard)
+    batch = _captured(session, model, settings, store, models)
     # The spread's solve recaptures every layer itself: its shards store readings, no observations.
     recorded = list(session.scalars(select(FactCapture).order_by(FactCapture.fact_id)))
     assert [c.object_path for c in recorded] == [captures.READINGS_ONLY] * len(FACTS)
@@ -153,10 +158,7 @@ def test_a_spread_batch_captures_readings_once_and_a_single_layer_batch_fills_in
         json.dumps({"question": "who runs Talo?", "answer": "Ines", "context": "Ines runs Talo."})
     )
     importing.import_facts(session, more, model, actor="t")
-    single = submit.submit_batch(session, model=model, fact_ids=None, requested_by="t", app=settings)
-    session.commit()
-    for shard in steps.start_batch(session, single.id).capture:
-        steps.capture_shard(session, store, models, shard)
+    single = _captured(session, model, settings, store, models)
     session.expire_all()
     upgraded = list(session.scalars(select(FactCapture).order_by(FactCapture.fact_id)))
     assert len(upgraded) == len(FACTS) + 1
