@@ -30,6 +30,10 @@ from qfedit.pipeline import lifecycle, submit
 database_url = db_fixtures.database_url
 postgres_admin = db_fixtures.postgres_admin
 pytest_generate_tests = db_fixtures.pytest_generate_tests
+# For a test whose subject is not the database: PostgreSQL, the production one, alone. tests/db holds
+# both backends to the same behaviour, and the embedded default's SQLite runs batches through a
+# worker child in test_embedded, test_one_edit_path and the cluster tests left on both.
+ONLY_PRODUCTION_DB = pytest.mark.backends("postgresql")
 
 
 def _free_port() -> int:
@@ -178,6 +182,16 @@ class Cluster:
                 process.wait()
         self.workers.clear()
 
+    def kill_workers(self) -> None:
+        """At the end of a test: its workers' warm shutdown is not under test, and waiting for it
+        (a poll cycle, celery's timer, the interpreter's exit) cost ~3 s a test."""
+        for process in self.workers:
+            if process.poll() is None:
+                process.kill()
+        for process in self.workers:
+            process.wait()
+        self.workers.clear()
+
     def add_model(
         self, name: str, facts: list[Fact], model_dir: Path | None = None, **settings: object
     ) -> int:
@@ -285,7 +299,7 @@ def cluster(
     try:
         yield result
     finally:
-        result.stop_workers()
+        result.kill_workers()
         if redis_server.process is None:
             redis_server.start()
         engine.dispose()

@@ -56,6 +56,10 @@ def test_batch_submit_runs_through_the_queue_without_configuration(
     assert "batch 1 published tiny@1" in done.stdout  # names the version it made
     assert _version_numbers(env, tmp_path) == [0, 1]
     assert (tmp_path / "qfedit-data" / "qfedit.db").is_file()
+    # The worker child was stopped with its batch final, its heartbeat row with it: no worker is
+    # said to listen once the command has returned.
+    with sqlite3.connect(tmp_path / "qfedit-data" / "qfedit.db") as db:
+        assert db.execute("SELECT count(*) FROM worker_heartbeats").fetchone() == (0,)
     assert (tmp_path / "qfedit-data" / "broker").is_dir()
     assert not (tmp_path / "control").exists()  # everything in the data folder, nothing in cwd
     (listed,) = json.loads(_qfedit(env, tmp_path, "batch", "list", "--json").stdout)

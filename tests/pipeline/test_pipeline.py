@@ -15,7 +15,7 @@ from qfedit.pipeline import submit
 from qfedit.pipeline.submit import NothingPendingError
 from qfedit.store import LocalStore
 
-from .conftest import Cluster, fact
+from .conftest import ONLY_PRODUCTION_DB, Cluster, fact
 
 
 def _delta(cluster: Cluster, version: Version) -> torch.Tensor:
@@ -90,6 +90,7 @@ def test_retraction_equals_a_version_built_without_the_facts(
         assert after.hyperparameters["edit"]["layers"] == layers
 
 
+@ONLY_PRODUCTION_DB
 def test_a_version_with_nothing_to_measure_is_not_promoted(cluster: Cluster) -> None:
     # Retracting every fact leaves nothing to measure efficacy on: no metric, not a perfect one,
     # and `production` stays where the last measured version put it.
@@ -109,6 +110,7 @@ def test_a_version_with_nothing_to_measure_is_not_promoted(cluster: Cluster) -> 
         assert registry.get_alias(session, model, "head").version_id == empty.id
 
 
+@ONLY_PRODUCTION_DB
 def test_version_metrics_cover_the_whole_fact_set(cluster: Cluster) -> None:
     cluster.add_model("tiny", [fact(i) for i in range(5)])
     cluster.start_worker("a")
@@ -119,6 +121,7 @@ def test_version_metrics_cover_the_whole_fact_set(cluster: Cluster) -> None:
     assert version.metrics["counts"]["facts"] == 5 and version.metrics["counts"]["edited"] == 2
 
 
+@ONLY_PRODUCTION_DB
 def test_facts_the_model_cannot_read_are_left_out_and_named(cluster: Cluster) -> None:
     """QF's teacher is the model with the fact in context: on the demo model, a fact whose answer
     contradicts its own context is answered from the context, so it is left out, not written."""

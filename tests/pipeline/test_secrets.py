@@ -8,7 +8,7 @@ import time
 
 from celery import Celery
 
-from .conftest import Cluster, fact
+from .conftest import ONLY_PRODUCTION_DB, Cluster, fact
 
 TOKEN = "s3cret-admin-token-that-must-not-leak-0123456789"
 
@@ -22,11 +22,16 @@ def _conf_replies(broker_url: str, wait_s: float) -> list[dict[str, object]] | N
     return list(replies.values()) if replies else None
 
 
+@ONLY_PRODUCTION_DB
 def test_remote_control_is_off_unless_configured(cluster: Cluster) -> None:
     cluster.add_model("tiny", [fact(0)])
     secrets = {"QFEDIT_API_TOKENS": json.dumps({"admin": {"token": TOKEN, "scope": "admin"}})}
     cluster.start_worker("quiet", extra_env=secrets)
-    time.sleep(8)  # the worker is up and consuming by now
+    deadline = time.monotonic() + 60
+    log = cluster.root / "worker-quiet.log"
+    while not (log.exists() and "quiet@test ready." in log.read_text(errors="replace")):
+        assert time.monotonic() < deadline, cluster.dump()
+        time.sleep(0.2)
     assert _conf_replies(cluster.redis.url, wait_s=4) is None
     cluster.stop_workers()
 

@@ -19,7 +19,7 @@ from qfedit.app import views
 from qfedit.cpu import CpuTokens
 from qfedit.facts import write_jsonl
 
-from .conftest import Cluster, fact
+from .conftest import ONLY_PRODUCTION_DB, Cluster, fact
 from .test_embedded import _unconfigured_env
 
 
@@ -33,6 +33,7 @@ def _submit(cluster: Cluster) -> subprocess.CompletedProcess[str]:
     )
 
 
+@ONLY_PRODUCTION_DB
 def test_batch_submit_says_which_workers_listen(cluster: Cluster) -> None:
     cluster.add_model("tiny", [fact(i) for i in range(2)])
     # Nobody consumes the queues yet: the batch is queued, and the user is told it will wait.
