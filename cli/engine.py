@@ -211,6 +211,13 @@ def edit(
             "logit gaps between the k likeliest tokens with and without the fact and the taught one."
         ),
     ] = None,
+    target_margin: Annotated[
+        float | None,
+        typer.Option(
+            help="Logits: positions where the model without the fact already says the taught token by "
+            "this much are left as they are (no error; their keys stay in the solve). Default: none."
+        ),
+    ] = None,
     unteachable: Annotated[
         str | None,
         typer.Option(
@@ -245,6 +252,7 @@ def edit(
             "preserve_positions": preserve_positions,
             "target": target,
             "target_span": target_span,
+            "target_margin": target_margin,
         }
         settings = edit_settings(preset, given, unteachable)
         config = settings.edit

@@ -31,7 +31,7 @@ from qfedit.facts import Fact, fact_set_digest
 from qfedit.hparams import CAPTURE_BATCH, CAPTURE_SHARD, EditConfig
 from qfedit.modeling import LoadedModel
 from qfedit.solve import Preservation, SolveResult, pick_form, solve
-from qfedit.span import project, rivals
+from qfedit.span import project, rivals, settled
 from qfedit.statistics import STATISTICS_RUN, Observations, Statistics, as_stored, fact_runs
 from qfedit.teachable import teacher_targets
 
@@ -81,10 +81,10 @@ def capture_observations(
             options=options,
         )
         part = Observations.from_capture(captured, weight)
-        if config.target_span:
+        if config.target_span or config.target_margin is not None:
             part = Observations(
                 part.keys,
-                as_stored(_span_errors(loaded, captured, weight, config.target_span)),
+                as_stored(_target_errors(loaded, captured, weight, config)),
                 part.weights,
                 part.facts,
             )
@@ -94,14 +94,21 @@ def capture_observations(
     return Observations.concatenate(parts)
 
 
-def _span_errors(loaded: LoadedModel, captured: Capture, weight: torch.Tensor, span: int) -> torch.Tensor:
-    """A single layer's errors with `target_span`: the gap between its outputs with and without
-    the context, projected on the logit gaps of each position's rivals (`qfedit.span`)."""
+def _target_errors(
+    loaded: LoadedModel, captured: Capture, weight: torch.Tensor, config: EditConfig
+) -> torch.Tensor:
+    """A single layer's errors with `target_span` (the gap between its outputs with and without
+    the context, projected on the logit gaps of each position's rivals: `qfedit.span`) and
+    `target_margin` (none where the model without the context already says the taught token)."""
     assert captured.tokens is not None
     with_context, without = captured.block_outputs(weight)
-    gains = project(
-        loaded, with_context - without, captured.tokens, rivals(loaded, with_context, without, span)
-    )
+    gains = with_context - without
+    if config.target_span:
+        gains = project(
+            loaded, gains, captured.tokens, rivals(loaded, with_context, without, config.target_span)
+        )
+    if config.target_margin is not None:
+        gains[settled(loaded, without, captured.tokens, config.target_margin)] = 0.0
     return captured.errors_for(weight, gains)
 
 
@@ -241,7 +248,8 @@ def _spread_layer(
             )
             keys = side.low_keys if side.low_keys is not None else side.keys
             stored = load_file(path)
-            errors = (stored["target"] - side.outputs(top_weight)) / share
+            current = side.outputs(top_weight)
+            errors = (stored["target"] - current) / share
             if config.target_span:
                 errors = project(loaded, errors, stored["tokens"], stored["rivals"])
             if norm is not None:
@@ -249,6 +257,9 @@ def _spread_layer(
                 # the `down_proj` output whose normalised value is the current one plus the share.
                 outputs = keys.to(torch.float64) @ weight.T  # (n, d) W y at this layer
                 errors = norm.preimage(norm(outputs) + errors, like=outputs) - outputs
+            if config.target_margin is not None:
+                # Settled as the model now stands, the lower layers' edits in: left as they are.
+                errors[settled(loaded, current, stored["tokens"], config.target_margin)] = 0.0
             shard_ids = torch.tensor(ids[cut], dtype=torch.int64)
             parts.append(
                 Observations(as_stored(keys), as_stored(errors), side.weights, shard_ids[side.fact_index])
@@ -399,9 +410,9 @@ def _spread_targets(
     span: int = 0,
 ) -> list[list[Path]]:
     """The top layer's output with the context, captured once on the base model: the targets
-    (positions x d) grow with the fact set, so they wait on disk, a shard a file. With `span`,
-    each position's rival tokens too (`qfedit.span.rivals`, read from the base model's top layer
-    with and without the context) and the token it predicts."""
+    (positions x d) grow with the fact set, so they wait on disk, a shard a file, with the token
+    each position predicts. With `span`, each position's rival tokens too (`qfedit.span.rivals`,
+    read from the base model's top layer with and without the context)."""
     top_weight = base_weight(loaded, top)
     targets: list[list[Path]] = []
     for r, run in enumerate(shards):
@@ -409,13 +420,12 @@ def _spread_targets(
         for s, cut in enumerate(run):
             side = capture_side(loaded, facts[cut], top, context=True, labels=names[cut], options=options)
             outputs = side.outputs(top_weight)
-            tensors = {"target": outputs.contiguous()}
+            tensors = {"target": outputs.contiguous(), "tokens": side.tokens.contiguous()}
             if span:
                 bare = capture_side(
                     loaded, facts[cut], top, context=False, labels=names[cut], options=options
                 )
                 tensors["rivals"] = rivals(loaded, outputs, bare.outputs(top_weight), span).contiguous()
-                tensors["tokens"] = side.tokens.contiguous()
             path = spill / f"target-{r}-{s}.safetensors"
             save_file(tensors, path)
             targets[-1].append(path)

@@ -82,6 +82,16 @@ class EditConfig(BaseModel):
         "k > 0: only its logit gaps between the k likeliest next tokens with the fact, the k likeliest "
         "without it, and the taught token (qfedit.span)",
     )
+    target_margin: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=100.0,
+        allow_inf_nan=False,
+        description="with the teacher's target: positions where the model without the fact already "
+        "says the taught token, ahead of every other by this many logits, get no error (their keys "
+        "stay in the solve, kept as they are); None: every position is moved to the teacher "
+        "(qfedit.span.settled)",
+    )
 
     @model_validator(mode="before")
     @classmethod

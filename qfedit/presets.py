@@ -50,15 +50,18 @@ SMOLLM2_DATA_DIR = Path(__file__).parent / "data" / "smollm2"
 def _smollm2_settings() -> dict[str, Any]:
     # Chosen on `bench/real_quality.py`'s tuning draw (README, "Real models"): the teacher's own
     # sentence as the target, spread over the top layers, where this model forms the answer it
-    # reads from its context, and only the target's logit gaps between the 16 likeliest tokens
-    # with and without the fact (`target_span`): the whole output kept 0.01 of other answers.
+    # reads from its context; only the target's logit gaps between the 16 likeliest tokens with
+    # and without the fact (`target_span`: the whole output kept 0.01 of other answers), and only
+    # at the positions the model without the fact gets wrong (`target_margin` 0: the rest are
+    # kept as they are, which doubled the other answers left unchanged).
     return {
         "edit": {
             "layer": 29,
             "layers": list(range(20, 30)),
-            "solve": {"rule": "preserve", "lam": 100.0, "ridge": 1e-2},
+            "solve": {"rule": "preserve", "lam": 30.0, "ridge": 1e-2},
             "target": "teacher",
             "target_span": 16,
+            "target_margin": 0.0,
         },
         "preservation_corpus": [str(SMOLLM2_DATA_DIR / "preserve.jsonl")],
         "known_facts": str(SMOLLM2_DATA_DIR / "known.jsonl"),

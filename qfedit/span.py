@@ -66,6 +66,24 @@ def rivals(
     return torch.cat(found) if found else torch.zeros(0, 2 * k, dtype=torch.long)
 
 
+def settled(loaded: LoadedModel, outputs: torch.Tensor, tokens: torch.Tensor, margin: float) -> torch.Tensor:
+    """`(n,)` bool: the positions where the top layer's output `outputs` already gives the taught
+    token `tokens` the highest logit, ahead of every other token by at least `margin` (logit lens,
+    exact at the last layer)."""
+    norm = _final_norm(loaded)
+    unembed = _unembedding(loaded)
+    found = []
+    with torch.inference_mode():
+        for start in range(0, outputs.shape[0], _CHUNK):
+            r = outputs[start : start + _CHUNK].to(device=loaded.device, dtype=unembed.dtype)
+            logits = (norm(r) @ unembed.T).float()
+            taught = tokens[start : start + _CHUNK].to(logits.device)[:, None]
+            own = logits.gather(1, taught)[:, 0]
+            best_other = logits.scatter(1, taught, float("-inf")).amax(dim=-1)
+            found.append((own - best_other >= margin).cpu())
+    return torch.cat(found) if found else torch.zeros(0, dtype=torch.bool)
+
+
 def project(
     loaded: LoadedModel, errors: torch.Tensor, tokens: torch.Tensor, rival: torch.Tensor
 ) -> torch.Tensor:

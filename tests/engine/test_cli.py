@@ -329,6 +329,8 @@ def test_edit_preset_demo_uses_the_demo_settings_and_options_override_them(tmp_p
             "4",
             "--target-span",
             "3",
+            "--target-margin",
+            "0.5",
             "--out",
             str(tmp_path / "b.safetensors"),
         ],
@@ -336,3 +338,7 @@ def test_edit_preset_demo_uses_the_demo_settings_and_options_override_them(tmp_p
     assert done.exit_code == 0, done.output
     made = Delta.load(tmp_path / "b.safetensors").metadata["hparams"]
     assert (made["layers"], made["solve"]["lam"], made["target_span"]) == (None, 50.0, 3)
+    assert (
+        made["target_margin"] == 0.5
+        and "target_margin" in Delta.load(tmp_path / "a.safetensors").metadata["hparams"]
+    )

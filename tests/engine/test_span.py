@@ -8,12 +8,13 @@ import pytest
 import torch
 from tiny_models import FACTS
 
-from qfedit.capture import answer_logits, encode_fact
+from qfedit.capture import answer_logits, chat_prompt, encode_fact
 from qfedit.delta import applied
-from qfedit.edit import make_delta
+from qfedit.edit import capture_observations, make_delta
+from qfedit.facts import Fact
 from qfedit.hparams import EditConfig
 from qfedit.modeling import LoadedModel, load_model
-from qfedit.span import _gain, _unembedding, project, rivals
+from qfedit.span import _gain, _unembedding, project, rivals, settled
 
 LAST = 2  # the tiny models have three layers: at the last one the logit lens is exact
 
@@ -77,3 +78,65 @@ def test_an_exact_edit_at_the_last_layer_orders_each_positions_rivals_as_the_tea
     # `rivals` reads the same tokens from the top layer's outputs.
     outputs = torch.randn(4, _unembedding(loaded).shape[1], dtype=torch.float64)
     assert rivals(loaded, outputs, outputs, 3).shape == (4, 6)
+
+
+def _settled_facts(loaded: LoadedModel) -> list[Fact]:
+    """Facts whose one-token answer is what the model says without its context (greedy): every
+    answer position is settled at margin 0."""
+    tokenizer = loaded.tokenizer
+    found = []
+    for fact in FACTS:
+        prompt = tokenizer(chat_prompt(tokenizer, fact.question), add_special_tokens=False)["input_ids"]
+        (logits,) = answer_logits(loaded, [([*prompt, 0], 1)])
+        said = tokenizer.decode([int(logits[0].argmax())])
+        if said.strip() and tokenizer(said, add_special_tokens=False)["input_ids"] == [
+            int(logits[0].argmax())
+        ]:
+            found.append(fact.model_copy(update={"answer": said}))
+    assert found, "the tiny model says no whole token first"
+    return found
+
+
+def test_settled_positions_are_those_whose_taught_token_leads_by_the_margin(
+    tiny_model_dirs: dict[str, Path],
+) -> None:
+    loaded = load_model(tiny_model_dirs["qwen2"])
+    outputs = torch.randn(8, _unembedding(loaded).shape[1], generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        logits = loaded.model.get_output_embeddings()(loaded.model.model.norm(outputs))
+    top2 = logits.topk(2, dim=-1)
+    tokens = torch.cat([top2.indices[:4, 0], logits[4:].argmin(dim=-1)])
+    assert settled(loaded, outputs, tokens, 0.0).tolist() == [True] * 4 + [False] * 4
+    gap = float(top2.values[0, 0] - top2.values[0, 1])
+    assert settled(loaded, outputs, tokens, gap * 1.01)[0].item() is False
+    assert settled(loaded, outputs, tokens, gap * 0.99)[0].item() is True
+
+
+def test_a_margin_zeroes_exactly_the_settled_positions_errors(tiny_model_dirs: dict[str, Path]) -> None:
+    loaded = load_model(tiny_model_dirs["qwen2"])
+    facts = [*_settled_facts(loaded), *FACTS]
+    plain = capture_observations(loaded, facts, EditConfig(layer=LAST))
+    kept = capture_observations(loaded, facts, EditConfig(layer=LAST, target_margin=0.0))
+    # Settled as the whole model says it, teacher-forced (not the logit lens the edit reads).
+    encoded = [encode_fact(loaded, fact, f"fact {i}") for i, fact in enumerate(facts)]
+    expected = []
+    for e, logits in zip(
+        encoded, answer_logits(loaded, [(e.without_context, len(e.weights)) for e in encoded]), strict=True
+    ):
+        told = torch.tensor(e.without_context[len(e.without_context) - len(e.weights) :])
+        expected.append(logits.argmax(dim=-1) == told)
+    settled_rows = torch.cat(expected)
+    assert 0 < int(settled_rows.sum()) < len(settled_rows)
+    assert bool((kept.errors[settled_rows] == 0).all())
+    assert torch.equal(kept.errors[~settled_rows], plain.errors[~settled_rows])
+    assert bool((plain.errors[settled_rows].norm(dim=-1) > 0).all())
+
+
+def test_a_spread_leaves_settled_facts_alone(tiny_model_dirs: dict[str, Path]) -> None:
+    loaded = load_model(tiny_model_dirs["qwen2"])
+    facts = _settled_facts(loaded)
+    config = {"layers": [1, LAST], "include_eos": False, "solve": {"rule": "seed"}}
+    moved = make_delta(loaded, facts, EditConfig.model_validate(config))
+    left = make_delta(loaded, facts, EditConfig.model_validate({**config, "target_margin": 0.0}))
+    assert any(bool(t.abs().max() > 0) for t in moved.delta.tensors.values())
+    assert all(bool((t == 0).all()) for t in left.delta.tensors.values())
