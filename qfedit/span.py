@@ -14,7 +14,7 @@ that other questions share. This is the logit lens: exact at the last layer, an 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import cast
 
 import torch
@@ -48,21 +48,28 @@ def _gain(loaded: LoadedModel) -> tuple[torch.Tensor, bool]:
         return norm(ones)[0].detach().to(_F64), False
 
 
+def _lens_logits(loaded: LoadedModel, outputs: torch.Tensor) -> Iterator[torch.Tensor]:
+    """The logits the top layer's output `outputs` (n, d) gives (logit lens: the final norm, then
+    the output embedding), `_CHUNK` rows at a time, on the model's device."""
+    norm = _final_norm(loaded)
+    unembed = _unembedding(loaded)
+    with torch.inference_mode():
+        for start in range(0, outputs.shape[0], _CHUNK):
+            r = outputs[start : start + _CHUNK].to(device=loaded.device, dtype=unembed.dtype)
+            yield norm(r) @ unembed.T
+
+
 def rivals(
     loaded: LoadedModel, outputs_with: torch.Tensor, outputs_without: torch.Tensor, k: int
 ) -> torch.Tensor:
     """`(n, 2k)` token ids: at each position, the `k` likeliest next tokens read from the top
     layer's output with the fact and the `k` likeliest without it."""
-    norm = _final_norm(loaded)
-    unembed = _unembedding(loaded)
-    found = []
-    with torch.inference_mode():
-        for start in range(0, outputs_with.shape[0], _CHUNK):
-            picks = []
-            for outputs in (outputs_with, outputs_without):
-                r = outputs[start : start + _CHUNK].to(device=loaded.device, dtype=unembed.dtype)
-                picks.append((norm(r) @ unembed.T).topk(k, dim=-1).indices)
-            found.append(torch.cat(picks, dim=-1).cpu())
+    found = [
+        torch.cat([with_.topk(k, dim=-1).indices, without.topk(k, dim=-1).indices], dim=-1).cpu()
+        for with_, without in zip(
+            _lens_logits(loaded, outputs_with), _lens_logits(loaded, outputs_without), strict=True
+        )
+    ]
     return torch.cat(found) if found else torch.zeros(0, 2 * k, dtype=torch.long)
 
 
@@ -70,17 +77,13 @@ def settled(loaded: LoadedModel, outputs: torch.Tensor, tokens: torch.Tensor, ma
     """`(n,)` bool: the positions where the top layer's output `outputs` already gives the taught
     token `tokens` the highest logit, ahead of every other token by at least `margin` (logit lens,
     exact at the last layer)."""
-    norm = _final_norm(loaded)
-    unembed = _unembedding(loaded)
     found = []
-    with torch.inference_mode():
-        for start in range(0, outputs.shape[0], _CHUNK):
-            r = outputs[start : start + _CHUNK].to(device=loaded.device, dtype=unembed.dtype)
-            logits = (norm(r) @ unembed.T).float()
-            taught = tokens[start : start + _CHUNK].to(logits.device)[:, None]
-            own = logits.gather(1, taught)[:, 0]
-            best_other = logits.scatter(1, taught, float("-inf")).amax(dim=-1)
-            found.append((own - best_other >= margin).cpu())
+    for start, chunk in zip(range(0, outputs.shape[0], _CHUNK), _lens_logits(loaded, outputs), strict=True):
+        logits = chunk.float()
+        taught = tokens[start : start + _CHUNK].to(logits.device)[:, None]
+        own = logits.gather(1, taught)[:, 0]
+        best_other = logits.scatter(1, taught, float("-inf")).amax(dim=-1)
+        found.append((own - best_other >= margin).cpu())
     return torch.cat(found) if found else torch.zeros(0, dtype=torch.bool)
 
 

@@ -170,10 +170,13 @@ class Cluster:
         process.send_signal(signal.SIGKILL)
         process.wait()
 
-    def stop_workers(self) -> None:
+    def stop_workers(self, warm: bool = True) -> None:
+        """SIGTERM (celery's warm shutdown), or SIGKILL at the end of a test, where the warm
+        shutdown is not under test and waiting for it (a poll cycle, celery's timer, the
+        interpreter's exit) cost ~3 s a test."""
         for process in self.workers:
             if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
+                process.send_signal(signal.SIGTERM if warm else signal.SIGKILL)
         for process in self.workers:
             try:
                 process.wait(timeout=20)
@@ -182,15 +185,15 @@ class Cluster:
                 process.wait()
         self.workers.clear()
 
-    def kill_workers(self) -> None:
-        """At the end of a test: its workers' warm shutdown is not under test, and waiting for it
-        (a poll cycle, celery's timer, the interpreter's exit) cost ~3 s a test."""
-        for process in self.workers:
-            if process.poll() is None:
-                process.kill()
-        for process in self.workers:
-            process.wait()
-        self.workers.clear()
+    def wait_for_log(self, name: str, needle: str, timeout: float = 90.0, times: int = 1) -> None:
+        """Until worker `name`'s log holds `needle` `times` times."""
+        path = self.root / f"worker-{name}.log"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if path.exists() and path.read_text(errors="replace").count(needle) >= times:
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"worker {name} never logged {needle!r} {times} times:\n{self.dump()}")
 
     def add_model(
         self, name: str, facts: list[Fact], model_dir: Path | None = None, **settings: object
@@ -299,7 +302,7 @@ def cluster(
     try:
         yield result
     finally:
-        result.kill_workers()
+        result.stop_workers(warm=False)
         if redis_server.process is None:
             redis_server.start()
         engine.dispose()

@@ -17,16 +17,6 @@ from .conftest import Cluster, fact
 pytestmark = pytest.mark.backends("postgresql")
 
 
-def _wait_for_log(cluster: Cluster, name: str, needle: str, timeout: float = 90.0, times: int = 1) -> None:
-    path = cluster.root / f"worker-{name}.log"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.exists() and path.read_text(errors="replace").count(needle) >= times:
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"worker {name} never logged {needle!r} {times} times:\n{cluster.dump()}")
-
-
 def _assert_consistent(cluster: Cluster, batch_id: int, facts: int) -> Version:
     (version,) = cluster.versions_of_batch(batch_id)
     store = LocalStore(cluster.root / "data" / "store")
@@ -46,7 +36,7 @@ def test_worker_killed_mid_stage_finishes_after_redelivery(cluster: Cluster, sta
     cluster.add_model("tiny", [fact(i) for i in range(4)], shard_size=4)
     doomed = cluster.start_worker("doomed", chaos=f"{stage}:30")
     batch_id = cluster.submit("tiny")
-    _wait_for_log(cluster, "doomed", f"chaos: pausing {stage}")
+    cluster.wait_for_log("doomed", f"chaos: pausing {stage}")
     cluster.kill(doomed)
     cluster.start_worker("rescuer")
     batch = cluster.wait(batch_id, timeout=150)
@@ -62,7 +52,7 @@ def test_a_killed_workers_task_is_handed_on_from_its_heartbeat(cluster: Cluster)
     cluster.add_model("tiny", [fact(i) for i in range(4)], shard_size=4)
     doomed = cluster.start_worker("doomed", chaos="capture:120", extra_env=slow)
     batch_id = cluster.submit("tiny")
-    _wait_for_log(cluster, "doomed", "chaos: pausing capture")
+    cluster.wait_for_log("doomed", "chaos: pausing capture")
     cluster.kill(doomed)
     cluster.start_worker("rescuer", extra_env=slow)
     batch = cluster.wait(batch_id, timeout=180)
@@ -85,7 +75,7 @@ def test_a_task_that_kills_its_worker_fails_its_batch_after_n_deaths_and_the_que
     behind = cluster.submit("tiny", ids[2:])  # queued behind it on the model's line
     for death in (1, 2):  # the worker restarts under its name, as systemd or compose restart it
         worker = cluster.start_worker("a", chaos="capture:60", extra_env=limit)
-        _wait_for_log(cluster, "a", "chaos: pausing capture", times=death)
+        cluster.wait_for_log("a", "chaos: pausing capture", times=death)
         cluster.kill(worker)
     cluster.start_worker("a", extra_env=limit)
     failed = cluster.wait(poison, timeout=150)
@@ -105,7 +95,7 @@ def test_redis_restart_mid_batch(cluster: Cluster) -> None:
     cluster.add_model("tiny", [fact(i) for i in range(4)], shard_size=4)
     cluster.start_worker("a", chaos="capture:4")
     batch_id = cluster.submit("tiny")
-    _wait_for_log(cluster, "a", "chaos: pausing capture")
+    cluster.wait_for_log("a", "chaos: pausing capture")
     cluster.redis.restart()
     batch = cluster.wait(batch_id, timeout=150)
     assert batch.status.value == "published", batch.error
@@ -118,7 +108,7 @@ def test_postgres_connections_dropped_mid_commit(cluster: Cluster, postgres_admi
     cluster.database_url += f"&application_name={marker}"
     cluster.start_worker("a", chaos="solve:4")
     batch_id = cluster.submit("tiny")
-    _wait_for_log(cluster, "a", "chaos: pausing solve")
+    cluster.wait_for_log("a", "chaos: pausing solve")
     admin = create_engine(str(postgres_admin.url))  # type: ignore[attr-defined]
     with admin.begin() as connection:
         killed = connection.execute(

@@ -27,11 +27,7 @@ def test_remote_control_is_off_unless_configured(cluster: Cluster) -> None:
     cluster.add_model("tiny", [fact(0)])
     secrets = {"QFEDIT_API_TOKENS": json.dumps({"admin": {"token": TOKEN, "scope": "admin"}})}
     cluster.start_worker("quiet", extra_env=secrets)
-    deadline = time.monotonic() + 60
-    log = cluster.root / "worker-quiet.log"
-    while not (log.exists() and "quiet@test ready." in log.read_text(errors="replace")):
-        assert time.monotonic() < deadline, cluster.dump()
-        time.sleep(0.2)
+    cluster.wait_for_log("quiet", "quiet@test ready.", timeout=60)
     assert _conf_replies(cluster.redis.url, wait_s=4) is None
     cluster.stop_workers()
 
