@@ -92,21 +92,21 @@ def _workers_and_models(settings: Settings) -> list[Check]:
     from qfedit.errors import QFEditError
     from qfedit.pipeline.preflight import check_runnable
     from qfedit.pipeline.settings import validate_settings
-    from qfedit.registry.workers import LIVE_WITHIN_S
+    from qfedit.registry.workers import live_within_s
     from worker.app import queue_names
 
     checks = []
     engine = engine_from_settings(settings)
     try:
         with session_factory(engine)() as session:
-            workers = registry.live_workers(session)
+            workers = registry.live_workers(session, settings.heartbeat_s)
             if not settings.broker_url:
                 checks.append(Check("workers", "ok", "embedded: `batch submit` and `qfedit api` start one"))
             else:
                 missing = [q for q in queue_names(settings) if not registry.listening(workers, q)]
                 names = ", ".join(f"{w.hostname} ({w.queues})" for w in workers) or "none"
                 status = "fail" if missing else "ok"
-                detail = f"seen in the last {LIVE_WITHIN_S:.0f} s: {names}"
+                detail = f"seen in the last {live_within_s(settings.heartbeat_s):.0f} s: {names}"
                 if missing:
                     detail += f"; nobody consumes {', '.join(missing)}: start `qfedit worker`"
                 checks.append(Check("workers", status, detail))

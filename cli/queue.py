@@ -40,7 +40,7 @@ from qfedit.app import views
 from qfedit.config import Settings, get_settings
 from qfedit.db.models import Batch
 from qfedit.pipeline import lifecycle, submit
-from qfedit.registry.workers import LIVE_WITHIN_S
+from qfedit.registry.workers import live_within_s
 from worker.app import DEFAULT_QUEUE, GPU_QUEUE, queue_names
 from worker.client import app_for, enqueue_batch
 
@@ -273,12 +273,13 @@ def watch_batch(batch_id: int, *, timeout: float | None = None, child: WorkerChi
 
 def _listeners(session: Session) -> str:
     """Which workers will run a batch, or a warning that none will (none seen lately on a queue)."""
-    workers = registry.live_workers(session)
-    missing = [q for q in queue_names(get_settings()) if not registry.listening(workers, q)]
+    settings = get_settings()
+    workers = registry.live_workers(session, settings.heartbeat_s)
+    missing = [q for q in queue_names(settings) if not registry.listening(workers, q)]
     if not missing:
         return f"workers listening: {', '.join(w.hostname for w in workers)}"
     return "[yellow]warning:[/yellow] " + (
-        f"no worker seen in the last {LIVE_WITHIN_S:.0f} s consumes "
+        f"no worker seen in the last {live_within_s(settings.heartbeat_s):.0f} s consumes "
         f"{' or '.join(repr(q) for q in missing)}: the batch waits until one starts (`qfedit worker`)"
     )
 

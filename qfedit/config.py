@@ -132,6 +132,9 @@ class Settings(BaseSettings):
     before its batch is failed, naming the task, so the rest of the queue runs."""
     line_wait_s: float = Field(default=5.0, gt=0.0, le=3600.0, allow_inf_nan=False)
     """How often a batch waiting for its model's line checks again."""
+    heartbeat_s: float = Field(default=10.0, ge=0.5, le=600.0, allow_inf_nan=False)
+    """How often a worker writes its heartbeat row; one not seen for three of these is gone and
+    its tasks are handed on. Every process of a deployment must read the same value."""
 
     def queue(self, name: str) -> str:
         """The broker's name of the queue `name` (`default`, `gpu`) in this deployment."""

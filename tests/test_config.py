@@ -111,6 +111,8 @@ def test_secrets_never_show_in_a_repr() -> None:
         ("QFEDIT_LINE_WAIT_S", "nan"),
         ("QFEDIT_LINE_WAIT_S", "-5"),
         ("QFEDIT_LINE_WAIT_S", "inf"),
+        ("QFEDIT_HEARTBEAT_S", "0"),
+        ("QFEDIT_HEARTBEAT_S", "nan"),
         ("QFEDIT_TASK_ATTEMPTS", "-1"),
         ("QFEDIT_TASK_ATTEMPTS", "0"),
         ("QFEDIT_MAX_TASK_DELIVERIES", "0"),

@@ -15,7 +15,6 @@ from celery import bootsteps
 from qfedit import registry
 from qfedit.db import engine_from_settings, session_factory
 from qfedit.pipeline import deliveries
-from qfedit.registry.workers import HEARTBEAT_S
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +46,7 @@ class Heartbeat(bootsteps.StartStopStep):
         def hand_on() -> None:
             try:
                 with sessions() as session:
-                    for start in deliveries.orphaned(session):
+                    for start in deliveries.orphaned(session, settings.heartbeat_s):
                         if not deliveries.hand_on(session, start.id):
                             continue
                         session.commit()
@@ -64,7 +63,7 @@ class Heartbeat(bootsteps.StartStopStep):
 
         def run() -> None:
             beat()
-            while not self._stopping.wait(HEARTBEAT_S):
+            while not self._stopping.wait(settings.heartbeat_s):
                 beat()
                 hand_on()
             beat(forget=True)

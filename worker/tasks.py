@@ -73,6 +73,7 @@ def _started(task: Task, rt: Runtime, batch_id: int, name: str) -> Iterator[None
             hostname=task.request.hostname or "",
             pid=os.getpid(),
             limit=rt.settings.max_task_deliveries,
+            heartbeat_s=rt.settings.heartbeat_s,
         )
     try:
         yield

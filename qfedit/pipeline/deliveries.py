@@ -1,7 +1,7 @@
 """Worker deaths, counted: a task that kills its worker (out of memory, a crash in native code,
 `kill -9`) is never acknowledged, so the broker delivers it again, and again, forever.
 
-    start = deliveries.begin(session, batch_id, "capture_shard:7", hostname=..., pid=..., limit=3)
+    start = deliveries.begin(session, batch_id, "capture_shard:7", hostname=..., pid=..., limit=3, heartbeat_s=10)
     ...  # the task's work
     deliveries.end(session, batch_id, "capture_shard:7", start)
 
@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 from qfedit.db.models import Batch, TaskStart, utcnow
 from qfedit.errors import PermanentError
 from qfedit.pipeline.lifecycle import ACTIVE, FINAL
-from qfedit.registry.workers import HEARTBEAT_S, live_workers
+from qfedit.registry.workers import live_workers
 
 
 class WorkerDeathsError(PermanentError):
@@ -35,11 +35,11 @@ def task_label(task: str) -> str:
     return f"qfedit.{name}" + (f" (shard {shard})" if shard else "")
 
 
-def deaths(session: Session, batch_id: int, task: str, *, hostname: str, pid: int) -> int:
+def deaths(session: Session, batch_id: int, task: str, *, hostname: str, pid: int, heartbeat_s: float) -> int:
     """Starts of `task` that no live worker runs: the worker died in them. `hostname` and `pid`
     are the asking worker's: an earlier start on its hostname under another pid died with the
     process before it (a restarted worker keeps its name), before its heartbeat shows it."""
-    live = {(w.hostname, w.pid) for w in live_workers(session)}
+    live = {(w.hostname, w.pid) for w in live_workers(session, heartbeat_s)}
     starts = session.execute(
         select(TaskStart.hostname, TaskStart.pid).where(
             TaskStart.batch_id == batch_id, TaskStart.task == task
@@ -52,7 +52,9 @@ def deaths(session: Session, batch_id: int, task: str, *, hostname: str, pid: in
     )
 
 
-def begin(session: Session, batch_id: int, task: str, *, hostname: str, pid: int, limit: int) -> int | None:
+def begin(
+    session: Session, batch_id: int, task: str, *, hostname: str, pid: int, limit: int, heartbeat_s: float
+) -> int | None:
     """Record this start of `task`, before its work; its id, for `end`. None when the batch is
     final already (the task has nothing to do). Commits. Raises `WorkerDeathsError` when `limit`
     earlier starts of the task died with their worker."""
@@ -60,7 +62,7 @@ def begin(session: Session, batch_id: int, task: str, *, hostname: str, pid: int
     if status is None or status in FINAL:
         session.rollback()
         return None
-    died = deaths(session, batch_id, task, hostname=hostname, pid=pid)
+    died = deaths(session, batch_id, task, hostname=hostname, pid=pid, heartbeat_s=heartbeat_s)
     if died >= limit:
         session.rollback()
         raise WorkerDeathsError(
@@ -82,12 +84,12 @@ def end(session: Session, batch_id: int, task: str, start: int) -> None:
     session.commit()
 
 
-def orphaned(session: Session) -> list[TaskStart]:
+def orphaned(session: Session, heartbeat_s: float) -> list[TaskStart]:
     """Starts of active batches' tasks whose worker is gone (no heartbeat within
-    `LIVE_WITHIN_S`, or another process under its name) and that nobody has handed on yet. A
+    `live_within_s(heartbeat_s)`, or another process under its name) and that nobody has handed on yet. A
     start younger than a heartbeat interval is left alone: its worker may not have beaten yet."""
-    live = {(w.hostname, w.pid) for w in live_workers(session)}
-    before = utcnow() - timedelta(seconds=HEARTBEAT_S)
+    live = {(w.hostname, w.pid) for w in live_workers(session, heartbeat_s)}
+    before = utcnow() - timedelta(seconds=heartbeat_s)
     starts = session.scalars(
         select(TaskStart)
         .join(Batch, Batch.id == TaskStart.batch_id)

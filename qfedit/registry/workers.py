@@ -9,10 +9,9 @@ from sqlalchemy.orm import Session
 
 from qfedit.db.models import WorkerHeartbeat
 
-HEARTBEAT_S = 10.0
-"""How often a worker says it is alive."""
-LIVE_WITHIN_S = 3 * HEARTBEAT_S
-"""A worker not seen for this long is taken for gone (killed workers never say goodbye)."""
+MISSED_BEATS = 3
+"""A worker not seen for this many heartbeat intervals is taken for gone (killed workers never
+say goodbye); the interval is `Settings.heartbeat_s`."""
 
 
 def heartbeat(session: Session, *, hostname: str, queues: list[str], pid: int) -> None:
@@ -31,9 +30,14 @@ def forget_worker(session: Session, hostname: str) -> None:
     session.execute(delete(WorkerHeartbeat).where(WorkerHeartbeat.hostname == hostname))
 
 
-def live_workers(session: Session, within_s: float = LIVE_WITHIN_S) -> list[WorkerHeartbeat]:
-    """Workers seen within `within_s` seconds, by name."""
-    since = datetime.now(timezone.utc) - timedelta(seconds=within_s)
+def live_within_s(heartbeat_s: float) -> float:
+    """How long a worker beating every `heartbeat_s` may go unseen and still count as live."""
+    return MISSED_BEATS * heartbeat_s
+
+
+def live_workers(session: Session, heartbeat_s: float) -> list[WorkerHeartbeat]:
+    """Workers seen within `live_within_s(heartbeat_s)`, by name."""
+    since = datetime.now(timezone.utc) - timedelta(seconds=live_within_s(heartbeat_s))
     query = select(WorkerHeartbeat).where(WorkerHeartbeat.seen_at >= since).order_by(WorkerHeartbeat.hostname)
     return list(session.scalars(query))
 

@@ -47,8 +47,9 @@ def test_worker_killed_mid_stage_finishes_after_redelivery(cluster: Cluster, sta
 def test_a_killed_workers_task_is_handed_on_from_its_heartbeat(cluster: Cluster) -> None:
     # With the broker's visibility timeout at an hour (the default) and no beat, a batch whose
     # worker was killed read `capturing` for as long: now the live worker sees the dead one's
-    # heartbeat stop and sends the batch on (within LIVE_WITHIN_S plus a beat, not an hour).
-    slow = {"QFEDIT_VISIBILITY_TIMEOUT": "3600"}
+    # heartbeat stop and sends the batch on (within three beats plus one, not an hour). Beats of
+    # 2 s here: the test waits out the same rule, 8 s rather than 40.
+    slow = {"QFEDIT_VISIBILITY_TIMEOUT": "3600", "QFEDIT_HEARTBEAT_S": "2"}
     cluster.add_model("tiny", [fact(i) for i in range(4)], shard_size=4)
     doomed = cluster.start_worker("doomed", chaos="capture:120", extra_env=slow)
     batch_id = cluster.submit("tiny")

@@ -44,7 +44,7 @@ def test_batch_submit_says_which_workers_listen(cluster: Cluster) -> None:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         with cluster.sessions() as session:
-            if [w.hostname for w in registry.live_workers(session)] == ["w1@test"]:
+            if [w.hostname for w in registry.live_workers(session, 10.0)] == ["w1@test"]:
                 break
         time.sleep(0.5)
     else:
@@ -63,7 +63,7 @@ def test_batch_submit_says_which_workers_listen(cluster: Cluster) -> None:
     cluster.stop_workers()
     assert worker.returncode is not None
     with cluster.sessions() as session:
-        assert registry.live_workers(session) == []
+        assert registry.live_workers(session, 10.0) == []
 
 
 def _free_port() -> int:
