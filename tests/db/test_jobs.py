@@ -108,19 +108,24 @@ def test_only_starts_whose_worker_died_count_as_deaths_and_the_limit_fails_the_t
     task = "capture_shard:1"
 
     def begin(hostname: str, pid: int) -> int | None:
-        return deliveries.begin(session, batch.id, task, hostname=hostname, pid=pid, limit=2)
+        return deliveries.begin(session, batch.id, task, hostname=hostname, pid=pid, limit=2, heartbeat_s=10)
 
     assert begin("a@host", 10) is not None  # a dies in it: never ends
     assert begin("b@host", 20) is not None  # a duplicate that live worker b runs now
     # a came back under another pid (a restart keeps the name): its first start died with it.
-    assert deliveries.deaths(session, batch.id, task, hostname="a@host", pid=11) == 1
+    assert deliveries.deaths(session, batch.id, task, hostname="a@host", pid=11, heartbeat_s=10) == 1
     assert begin("a@host", 11) is not None  # dies too
     with pytest.raises(
         deliveries.WorkerDeathsError, match=r"qfedit\.capture_shard \(shard 1\) of batch \d+ started 2"
     ):
         begin("a@host", 12)
     # Another task of the batch has its own count; one that ends is no death.
-    start = deliveries.begin(session, batch.id, "solve_batch", hostname="a@host", pid=12, limit=1)
+    start = deliveries.begin(
+        session, batch.id, "solve_batch", hostname="a@host", pid=12, limit=1, heartbeat_s=10
+    )
     assert start is not None
     deliveries.end(session, batch.id, "solve_batch", start)
-    assert deliveries.begin(session, batch.id, "solve_batch", hostname="a@host", pid=13, limit=1) is not None
+    assert (
+        deliveries.begin(session, batch.id, "solve_batch", hostname="a@host", pid=13, limit=1, heartbeat_s=10)
+        is not None
+    )
