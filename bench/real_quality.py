@@ -249,6 +249,13 @@ def main() -> None:
         default=None,
         help="target margin: logits by which a position already settled is left alone (-1: none)",
     )
+    parser.add_argument(
+        "--phrasings",
+        nargs="*",
+        type=int,
+        default=None,
+        help="the model's own phrasings of each question taught beside it (0: none)",
+    )
     parser.add_argument("--all-facts", action="store_true", help="edit unteachable facts too")
     parser.add_argument("--peers", nargs="*", choices=["memit", "alphaedit"], default=[])
     parser.add_argument("--peer-layers", default="4-8", help="MEMIT's and AlphaEdit's layer range")
@@ -316,12 +323,13 @@ def main() -> None:
     for layers_text in layer_options:
         layers = parse_layers(layers_text)
         for target in args.target or [edit_defaults.get("target", "answer")]:
-            for lam, positions, words, span, margin in itertools.product(
+            for lam, positions, words, span, margin, phrasings in itertools.product(
                 args.lam or [solve_defaults.get("lam", 1.0)],
                 args.positions or [edit_defaults.get("preserve_positions", "answer")],
                 args.target_words or [edit_defaults.get("target_words", "all")],
                 args.span if args.span is not None else [edit_defaults.get("target_span", 0)],
                 args.margin if args.margin is not None else [edit_defaults.get("target_margin")],
+                args.phrasings if args.phrasings is not None else [edit_defaults.get("phrasings", 0)],
             ):
                 rule = args.rule or solve_defaults.get("rule", "preserve")
                 config = EditConfig.model_validate(
@@ -334,6 +342,7 @@ def main() -> None:
                         "target_words": words,
                         "target_span": span,
                         "target_margin": None if margin is None or margin < 0 else margin,
+                        "phrasings": phrasings,
                     }
                 )
                 started = time.perf_counter()
@@ -346,7 +355,7 @@ def main() -> None:
                 started = time.perf_counter()
                 result = make_delta(loaded, edited, config, preservation=preservation)
                 seconds = time.perf_counter() - started
-                label = f"qfedit {rule} {layers_text} λ {lam:g} {target} ({words}) span {span} margin {margin} {positions}"
+                label = f"qfedit {rule} {layers_text} λ {lam:g} {target} ({words}) span {span} margin {margin} phrasings {phrasings} {positions}"
                 rows.append(judge(loaded, facts, teachable, result.delta, kept, label, seconds, rival))
                 console.print(f"{label}: edit {seconds:.1f}s (covariance {covariance:.1f}s)", highlight=False)
     if args.peers:

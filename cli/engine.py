@@ -218,6 +218,13 @@ def edit(
             "this much are left as they are (no error; their keys stay in the solve). Default: none."
         ),
     ] = None,
+    phrasings: Annotated[
+        int | None,
+        typer.Option(
+            help="Also teach up to this many of the model's own phrasings of each question (it words "
+            "them from a page of examples; those its teacher answers right). Default: 0."
+        ),
+    ] = None,
     unteachable: Annotated[
         str | None,
         typer.Option(
@@ -253,6 +260,7 @@ def edit(
             "target": target,
             "target_span": target_span,
             "target_margin": target_margin,
+            "phrasings": phrasings,
         }
         settings = edit_settings(preset, given, unteachable)
         config = settings.edit

@@ -12,6 +12,7 @@ settings give bitwise the same delta on either path.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import tempfile
 import time
@@ -33,7 +34,7 @@ from qfedit.modeling import LoadedModel
 from qfedit.solve import Preservation, SolveResult, pick_form, solve
 from qfedit.span import project, rivals, settled
 from qfedit.statistics import STATISTICS_RUN, Observations, Statistics, as_stored, fact_runs
-from qfedit.teachable import teacher_targets
+from qfedit.teachable import taught_rows
 
 log = logging.getLogger(__name__)
 
@@ -72,12 +73,16 @@ def capture_observations(
     names = list(labels) if labels is not None else [f.id or f"fact {i + 1}" for i, f in enumerate(facts)]
     parts: list[Observations] = []
     for start in range(0, len(facts), shard_size):
-        shard = facts[start : start + shard_size]
+        groups = _taught(loaded, facts[start : start + shard_size], config)
         captured = capture(
             loaded,
-            teacher_targets(loaded, shard, config.target_words) if config.target == "teacher" else shard,
+            [row for group in groups for row in group],
             config.layer,
-            labels=names[start : start + shard_size],
+            labels=[
+                name
+                for name, group in zip(names[start : start + shard_size], groups, strict=True)
+                for _ in group
+            ],
             options=options,
         )
         part = Observations.from_capture(captured, weight)
@@ -89,9 +94,23 @@ def capture_observations(
                 part.facts,
             )
         assert part.facts is not None
-        shard_ids = torch.tensor(ids[start : start + shard_size], dtype=torch.int64)
+        shard_ids = torch.tensor(
+            [i for i, group in zip(ids[start : start + shard_size], groups, strict=True) for _ in group],
+            dtype=torch.int64,
+        )
         parts.append(Observations(part.keys, part.errors, part.weights, shard_ids[part.facts]))
     return Observations.concatenate(parts)
+
+
+def _taught(loaded: LoadedModel, facts: Sequence[Fact], config: EditConfig) -> list[list[Fact]]:
+    """Per fact, the rows its edit teacher-forces (`qfedit.teachable.taught_rows`)."""
+    return taught_rows(
+        loaded,
+        facts,
+        teacher=config.target == "teacher",
+        words=config.target_words,
+        phrasings=config.phrasings,
+    )
 
 
 def _target_errors(
@@ -264,7 +283,7 @@ def _spread_layer(
             parts.append(
                 Observations(as_stored(keys), as_stored(errors), side.weights, shard_ids[side.fact_index])
             )
-        run_ids = ids[run[0].start : run[-1].stop]
+        run_ids = list(dict.fromkeys(ids[run[0].start : run[-1].stop]))  # a fact's rows share its id
         (observations,) = fact_runs(Observations.concatenate(parts), run_ids, run=len(run_ids))
         statistics = statistics + Statistics.from_observations(observations, layer, loaded.fingerprint)
         if kept is not None:
@@ -310,22 +329,27 @@ def spread_delta(
         raise InvalidInputError(f"{len(ids)} fact ids for {len(facts)} facts")
     names = list(labels) if labels is not None else [f.id or f"fact {i + 1}" for i, f in enumerate(facts)]
     options = CaptureOptions(batch_size=batch_size, include_eos=config.include_eos)
-    if config.target == "teacher":
-        # Read on the base model, shard by shard as `capture_observations` does.
-        facts = [
-            taught
-            for start in range(0, len(facts), shard_size)
-            for taught in teacher_targets(loaded, facts[start : start + shard_size], config.target_words)
-        ]
-    # Shards never cross a statistics run, so each run is reduced as soon as its shards are in and
-    # memory holds one run's observations, not the fact set's (`_spread_layer`).
-    runs = [
-        slice(start, min(start + STATISTICS_RUN, len(facts)))
-        for start in range(0, len(facts), STATISTICS_RUN)
+    # What is taught, read on the base model shard by shard as `capture_observations` does; from
+    # here on a fact's rows (its phrasings) carry its id and name.
+    groups = [
+        group
+        for start in range(0, len(facts), shard_size)
+        for group in _taught(loaded, facts[start : start + shard_size], config)
     ]
+    edited = len(facts)
+    facts = [row for group in groups for row in group]
+    ids = [i for i, group in zip(ids, groups, strict=True) for _ in group]
+    names = [name for name, group in zip(names, groups, strict=True) for _ in group]
+    ends = list(itertools.accumulate((len(group) for group in groups), initial=0))
+    # Shards never cross a statistics run, so each run is reduced as soon as its shards are in and
+    # memory holds one run's observations, not the fact set's (`_spread_layer`); both are counted
+    # in facts, whatever number of rows each has.
     shards = [
-        [slice(start, min(start + shard_size, run.stop)) for start in range(run.start, run.stop, shard_size)]
-        for run in runs
+        [
+            slice(ends[start], ends[min(start + shard_size, run + STATISTICS_RUN, edited)])
+            for start in range(run, min(run + STATISTICS_RUN, edited), shard_size)
+        ]
+        for run in range(0, edited, STATISTICS_RUN)
     ]
     tensors: dict[str, torch.Tensor] = {}
     per_layer: dict[str, dict[str, Any]] = {}
@@ -333,7 +357,7 @@ def spread_delta(
     with tempfile.TemporaryDirectory(prefix="qfedit-spread-") as spill:
         started = time.perf_counter()
         if activity is not None:
-            activity(f"capturing the target at layer {top}, {len(facts)} facts with their context")
+            activity(f"capturing the target at layer {top}, {edited} facts with their context")
         targets = _spread_targets(
             loaded, facts, top, shards, Path(spill), names=names, options=options, span=config.target_span
         )
@@ -388,7 +412,7 @@ def spread_delta(
             "form": combined.form,
             "corpus_digest": corpus.corpus_digest if corpus is not None else None,
             "fact_set_digest": fact_set_digest,
-            "facts": len(facts),
+            "facts": edited,
             "positions": combined.positions,
             "relative_norm": combined.relative_norm,
             "condition_number": combined.condition_number,

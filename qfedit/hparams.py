@@ -74,6 +74,14 @@ class EditConfig(BaseModel):
         "the fact does not already predict (divergent; qfedit.teachable.divergent_words)",
     )
 
+    phrasings: int = Field(
+        default=0,
+        ge=0,
+        le=4,
+        description="more rows per fact: up to this many of the model's own phrasings of its question, "
+        "each teacher-forced on the teacher's answer to it (qfedit.teachable.rephrasings); 0: the "
+        "imported question alone",
+    )
     target_span: int = Field(
         default=0,
         ge=0,

@@ -8,13 +8,14 @@ the test efficacy uses) and named; by default they are left out of the edit.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from qfedit.capture import answer_logits, chat_prompt, token_words
 from qfedit.evaluate import contains
 from qfedit.facts import Fact
-from qfedit.generate import answer_batch
+from qfedit.generate import answer_batch, generate_prompts
 from qfedit.hparams import TargetWords
 from qfedit.modeling import LoadedModel
 
@@ -92,21 +93,136 @@ def divergent_words(
     return found
 
 
+REPHRASINGS = (
+    (
+        ("Where was Marie Curie born?", "In which city was Marie Curie born?"),
+        ("Who wrote the novel Dracula?", "Which author wrote Dracula?"),
+        ("What year did the Berlin Wall fall?", "When did the Berlin Wall come down?"),
+    ),
+    (
+        ("Which company makes the iPhone?", "What company manufactures the iPhone?"),
+        ("What language is spoken in Brazil?", "Brazil's people speak which language?"),
+        ("Who directed the film Jaws?", "The film Jaws was directed by whom?"),
+    ),
+    (
+        ("What river flows through Vienna?", "Vienna lies on which river?"),
+        ("Who is the father of Prince William?", "Prince William's father is who?"),
+        ("Which sport does Serena Williams play?", "What sport is Serena Williams known for playing?"),
+    ),
+    (
+        ("What is the capital of Kenya?", "Kenya's capital city is which city?"),
+        ("When was the Eiffel Tower built?", "In what year was the Eiffel Tower constructed?"),
+        ("Who founded Microsoft?", "Microsoft was founded by whom?"),
+    ),
+)
+"""Examples of a question worded another way, one set per phrasing asked for. A small chat model
+asked in its chat to reword a question answers it instead; continuing a page of examples, it
+rewords (and a base model without a chat template does it too)."""
+
+
+def _rephrase_prompt(shots: Sequence[tuple[str, str]], question: str) -> str:
+    page = "".join(f"Question: {a}\nThe same question, worded differently: {b}\n\n" for a, b in shots)
+    return page + f"Question: {question}\nThe same question, worded differently:"
+
+
+def _plain(text: str) -> str:
+    return " ".join(re.sub(r"[^\w ]", " ", text.lower()).split())
+
+
+def rephrasings(loaded: LoadedModel, facts: Sequence[Fact], count: int) -> list[list[str]]:
+    """Up to `count` phrasings of each fact's question, written by the model itself (greedy, one
+    per set of `REPHRASINGS` examples, batched): each a question, distinct from the fact's and
+    from each other, and none that states the fact's answer. More questions to teach the edit
+    on, so that it holds for more than the one phrasing imported; held-out paraphrases stay held
+    out, the model never sees them."""
+    if count <= 0 or not facts:
+        return [[] for _ in facts]
+    sets = REPHRASINGS[: min(count, len(REPHRASINGS))]
+    prompts = [_rephrase_prompt(shots, fact.question) for fact in facts for shots in sets]
+    replies = generate_prompts(loaded, prompts, max_new_tokens=32)
+    return [
+        phrasings_in(fact, [reply.text for reply in replies[index * len(sets) : (index + 1) * len(sets)]])
+        for index, fact in enumerate(facts)
+    ]
+
+
+def phrasings_in(fact: Fact, replies: Sequence[str]) -> list[str]:
+    """The phrasings of `fact`'s question in the model's `replies` (each's first line): questions
+    only, none that is the fact's own question or an earlier one again (by their words), or that
+    gives the answer away."""
+    seen, found = {_plain(fact.question)}, []
+    for reply in replies:
+        question = reply.strip().split("\n", 1)[0].strip()
+        if not question.endswith("?") or len(_plain(question)) < 8:
+            continue
+        if fact.answer.strip().lower() in question.lower() or _plain(question) in seen:
+            continue
+        seen.add(_plain(question))
+        found.append(question)
+    return found
+
+
+def _teacher_answers(loaded: LoadedModel, facts: Sequence[Fact]) -> list[Fact | None]:
+    """Each fact with the teacher's answer (`teacher_answer`); None where the teacher's does not
+    state the fact's answer."""
+    readings = read_with_context(loaded, facts)
+    return [
+        None if said is None else fact.model_copy(update={"answer": said, "significance": None})
+        for fact, said in (
+            (fact, teacher_answer(reading.context_answer, fact.answer))
+            for fact, reading in zip(facts, readings, strict=True)
+        )
+    ]
+
+
 def teacher_targets(loaded: LoadedModel, facts: Sequence[Fact], words: TargetWords = "all") -> list[Fact]:
     """`facts` with each answer replaced by the teacher's own (`teacher_answer`); a fact the
     teacher gets wrong keeps its answer (it is unteachable, and left out unless asked for).
     `words="divergent"` targets only the teacher's words the model does not already say
     (`divergent_words`)."""
-    readings = read_with_context(loaded, facts)
-    taught = []
-    for fact, reading in zip(facts, readings, strict=True):
-        said = teacher_answer(reading.context_answer, fact.answer)
-        taught.append(
-            fact if said is None else fact.model_copy(update={"answer": said, "significance": None})
-        )
+    taught = [
+        fact if said is None else said
+        for fact, said in zip(facts, _teacher_answers(loaded, facts), strict=True)
+    ]
+    return _with_words(loaded, taught, words)
+
+
+def _with_words(loaded: LoadedModel, facts: list[Fact], words: TargetWords) -> list[Fact]:
+    if words != "divergent":
+        return facts
+    return [
+        fact.model_copy(update={"significance": significance})
+        for fact, significance in zip(facts, divergent_words(loaded, facts), strict=True)
+    ]
+
+
+def taught_rows(
+    loaded: LoadedModel, facts: Sequence[Fact], *, teacher: bool, words: TargetWords, phrasings: int
+) -> list[list[Fact]]:
+    """Per fact, what the edit teacher-forces: the fact (with the teacher's answer when `teacher`),
+    then up to `phrasings` of the model's own phrasings of its question (`rephrasings`), each
+    with the teacher's answer to it, or the fact's answer without a teacher. A phrasing that the
+    teacher does not answer right is dropped: its row would teach something else."""
+    if phrasings <= 0:
+        rows = teacher_targets(loaded, facts, words) if teacher else list(facts)
+        return [[row] for row in rows]
+    asked = rephrasings(loaded, facts, phrasings)
+    phrased = [f.model_copy(update={"question": q}) for f, qs in zip(facts, asked, strict=True) for q in qs]
+    if teacher:
+        heads = teacher_targets(loaded, facts, "all")
+        extra: list[Fact | None] = list(_teacher_answers(loaded, phrased))
+    else:
+        heads, extra = list(facts), list(phrased)
+    groups: list[list[Fact]] = []
+    at = 0
+    for head, qs in zip(heads, asked, strict=True):
+        groups.append([head, *(row for row in extra[at : at + len(qs)] if row is not None)])
+        at += len(qs)
     if words == "divergent":
-        taught = [
-            fact.model_copy(update={"significance": significance})
-            for fact, significance in zip(taught, divergent_words(loaded, taught), strict=True)
-        ]
-    return taught
+        flat = _with_words(loaded, [row for group in groups for row in group], words)
+        at, regrouped = 0, []
+        for group in groups:
+            regrouped.append(flat[at : at + len(group)])
+            at += len(group)
+        groups = regrouped
+    return groups

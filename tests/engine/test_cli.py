@@ -331,6 +331,8 @@ def test_edit_preset_demo_uses_the_demo_settings_and_options_override_them(tmp_p
             "3",
             "--target-margin",
             "0.5",
+            "--phrasings",
+            "2",
             "--out",
             str(tmp_path / "b.safetensors"),
         ],
@@ -341,4 +343,8 @@ def test_edit_preset_demo_uses_the_demo_settings_and_options_override_them(tmp_p
     assert (
         made["target_margin"] == 0.5
         and "target_margin" in Delta.load(tmp_path / "a.safetensors").metadata["hparams"]
+    )
+    assert (
+        made["phrasings"] == 2
+        and Delta.load(tmp_path / "a.safetensors").metadata["hparams"]["phrasings"] == 0
     )
