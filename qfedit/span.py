@@ -53,10 +53,13 @@ def _lens_logits(loaded: LoadedModel, outputs: torch.Tensor) -> Iterator[torch.T
     the output embedding), `_CHUNK` rows at a time, on the model's device."""
     norm = _final_norm(loaded)
     unembed = _unembedding(loaded)
-    with torch.inference_mode():
-        for start in range(0, outputs.shape[0], _CHUNK):
+    for start in range(0, outputs.shape[0], _CHUNK):
+        # Not held across the `yield`: grad modes are per thread, and a suspended generator's
+        # `with` leaked inference mode into its caller (two zipped ones restored each other's).
+        with torch.inference_mode():
             r = outputs[start : start + _CHUNK].to(device=loaded.device, dtype=unembed.dtype)
-            yield norm(r) @ unembed.T
+            logits = norm(r) @ unembed.T
+        yield logits
 
 
 def rivals(

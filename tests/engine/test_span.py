@@ -140,3 +140,16 @@ def test_a_spread_leaves_settled_facts_alone(tiny_model_dirs: dict[str, Path]) -
     left = make_delta(loaded, facts, EditConfig.model_validate({**config, "target_margin": 0.0}))
     assert any(bool(t.abs().max() > 0) for t in moved.delta.tensors.values())
     assert all(bool((t == 0).all()) for t in left.delta.tensors.values())
+
+
+def test_reading_the_lens_leaves_the_callers_grad_mode_as_it_was(tiny_model_dirs: dict[str, Path]) -> None:
+    # rivals zips two lens readings: each held inference mode across its `yield`, and the second
+    # to finish restored the mode the first had set, so every caller after an edit with a span
+    # ran in inference mode (the peers' gradient steps in the same process then failed).
+    loaded = load_model(tiny_model_dirs["qwen2"])
+    width = _unembedding(loaded).shape[1]
+    outputs = torch.randn(70, width, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    tokens = torch.zeros(70, dtype=torch.int64)
+    rivals(loaded, outputs, outputs.flip(0), 2)
+    settled(loaded, outputs, tokens, 0.0)
+    assert not torch.is_inference_mode_enabled() and torch.is_grad_enabled()
