@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -37,6 +37,8 @@ from qfedit.statistics import STATISTICS_RUN, Observations, Statistics, as_store
 from qfedit.teachable import taught_rows
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -78,11 +80,7 @@ def capture_observations(
             loaded,
             [row for group in groups for row in group],
             config.layer,
-            labels=[
-                name
-                for name, group in zip(names[start : start + shard_size], groups, strict=True)
-                for _ in group
-            ],
+            labels=_per_row(names[start : start + shard_size], groups),
             options=options,
         )
         part = Observations.from_capture(captured, weight)
@@ -94,10 +92,7 @@ def capture_observations(
                 part.facts,
             )
         assert part.facts is not None
-        shard_ids = torch.tensor(
-            [i for i, group in zip(ids[start : start + shard_size], groups, strict=True) for _ in group],
-            dtype=torch.int64,
-        )
+        shard_ids = torch.tensor(_per_row(ids[start : start + shard_size], groups), dtype=torch.int64)
         parts.append(Observations(part.keys, part.errors, part.weights, shard_ids[part.facts]))
     return Observations.concatenate(parts)
 
@@ -111,6 +106,12 @@ def _taught(loaded: LoadedModel, facts: Sequence[Fact], config: EditConfig) -> l
         words=config.target_words,
         phrasings=config.phrasings,
     )
+
+
+def _per_row(values: Sequence[T], groups: Sequence[Sequence[Fact]]) -> list[T]:
+    """`values`, one per fact, repeated for each of the fact's rows (its phrasings share its id
+    and name)."""
+    return [value for value, group in zip(values, groups, strict=True) for _ in group]
 
 
 def _target_errors(
@@ -338,8 +339,7 @@ def spread_delta(
     ]
     edited = len(facts)
     facts = [row for group in groups for row in group]
-    ids = [i for i, group in zip(ids, groups, strict=True) for _ in group]
-    names = [name for name, group in zip(names, groups, strict=True) for _ in group]
+    ids, names = _per_row(ids, groups), _per_row(names, groups)
     ends = list(itertools.accumulate((len(group) for group in groups), initial=0))
     # Shards never cross a statistics run, so each run is reduced as soon as its shards are in and
     # memory holds one run's observations, not the fact set's (`_spread_layer`); both are counted

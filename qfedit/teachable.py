@@ -162,67 +162,36 @@ def phrasings_in(fact: Fact, replies: Sequence[str]) -> list[str]:
     return found
 
 
-def _teacher_answers(loaded: LoadedModel, facts: Sequence[Fact]) -> list[Fact | None]:
-    """Each fact with the teacher's answer (`teacher_answer`); None where the teacher's does not
-    state the fact's answer."""
-    readings = read_with_context(loaded, facts)
-    return [
-        None if said is None else fact.model_copy(update={"answer": said, "significance": None})
-        for fact, said in (
-            (fact, teacher_answer(reading.context_answer, fact.answer))
-            for fact, reading in zip(facts, readings, strict=True)
-        )
-    ]
-
-
-def teacher_targets(loaded: LoadedModel, facts: Sequence[Fact], words: TargetWords = "all") -> list[Fact]:
-    """`facts` with each answer replaced by the teacher's own (`teacher_answer`); a fact the
-    teacher gets wrong keeps its answer (it is unteachable, and left out unless asked for).
-    `words="divergent"` targets only the teacher's words the model does not already say
-    (`divergent_words`)."""
-    taught = [
-        fact if said is None else said
-        for fact, said in zip(facts, _teacher_answers(loaded, facts), strict=True)
-    ]
-    return _with_words(loaded, taught, words)
-
-
-def _with_words(loaded: LoadedModel, facts: list[Fact], words: TargetWords) -> list[Fact]:
-    if words != "divergent":
-        return facts
-    return [
-        fact.model_copy(update={"significance": significance})
-        for fact, significance in zip(facts, divergent_words(loaded, facts), strict=True)
-    ]
-
-
 def taught_rows(
     loaded: LoadedModel, facts: Sequence[Fact], *, teacher: bool, words: TargetWords, phrasings: int
 ) -> list[list[Fact]]:
-    """Per fact, what the edit teacher-forces: the fact (with the teacher's answer when `teacher`),
-    then up to `phrasings` of the model's own phrasings of its question (`rephrasings`), each
-    with the teacher's answer to it, or the fact's answer without a teacher. A phrasing that the
-    teacher does not answer right is dropped: its row would teach something else."""
-    if phrasings <= 0:
-        rows = teacher_targets(loaded, facts, words) if teacher else list(facts)
-        return [[row] for row in rows]
+    """Per fact, what the edit teacher-forces: the fact, then up to `phrasings` of the model's own
+    phrasings of its question (`rephrasings`). With `teacher`, each row's answer is the teacher's
+    own (`teacher_answer`), read for every row in one batch: a fact the teacher gets wrong keeps
+    its answer (it is unteachable, and left out unless asked for), a phrasing it gets wrong is
+    dropped (its row would teach something else); `words="divergent"` then targets only the
+    teacher's words the model does not already say (`divergent_words`)."""
     asked = rephrasings(loaded, facts, phrasings)
-    phrased = [f.model_copy(update={"question": q}) for f, qs in zip(facts, asked, strict=True) for q in qs]
-    if teacher:
-        heads = teacher_targets(loaded, facts, "all")
-        extra: list[Fact | None] = list(_teacher_answers(loaded, phrased))
-    else:
-        heads, extra = list(facts), list(phrased)
-    groups: list[list[Fact]] = []
-    at = 0
-    for head, qs in zip(heads, asked, strict=True):
-        groups.append([head, *(row for row in extra[at : at + len(qs)] if row is not None)])
-        at += len(qs)
+    groups = [
+        [fact, *(fact.model_copy(update={"question": q}) for q in questions)]
+        for fact, questions in zip(facts, asked, strict=True)
+    ]
+    if not teacher:
+        return groups
+    readings = iter(read_with_context(loaded, [row for group in groups for row in group]))
+    taught: list[list[Fact]] = []
+    for group in groups:
+        rows = []
+        for index, row in enumerate(group):
+            said = teacher_answer(next(readings).context_answer, row.answer)
+            if said is not None:
+                rows.append(row.model_copy(update={"answer": said, "significance": None}))
+            elif index == 0:
+                rows.append(row)
+        taught.append(rows)
     if words == "divergent":
-        flat = _with_words(loaded, [row for group in groups for row in group], words)
-        at, regrouped = 0, []
-        for group in groups:
-            regrouped.append(flat[at : at + len(group)])
-            at += len(group)
-        groups = regrouped
-    return groups
+        significance = iter(divergent_words(loaded, [row for group in taught for row in group]))
+        taught = [
+            [row.model_copy(update={"significance": next(significance)}) for row in group] for group in taught
+        ]
+    return taught

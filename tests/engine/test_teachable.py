@@ -56,8 +56,11 @@ def test_a_facts_phrasings_are_taught_as_its_own_rows(
     # edit equals one of the same rows imported as facts of their own, but counts the facts.
     loaded = load_model(tiny_model_dirs["qwen2"])
     worded = {f.question: [f"so {f.question}"] for f in FACTS}
+    # As the model's would: none asked for, none written (the edit of the rows as facts asks none).
     monkeypatch.setattr(
-        teachable, "rephrasings", lambda _loaded, facts, count: [worded[f.question][:count] for f in facts]
+        teachable,
+        "rephrasings",
+        lambda _loaded, facts, count: [worded[f.question][:count] if count else [] for f in facts],
     )
     config = EditConfig.model_validate({"layer": 2, "layers": layers, "solve": {"rule": "seed"}})
     rows = [row for f in FACTS for row in (f, f.model_copy(update={"question": worded[f.question][0]}))]
